@@ -1,0 +1,29 @@
+"""Exception types of geneface-jax: one type per kind of problem.
+
+Every error names the offending file (when there is one) and says what was wrong, so a
+command-line entry point can print `str(err)` and exit non-zero without a traceback.
+"""
+
+
+class GenefaceError(Exception):
+    """Base class of all errors raised on bad input by geneface-jax."""
+
+
+class AudioError(GenefaceError):
+    """An audio input is unusable: not audio, empty, too short, or non-finite samples."""
+
+
+class DatasetError(GenefaceError):
+    """A dataset directory is missing, incomplete, of the wrong kind or inconsistent."""
+
+
+class ShapeError(GenefaceError, ValueError):
+    """An array argument has the wrong rank, size or dtype."""
+
+
+class CheckpointError(GenefaceError):
+    """A checkpoint directory is missing, or holds a different config or stage."""
+
+
+class VideoError(GenefaceError):
+    """A video input is unusable: unreadable, no face, no audio track, too few frames."""
