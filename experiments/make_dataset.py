@@ -85,7 +85,7 @@ def main(argv):
     summary = summarize(FLAGS.kind, arrays, meta, gen_s)
     if FLAGS.tfds:
         t1 = time.time()
-        tfds_builders.build(FLAGS.kind, FLAGS.out)
+        tfds_builders.build(FLAGS.kind, FLAGS.out, progress=FLAGS.progress)
         summary["tfds_seconds"] = round(time.time() - t1, 2)
     summary["total_seconds"] = round(time.time() - t0, 2)
     metrics_lib.write_json_atomic(f"{FLAGS.out}/summary.json", summary)

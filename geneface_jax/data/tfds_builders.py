@@ -130,14 +130,17 @@ class GenefaceCorpus(_SourceBuilder):
                            for k, v in ex.items()}
 
 
-def build(kind, source_dir, data_dir=None):
+def build(kind, source_dir, data_dir=None, progress=True):
     """Builds (if not built yet) the TFDS dataset of a source directory; returns the builder.
 
     Args:
       kind: 'person' or 'corpus'.
       source_dir: a directory written by `format.write_person` / `write_corpus`.
       data_dir: where the TFDS dataset goes (default `<source_dir>/tfds`).
+      progress: show TFDS's progress bars.
     """
+    if not progress:
+        tfds.disable_progress_bar()
     cls = {"person": GenefacePerson, "corpus": GenefaceCorpus}[kind]
     builder = cls(source_dir=source_dir, data_dir=data_dir)
     builder.download_and_prepare(
@@ -145,9 +148,9 @@ def build(kind, source_dir, data_dir=None):
     return builder
 
 
-def data_sources(kind, source_dir, data_dir=None):
+def data_sources(kind, source_dir, data_dir=None, progress=False):
     """Random-access sources {split: source} of a built dataset (builds it if needed).
 
     `source[i]` is a dict of NumPy arrays; no TensorFlow is imported.
     """
-    return build(kind, source_dir, data_dir).as_data_source()
+    return build(kind, source_dir, data_dir, progress).as_data_source()
