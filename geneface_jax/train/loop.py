@@ -1,0 +1,101 @@
+"""The resumable training loop every stage uses: data in, pure step, metrics, checkpoints."""
+
+import pathlib
+
+import jax
+import numpy as np
+from absl import logging
+
+from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.train import checkpoint as ckpt_lib
+from geneface_jax.train import metrics as metrics_lib
+from geneface_jax.train import parallel
+
+
+def epoch_indices(seed, step, num_examples, batch_size):
+    """Example indices `[batch_size]` of training step `step`.
+
+    Examples are read as one endless stream made of one fresh permutation per epoch
+    (seeded by `seed` and the epoch number); step s takes stream positions
+    [s * batch_size, (s + 1) * batch_size). Every example appears exactly once per epoch,
+    and any step's batch is computable directly, which makes resumed runs exact.
+    """
+    if num_examples < 1 or batch_size < 1:
+        raise ShapeError(f"need num_examples >= 1 and batch_size >= 1, got "
+                         f"{num_examples}, {batch_size}")
+    pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(pos, num_examples)
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+def step_key(state, step):
+    """The RNG key of `step`: a pure function of the state's key and the step number."""
+    return jax.random.fold_in(state.rng, step)
+
+
+def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_every=50,
+               checkpoint_every=500, max_to_keep=3, extra=None, eval_fn=None, eval_every=0,
+               progress=True, name=""):
+    """Runs (or resumes) training to `num_steps` steps.
+
+    Args:
+      workdir: run directory: `checkpoints/`, `metrics.jsonl`, `tb/`.
+      state: a fresh TrainState (the template a checkpoint is restored into).
+      step_fn: per-device `step_fn(state, batch, rng) -> (state, metrics)` averaging with
+        `parallel.pmean`; wrapped here with `parallel.data_parallel`.
+      get_batch: `get_batch(step) -> batch` (host arrays, global batch), a pure function of
+        the step (use `epoch_indices`) so that a resumed run sees the same data.
+      num_steps: total steps of the run (resuming at or past it only returns).
+      mesh: device mesh (default: all devices).
+      log_every, checkpoint_every: intervals in steps.
+      extra: JSON-able dict saved with every checkpoint (e.g. the config); a resume whose
+        `extra` differs from the saved one raises CheckpointError.
+      eval_fn: optional `eval_fn(state, step) -> dict` run every `eval_every` steps.
+    Returns:
+      (final state, last logged metrics as floats).
+    """
+    workdir = pathlib.Path(workdir)
+    mesh = mesh or parallel.make_mesh()
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep)
+    state = parallel.replicate(state, mesh)
+    if ckpt.latest_step() is not None:
+        saved_extra = ckpt.restore_extra()
+        if extra is not None and saved_extra is not None and saved_extra != \
+                metrics_lib._plain(extra):
+            raise CheckpointError(
+                f"{ckpt.directory}: checkpoints were written with a different configuration "
+                f"({saved_extra}) than this run ({extra}); use another --workdir")
+        state = ckpt.restore(state)
+        logging.info("%sresumed from step %d", name, int(state.step))
+    step = int(state.step)
+    run_step = parallel.data_parallel(step_fn, mesh)
+    writer = metrics_lib.MetricsWriter(workdir)
+    prog = metrics_lib.Progress(num_steps, start_step=step, name=name)
+    last = {}
+    try:
+        while step < num_steps:
+            batch = parallel.shard_batch(get_batch(step), mesh)
+            state, metrics = run_step(state, batch, step_key(state, step))
+            step += 1
+            if step % log_every == 0 or step == num_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                writer.write(step, last)
+                if progress:
+                    prog.report(step, last)
+            if eval_fn is not None and eval_every and step % eval_every == 0:
+                ev = {f"eval_{k}": v for k, v in eval_fn(state, step).items()}
+                writer.write(step, ev)
+                last.update(metrics_lib._plain(ev))
+            if step % checkpoint_every == 0 and step < num_steps:
+                ckpt.save(step, state, extra=extra)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, extra=extra, force=True)
+    finally:
+        ckpt.close()
+        writer.close()
+    return state, last

@@ -1,0 +1,66 @@
+"""Data parallelism with `jax.shard_map` over a 1-D device mesh.
+
+A step function is written once, per device. Wrapped by `data_parallel`, it runs on a
+mesh of 1 device or of N devices: the global batch is split over the `data` axis, the
+state and RNG are replicated, and the outputs are replicated.
+
+The gradient convention (shard_map with replication checking, `check_vma=True`): a step
+differentiates the *global* loss, `pmean(local_loss)`, with respect to the replicated
+params; JAX's transpose of that collective all-reduces the gradients, so `jax.grad`
+returns the global-batch gradient, identical on every device. Do not `pmean` the gradients
+again (they would be correct only by accident). Metrics are `pmean`-ed; BatchNorm layers
+use `axis_name=DATA_AXIS` so their statistics are those of the global batch. With equal
+per-device shards, N-device results equal 1-device results up to float reassociation.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from geneface_jax.errors import ShapeError
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None):
+    """A 1-D mesh with axis `data` over `devices` (default: every device of every host)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def pmean(x):
+    """Mean of `x` (any pytree) over the data axis; call inside a data-parallel step.
+
+    Apply it to the local loss *before* differentiating (see the module doc)."""
+    return jax.lax.pmean(x, DATA_AXIS)
+
+
+def device_rng(key):
+    """A key distinct per device (for dropout / sampling noise inside a step)."""
+    return jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+
+
+def shard_batch(batch, mesh):
+    """Puts a host batch (pytree, leading axis = global batch) sharded over `data`."""
+    n = mesh.shape[DATA_AXIS]
+    for leaf in jax.tree.leaves(batch):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n:
+            raise ShapeError(f"global batch of shape {np.shape(leaf)} cannot be split over "
+                             f"{n} devices: its leading size must be a multiple of {n}")
+    return jax.device_put(batch, NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def replicate(tree, mesh):
+    """Puts a pytree replicated on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def data_parallel(step_fn, mesh, *, donate_state=True):
+    """Wraps `step_fn(state, batch, rng) -> (state, metrics)` for the mesh.
+
+    Returns a jitted function of the same signature taking a replicated state and rng and
+    a batch sharded with `shard_batch` (host arrays are sharded automatically).
+    """
+    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                           out_specs=(P(), P()))
+    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())

@@ -1,0 +1,176 @@
+"""Training infrastructure: 1 vs 8 devices, checkpoints, exact resume after SIGKILL."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from geneface_jax import train
+from geneface_jax.errors import CheckpointError, ShapeError
+
+HERE = pathlib.Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("toy_train", HERE / "scripts" / "toy_train.py")
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+
+def _run_steps(devices, num_steps=5, batch_size=32):
+    mesh = train.make_mesh(devices)
+    x, y = toy.make_data()
+    get = toy.batch_fn(x, y, batch_size)
+    state = train.replicate(toy.make_state(), mesh)
+    run = train.data_parallel(toy.step_fn, mesh)
+    losses = []
+    for step in range(num_steps):
+        state, m = run(state, train.shard_batch(get(step), mesh), train.step_key(state, step))
+        losses.append(float(m["loss"]))
+    return jax.device_get(state), losses
+
+
+def test_one_device_equals_eight_devices():
+    assert len(jax.devices()) == 8, "conftest should simulate 8 CPU devices"
+    s1, l1 = _run_steps(jax.devices()[:1])
+    s8, l8 = _run_steps(jax.devices())
+    np.testing.assert_allclose(l1, l8, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s8.batch_stats)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert int(s8.step) == 5
+    # Training actually changed the parameters and lowered the loss.
+    s0 = toy.make_state()
+    assert not np.allclose(jax.tree.leaves(s0.params)[0], jax.tree.leaves(s8.params)[0])
+
+
+def test_shard_batch_rejects_indivisible_batch():
+    mesh = train.make_mesh()
+    with pytest.raises(ShapeError, match="multiple of 8"):
+        train.shard_batch({"x": np.zeros((12, 3))}, mesh)
+
+
+def test_epoch_indices():
+    n, b = 10, 4
+    stream = np.concatenate([train.epoch_indices(3, s, n, b) for s in range(10)])  # 4 epochs
+    for e in range(4):
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert not np.array_equal(stream[:n], stream[n:2 * n])
+    np.testing.assert_array_equal(train.epoch_indices(3, 7, n, b), stream[28:32])
+    assert not np.array_equal(train.epoch_indices(4, 0, n, b), stream[:4])
+
+
+def test_checkpointer_round_trip_keep_n_and_partial(tmp_path):
+    state = toy.make_state()
+    ck = train.Checkpointer(tmp_path / "ck", max_to_keep=2)
+    for step in (1, 2, 3):
+        bumped = state.replace(step=jnp.asarray(step, jnp.int32),
+                               params=jax.tree.map(lambda p: p + step, state.params))
+        ck.save(step, bumped, extra={"config": "small"}, force=True)
+    ck.wait()
+    assert ck.all_steps() == [2, 3]
+    restored = ck.restore(state)
+    assert int(restored.step) == 3
+    for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b + 3)
+    assert ck.restore_extra() == {"config": "small"}
+    ck.close()
+    # A half-written checkpoint (orbax temp dir, never finalized) is ignored.
+    partial = tmp_path / "ck" / "4.orbax-checkpoint-tmp-123"
+    partial.mkdir()
+    (partial / "junk").write_text("x")
+    ck2 = train.Checkpointer(tmp_path / "ck", max_to_keep=2)
+    assert ck2.latest_step() == 3
+    assert int(ck2.restore(state).step) == 3
+    ck2.close()
+
+
+def test_optimizer_schedule_clipping_and_nan_guard():
+    sched = train.lr_schedule(1.0, warmup_steps=10, decay_rate=0.5, decay_steps=20)
+    np.testing.assert_allclose(float(sched(0)), 0.1, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(9)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(30)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(50)), 0.25, rtol=1e-6)
+    clip = optax.clip_by_global_norm(1.0)
+    g = {"a": jnp.full((4,), 3.0)}
+    out, _ = clip.update(g, clip.init(g))
+    np.testing.assert_allclose(float(optax.global_norm(out)), 1.0, rtol=1e-6)
+    state = toy.make_state()
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+    new = state.apply_gradients(bad)
+    assert int(new.step) == 1 and not bool(train.grads_finite(bad))
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_metrics_writer_and_progress(tmp_path):
+    w = train.MetricsWriter(tmp_path)
+    w.write(5, {"loss": jnp.float32(0.5), "lr": 1e-3})
+    w.write(10, {"loss": 0.25})
+    w.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 5, "loss": 0.5, "lr": 0.001}, {"step": 10, "loss": 0.25}]
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    train.write_final_metrics(tmp_path, {"psnr": np.float32(27.5), "n": np.int64(3)})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"psnr": 27.5, "n": 3}
+    p = train.Progress(100, start_step=0)
+    time.sleep(0.01)
+    line = p.line(10, {"loss": 0.123456})
+    assert line.startswith("step 10/100 | ") and "steps/s" in line and "ETA" in line
+    assert "loss 0.1235" in line
+
+
+def _toy(workdir, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "scripts" / "toy_train.py"), f"--workdir={workdir}",
+         "--steps=60", "--checkpoint_every=10", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_and_resume_is_exact(tmp_path):
+    a = _toy(tmp_path / "a")
+    b = _toy(tmp_path / "b", "--sleep=0.05")
+    assert a.wait(timeout=240) == 0, a.stderr.read()
+    ckdir = tmp_path / "b" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckdir.glob("*") if p.name.isdigit()] if ckdir.exists() else []
+        if steps and max(steps) >= 20:
+            break
+        assert b.poll() is None, b.stderr.read()
+        time.sleep(0.05)
+    b.send_signal(signal.SIGKILL)
+    b.wait()
+    assert not (tmp_path / "b" / "final_params.npz").exists()
+    resumed = _toy(tmp_path / "b")
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert "resumed from step" in err
+    pa = np.load(tmp_path / "a" / "final_params.npz")
+    pb = np.load(tmp_path / "b" / "final_params.npz")
+    assert sorted(pa.files) == sorted(pb.files)
+    for k in pa.files:
+        assert np.array_equal(pa[k], pb[k]), k
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert ma == mb and ma["steps"] == 60
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    state = toy.make_state()
+    x, y = toy.make_data()
+    kw = dict(workdir=tmp_path, step_fn=toy.step_fn, get_batch=toy.batch_fn(x, y, 8),
+              num_steps=2, mesh=train.make_mesh(jax.devices()[:1]), progress=False)
+    train.train_loop(state=state, extra={"config": "small"}, **kw)
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train.train_loop(state=toy.make_state(), extra={"config": "paper"}, **kw)
