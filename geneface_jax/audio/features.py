@@ -41,9 +41,9 @@ def _check_wav(wav):
     if wav.ndim != 1 or not np.issubdtype(wav.dtype, np.floating):
         raise AudioError(f"audio must be a 1-D float array, got shape {wav.shape} "
                          f"dtype {wav.dtype}")
-    if len(wav) < SAMPLES_PER_VIDEO_FRAME // 2:
+    if len(wav) < SAMPLES_PER_VIDEO_FRAME:
         raise AudioError(f"audio has {len(wav)} samples, shorter than one video frame "
-                         f"at 16 kHz (round(n / 640) would be 0)")
+                         f"(640 samples = 40 ms at 16 kHz)")
     if not np.all(np.isfinite(wav)):
         raise AudioError("audio contains NaN or infinite samples")
     return wav.astype(np.float32, copy=False)
