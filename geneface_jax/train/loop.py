@@ -1,6 +1,7 @@
 """The resumable training loop every stage uses: data in, pure step, metrics, checkpoints."""
 
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -72,6 +73,9 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
                 f"({saved_extra}) than this run ({extra}); use another --workdir")
         state = ckpt.restore(state)
         logging.info("%sresumed from step %d", name, int(state.step))
+        if progress:
+            print(f"{name}resumed from step {int(state.step)} ({ckpt.directory})",
+                  file=sys.stderr, flush=True)
     step = int(state.step)
     run_step = parallel.data_parallel(step_fn, mesh)
     writer = metrics_lib.MetricsWriter(workdir)

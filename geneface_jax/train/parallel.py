@@ -14,6 +14,7 @@ per-device shards, N-device results equal 1-device results up to float reassocia
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -35,9 +36,33 @@ def pmean(x):
     return jax.lax.pmean(x, DATA_AXIS)
 
 
+def global_mean(values, weights):
+    """`sum(values * weights) / sum(weights)` over the *global* batch (psum over the data
+    axis); call inside a data-parallel step. `weights` broadcasts against `values`; their
+    sum is floored at 1e-8. Unlike `pmean` of per-device means, the result does not depend
+    on how unequal masks fall on devices, so it is the same on 1 and N devices."""
+    num = jax.lax.psum(jnp.sum(values * weights), DATA_AXIS)
+    den = jax.lax.psum(jnp.sum(jnp.broadcast_to(weights, values.shape)), DATA_AXIS)
+    return num / jnp.maximum(den, 1e-8)
+
+
 def device_rng(key):
     """A key distinct per device (for dropout / sampling noise inside a step)."""
     return jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+
+
+def global_normal(key, local_shape, dtype=jnp.float32):
+    """This device's slice of one standard-normal draw over the *global* batch.
+
+    `local_shape` is `[b, ...]` with `b` the per-device batch; the draw has shape
+    `[b * num_devices, ...]` from `key` (the same on every device) and device `i` gets rows
+    `[i b, (i + 1) b)`. Per-example noise is then independent of how the batch is split,
+    so 1 and N devices give the same numbers. Call inside a data-parallel step."""
+    n = jax.lax.axis_size(DATA_AXIS)
+    b = local_shape[0]
+    full = jax.random.normal(key, (b * n,) + tuple(local_shape[1:]), dtype)
+    start = jax.lax.axis_index(DATA_AXIS) * b
+    return jax.lax.dynamic_slice_in_dim(full, start, b, axis=0)
 
 
 def shard_batch(batch, mesh):

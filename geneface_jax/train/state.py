@@ -19,6 +19,9 @@ class TrainState(flax.struct.PyTreeNode):
       rng: raw uint32 key data `[2]`; steps draw their randomness from it, so a run
         restored from a checkpoint draws the same numbers as the uninterrupted run.
       apply_fn, tx: static (not part of the pytree, not checkpointed).
+      frozen: variables of frozen helper networks a step reads but never updates (e.g.
+        the SyncNet behind a sync loss); checkpointed with the state, so a checkpoint is
+        self-contained. Empty dict by default.
     """
     step: jax.Array
     params: Any
@@ -27,9 +30,10 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    frozen: Any = flax.struct.field(default_factory=dict)
 
     @classmethod
-    def create(cls, *, apply_fn, params, tx, rng, batch_stats=None):
+    def create(cls, *, apply_fn, params, tx, rng, batch_stats=None, frozen=None):
         """A fresh state at step 0; `rng` is a key (raw or typed) or an int seed."""
         if isinstance(rng, int):
             rng = jax.random.PRNGKey(rng)
@@ -38,7 +42,9 @@ class TrainState(flax.struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    batch_stats={} if batch_stats is None else batch_stats,
                    opt_state=tx.init(params), rng=jnp.asarray(rng, jnp.uint32),
-                   apply_fn=apply_fn, tx=tx)
+                   apply_fn=apply_fn, tx=tx,
+                   # A copy: steps donate the state, which must not delete the caller's arrays.
+                   frozen={} if frozen is None else jax.tree.map(jnp.array, frozen))
 
     def split_rng(self):
         """(state with a new rng, a fresh key) — the only way steps should get randomness."""

@@ -1,0 +1,109 @@
+"""Stage-1 inference for any length: audio features -> sampled landmarks, chunked, seamless.
+
+The prior noise of the whole sequence is drawn first (`[ceil(T/4), Z]`, one key), then the
+sequence is cut into windows of `chunk` frames, each extended by `context` frames of real
+neighbouring input on both sides; every window is run through the flow inverse and the
+decoder at one fixed shape (one compilation) and only its centre is kept. Every layer is
+a finite convolution whose padded frames are masked to zero, so when `context` covers the
+network's receptive field (`receptive_field`) the chunked output equals a single pass over
+the whole sequence up to float rounding, and memory stays flat in the audio length.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geneface_jax.data.batching import denormalize_motion
+from geneface_jax.errors import ShapeError
+from geneface_jax.motion.vae import Audio2Motion, Audio2MotionConfig
+
+
+def receptive_field(config: Audio2MotionConfig) -> int:
+    """A bound, in video frames, on how far (each side) an output frame of `sample` sees."""
+    c = config
+    cond = 2                                                   # two k3 convs at 25 Hz
+    g_sqz = cond + 2 * c.stride                                # k=2s, s, pad s/2
+    flow = c.num_flows * c.flow_layers * (c.flow_kernel // 2) if c.use_prior_flow else 0
+    dec = c.dec_layers * (c.kernel_size // 2) + cond
+    return c.stride * (flow + 1) + g_sqz + dec + c.stride
+
+
+class MotionPredictor:
+    """Samples normalised motion / landmarks from a trained stage-1 model.
+
+    Args:
+      config: the model's `Audio2MotionConfig`.
+      variables: `{'params': ..., 'batch_stats': ...}` of `Audio2Motion`.
+      chunk: frames kept per window (multiple of 4).
+      context: frames of context on each side (multiple of 4; default: the receptive
+        field rounded up to a multiple of 4).
+    """
+
+    def __init__(self, config: Audio2MotionConfig, variables, *, chunk=1024, context=None):
+        s = config.stride
+        rf = receptive_field(config)
+        context = -(-rf // s) * s if context is None else int(context)
+        if chunk % s or context % s or chunk <= 0 or context < 0:
+            raise ShapeError(f"chunk ({chunk}) and context ({context}) must be positive "
+                             f"multiples of the latent stride {s}")
+        self.config, self.variables = config, variables
+        self.chunk, self.context = int(chunk), context
+        self.window = self.chunk + 2 * self.context
+        self.model = Audio2Motion(config)
+        self._run = jax.jit(self._sample_window)
+
+    def _sample_window(self, variables, feats, mask, noise, temperature):
+        return self.model.apply(variables, feats, mask, noise, temperature,
+                                method=Audio2Motion.sample)
+
+    def sample_motion(self, features, rng, temperature=1.0):
+        """features: `[2T, C]` (50 Hz) -> normalised motion `[T, D]` (25 fps).
+
+        `rng` is a JAX key; `temperature` scales the prior noise (0 gives the flow's mode
+        path, 1 the trained distribution).
+        """
+        feats = np.asarray(features, np.float32)
+        c = self.config
+        if feats.ndim != 2 or feats.shape[1] != c.feature_dim:
+            raise ShapeError(f"features must be [2T, {c.feature_dim}], got {feats.shape}")
+        if feats.shape[0] < 2 or feats.shape[0] % 2:
+            raise ShapeError(f"features must hold an even number (>= 2) of 50 Hz frames "
+                             f"(2 per video frame), got {feats.shape[0]}")
+        if not np.all(np.isfinite(feats)):
+            raise ShapeError("features contain NaN or inf")
+        num = feats.shape[0] // 2
+        s, chunk, ctx, win = c.stride, self.chunk, self.context, self.window
+        total = -(-num // s) * s
+        noise = np.asarray(jax.random.normal(rng, (total // s, c.latent), jnp.float32))
+        # Pad the whole sequence by `ctx` masked frames on each side and up to whole chunks.
+        n_chunks = max(1, math.ceil(total / chunk))
+        padded = n_chunks * chunk + 2 * ctx
+        f_pad = np.zeros((2 * padded, feats.shape[1]), np.float32)
+        f_pad[2 * ctx:2 * (ctx + num)] = feats
+        m_pad = np.zeros((padded, 1), np.float32)
+        m_pad[ctx:ctx + num] = 1.0
+        z_pad = np.zeros((padded // s, c.latent), np.float32)
+        z_pad[ctx // s:ctx // s + total // s] = noise
+        out = np.zeros((n_chunks * chunk, c.motion_dim), np.float32)
+        temp = jnp.float32(temperature)
+        for k in range(n_chunks):
+            lo = k * chunk                         # window [lo, lo + win) of the padded axis
+            y = self._run(self.variables, f_pad[None, 2 * lo:2 * (lo + win)],
+                          m_pad[None, lo:lo + win], z_pad[None, lo // s:(lo + win) // s], temp)
+            out[lo:lo + chunk] = np.asarray(y[0, ctx:ctx + chunk])
+        return out[:num]
+
+    def predict_landmarks(self, features, rng, temperature=1.0, *, identity, std):
+        """features `[2T, C]` -> landmarks `[T, 68, 3]` in head space: the sampled motion
+        times the training `std` `[68, 3]` plus the target's `identity` `[68, 3]` (its
+        mean landmarks)."""
+        return denormalize_motion(self.sample_motion(features, rng, temperature), identity, std)
+
+
+def predict_landmarks(config, variables, features, rng, temperature=1.0, *, identity, std,
+                      chunk=1024):
+    """One-shot `MotionPredictor(config, variables).predict_landmarks(...)`."""
+    return MotionPredictor(config, variables, chunk=chunk).predict_landmarks(
+        features, rng, temperature, identity=identity, std=std)

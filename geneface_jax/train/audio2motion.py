@@ -1,0 +1,235 @@
+"""Stage 1 training: pure steps for the landmark SyncNet and the audio-to-motion VAE.
+
+Every step has the signature `step(state, batch, rng) -> (state, metrics)` and runs per
+device under `train.parallel.data_parallel`; losses are global-batch means
+(`parallel.global_mean`), so 1 and N devices give the same numbers.
+
+Batches (host arrays, from `geneface_jax.data.batching`):
+  SyncNet: `audio` [B, 2W, C], `mouth` [B, W, 60], `label` [B] (1 in sync, 0 shifted).
+  VAE:     `mel` [B, 2T, C], `motion` [B, T, D] normalised, `mask` [B, T, 1].
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from geneface_jax.motion import syncnet as sync_lib
+from geneface_jax.motion import vae as vae_lib
+from geneface_jax.train import parallel
+from geneface_jax.train.state import TrainState, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with warm-up and exponential decay (GeneFace: lr 5e-4, warm-up 1000, x0.1 per
+    250k steps, gradient clipping at global norm 1)."""
+    lr: float = 5e-4
+    warmup_steps: int = 1000
+    decay_rate: float = 0.1
+    decay_steps: int = 250_000
+    clip_norm: float = 1.0
+
+    def optimizer(self):
+        return make_optimizer(self.lr, warmup_steps=self.warmup_steps,
+                              decay_rate=self.decay_rate, decay_steps=self.decay_steps,
+                              clip_norm=self.clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAELossConfig:
+    """Loss weights of the VAE step (GeneFace: KL 0.5, MSE 1, continuity 3, sync 0.01)."""
+    kl: float = 0.5
+    l2: float = 1.0
+    l1: float = 1.0
+    continuity: float = 3.0
+    sync: float = 0.01
+    sync_hop: int = 2   # frames between the starts of the sync-loss windows
+
+
+# --------------------------------------------------------------------------- SyncNet
+
+def create_syncnet_state(config: sync_lib.SyncNetConfig, optim: OptimConfig, seed: int):
+    model, variables = sync_lib.init_syncnet(config, seed, axis_name=parallel.DATA_AXIS)
+    return model, TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"],
+                                    tx=optim.optimizer(), rng=seed)
+
+
+def make_syncnet_steps(model):
+    """(train_step, eval_step) of SyncNet: BCE of cos(audio, mouth) against the label."""
+
+    def forward(params, batch_stats, batch, train):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            (a, m), upd = model.apply(variables, batch["audio"], batch["mouth"], train=True,
+                                      mutable=["batch_stats"])
+        else:
+            a, m = model.apply(variables, batch["audio"], batch["mouth"], train=False)
+            upd = {"batch_stats": batch_stats}
+        d = sync_lib.sync_probability(a, m)
+        label = batch["label"].astype(d.dtype)
+        ones = jnp.ones_like(d)
+        loss = parallel.global_mean(sync_lib.bce(d, label), ones)
+        acc = parallel.global_mean(((d > 0.5) == (label > 0.5)).astype(d.dtype), ones)
+        return loss, (upd, {"loss": loss, "accuracy": acc,
+                            "d_pos": parallel.global_mean(d, label),
+                            "d_neg": parallel.global_mean(d, 1.0 - label)})
+
+    def train_step(state, batch, rng):
+        del rng
+        grad_fn = jax.value_and_grad(forward, has_aux=True)
+        (_, (upd, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, True)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        return state.apply_gradients(grads, batch_stats=upd["batch_stats"]), metrics
+
+    def eval_step(state, batch, rng):
+        del rng
+        _, (_, metrics) = forward(state.params, state.batch_stats, batch, False)
+        return state, metrics
+
+    return train_step, eval_step
+
+
+# --------------------------------------------------------------------------- VAE
+
+def create_vae_state(config: vae_lib.Audio2MotionConfig, optim: OptimConfig, seed: int,
+                     syncnet_variables=None):
+    """(model, TrainState); `syncnet_variables` (frozen) go to `state.frozen['syncnet']`."""
+    model, variables = vae_lib.init_audio2motion(config, seed, axis_name=parallel.DATA_AXIS)
+    frozen = {} if syncnet_variables is None else {"syncnet": syncnet_variables}
+    return model, TrainState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"],
+                                    tx=optim.optimizer(), rng=seed, frozen=frozen)
+
+
+def reconstruction_losses(pred, target, mask):
+    """Global-batch masked L2, L1 and continuity (GeneFace's FACIAL-style) losses of
+    `pred`, `target` `[B, T, D]` under `mask` `[B, T, 1]`."""
+    err = pred - target
+    l2 = parallel.global_mean(jnp.square(err), mask)
+    l1 = parallel.global_mean(jnp.abs(err), mask)
+    dpred = pred[:, 1:] - pred[:, :-1]
+    dtgt = target[:, 1:] - target[:, :-1]
+    pair_mask = mask[:, 1:] * mask[:, :-1]
+    cont = parallel.global_mean(jnp.square(dpred - dtgt), pair_mask)
+    return l2, l1, cont
+
+
+def make_vae_steps(model, losses: VAELossConfig = VAELossConfig(), syncnet=None,
+                   num_frames=None):
+    """(train_step, eval_step) of the VAE (or, with `use_latent=False`, the regression
+    baseline). With `syncnet` (a `SyncNet` module; variables in `state.frozen`) and
+    `losses.sync > 0`, adds the sync loss on windows of the reconstruction.
+    `num_frames` (the batch's T) fixes the sync window starts."""
+    use_sync = syncnet is not None and losses.sync > 0
+    if use_sync:
+        if num_frames is None:
+            raise ValueError("make_vae_steps: num_frames is needed for the sync loss")
+        starts = sync_lib.window_starts(num_frames, syncnet.config.window, losses.sync_hop)
+
+    def forward(params, state, batch, key, train):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        k_sample, k_drop = jax.random.split(key)
+        # Encoder noise drawn over the global batch (same numbers on 1 or N devices);
+        # dropout (0 in GeneFace's configs) draws per device.
+        mask = batch["mask"]
+        lat = (mask.shape[0], mask.shape[1] // model.config.stride, model.config.latent)
+        eps = parallel.global_normal(k_sample, lat)
+        rngs = {"dropout": parallel.device_rng(k_drop)}
+        if train:
+            out, upd = model.apply(variables, batch["mel"], batch["motion"], mask,
+                                   train=True, eps=eps, rngs=rngs, mutable=["batch_stats"])
+        else:
+            out = model.apply(variables, batch["mel"], batch["motion"], mask, train=False,
+                              eps=eps, rngs=rngs)
+            upd = {"batch_stats": state.batch_stats}
+        l2, l1, cont = reconstruction_losses(out["recon"], batch["motion"], mask)
+        kl = parallel.global_mean(out["kl_terms"], out["latent_mask"])
+        total = losses.l2 * l2 + losses.l1 * l1 + losses.continuity * cont + losses.kl * kl
+        metrics = {"l2": l2, "l1": l1, "continuity": cont, "kl": kl}
+        if use_sync:
+            terms, valid = sync_lib.sync_loss_terms(syncnet, state.frozen["syncnet"],
+                                                    out["recon"], batch["mel"], mask, starts)
+            sync = parallel.global_mean(terms, valid)
+            total = total + losses.sync * sync
+            metrics["sync"] = sync
+        metrics["loss"] = total
+        return total, (upd, metrics)
+
+    def train_step(state, batch, rng):
+        grad_fn = jax.value_and_grad(forward, has_aux=True)
+        (_, (upd, metrics)), grads = grad_fn(state.params, state, batch, rng, True)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+        return state.apply_gradients(grads, batch_stats=upd["batch_stats"]), metrics
+
+    def eval_step(state, batch, rng):
+        _, (_, metrics) = forward(state.params, state, batch, rng, False)
+        return state, metrics
+
+    return train_step, eval_step
+
+
+# --------------------------------------------------------------------------- loading runs
+
+def read_run_config(workdir, stage):
+    """The `config.json` of a training run in `workdir`, checked to be of `stage`
+    ('syncnet' or 'audio2motion'); CheckpointError otherwise."""
+    import json
+    import pathlib
+    from geneface_jax.errors import CheckpointError
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{workdir}: no {stage} run here (missing config.json)")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if cfg.get("stage") != stage:
+        raise CheckpointError(f"{workdir}: holds a {cfg.get('stage')!r} run, expected {stage!r}")
+    return cfg
+
+
+def _restore_variables(workdir, state):
+    import pathlib
+    from geneface_jax.errors import CheckpointError
+    from geneface_jax.train.checkpoint import Checkpointer
+    ck = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+    try:
+        restored = ck.restore(state)
+    finally:
+        ck.close()
+    if restored is None:
+        raise CheckpointError(f"{workdir}: no checkpoint under {workdir}/checkpoints")
+    return jax.device_get(restored)
+
+
+def load_syncnet(workdir):
+    """(SyncNet module, frozen variables, run config) of a `train_syncnet` run."""
+    cfg = read_run_config(workdir, "syncnet")
+    sc = sync_lib.SyncNetConfig(**cfg["model"])
+    model, state = create_syncnet_state(sc, OptimConfig(**cfg["optim"]), 0)
+    state = _restore_variables(workdir, state)
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, cfg
+
+
+def load_audio2motion(workdir):
+    """(Audio2MotionConfig, variables, run config, landmark std) of a `train_audio2motion`
+    run; landmarks = motion * std + the target's identity (its mean landmarks)."""
+    import pathlib
+    import numpy as np
+    cfg = read_run_config(workdir, "audio2motion")
+    mc = vae_lib.Audio2MotionConfig(**cfg["model"])
+    frozen = None
+    if cfg.get("syncnet"):
+        sc = sync_lib.SyncNetConfig(**cfg["syncnet_model"])
+        _, sv = sync_lib.init_syncnet(sc, 0)
+        frozen = sv
+    _, state = create_vae_state(mc, OptimConfig(**cfg["optim"]), 0, frozen)
+    state = _restore_variables(workdir, state)
+    w = pathlib.Path(workdir)
+    std_path = w / "landmark_std.npy"
+    if not std_path.is_file():
+        from geneface_jax.errors import CheckpointError
+        raise CheckpointError(f"{workdir}: missing landmark_std.npy")
+    return mc, {"params": state.params, "batch_stats": state.batch_stats}, cfg, np.load(std_path)
