@@ -139,7 +139,7 @@ def _toy(workdir, *extra):
 
 def test_sigkill_and_resume_is_exact(tmp_path):
     a = _toy(tmp_path / "a")
-    b = _toy(tmp_path / "b", "--sleep=0.05")
+    b = _toy(tmp_path / "b", "--sleep=0.2")   # slow enough to be killed mid-run under load
     assert a.wait(timeout=240) == 0, a.stderr.read()
     ckdir = tmp_path / "b" / "checkpoints"
     deadline = time.time() + 240

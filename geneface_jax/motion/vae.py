@@ -18,7 +18,7 @@ T must be a multiple of the stride (4): `pad_to_stride` pads a batch and its mas
 
 Parameter names follow GeneFace's `VAEModel` (`mel_encoder`, `vae.g_pre_net`,
 `vae.encoder.{pre_net,wn,out_proj}`, `vae.decoder.{pre_net,wn,out_proj}`, `vae.prior_flow`)
-so its PyTorch checkpoints convert by renaming (`geneface_jax.convert.geneface`).
+so its PyTorch checkpoints convert by renaming and transposing.
 With `use_latent=False` the model is the regression baseline of the mean-face test: the
 same decoder fed a zero latent (no encoder, no flow, no KL), i.e. a deterministic
 audio -> motion regression with the same capacity on the audio path.

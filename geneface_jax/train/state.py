@@ -66,9 +66,15 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def grads_finite(grads):
-    """Scalar bool: every gradient entry is finite."""
-    leaves = [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    """Scalar bool: every gradient entry is finite.
+
+    Tested through the global norm (one fused reduction; a NaN or inf anywhere makes it
+    non-finite, as does a norm beyond float range). One `all(isfinite)` per leaf, stacked,
+    cost ~60 ms per step and minutes of XLA compile time on the stage-1 VAE (CPU)."""
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.isfinite(optax.global_norm(grads))
 
 
 def lr_schedule(lr, *, warmup_steps=0, decay_rate=1.0, decay_steps=1):
