@@ -116,3 +116,12 @@ def test_bad_inputs_give_one_clear_error(tmp_path, corpus_dir, vae_dir):
     p = _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={tmp_path}",
              f"--workdir={tmp_path / 'e'}", check=False)
     assert p.returncode == 2 and "no audio2motion run" in p.stderr
+
+
+def test_benchmark_smoke():
+    """The stage-1 benchmark runs (tiny sizes) and ends with its JSON line."""
+    p = _run("experiments.bench.audio2motion", "--smoke")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["jax_steps_per_s"] > 0 and out["torch_steps_per_s"] > 0
+    assert out["speedup"] == pytest.approx(out["jax_steps_per_s"] / out["torch_steps_per_s"],
+                                           rel=1e-3)
