@@ -123,5 +123,7 @@ def test_benchmark_smoke():
     p = _run("experiments.bench.audio2motion", "--smoke")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["jax_steps_per_s"] > 0 and out["torch_steps_per_s"] > 0
+    # Both rates and the ratio are rounded in the JSON line (4 and 3 decimals), so the
+    # ratio of the printed rates can differ from the printed ratio by a rounding step.
     assert out["speedup"] == pytest.approx(out["jax_steps_per_s"] / out["torch_steps_per_s"],
-                                           rel=1e-3)
+                                           rel=5e-3, abs=2e-3)
