@@ -1,0 +1,568 @@
+"""Stage 2 training: the post-net GAN (generator `CNNPostNet`, critic `MLPDiscriminator`).
+
+One `GANState` holds both networks' parameters, the generator's BatchNorm statistics (the
+critic has none), one Adam state per network, an exponential moving average (EMA) of the
+generator's variables, the step, the RNG and the frozen SyncNet.
+Three pure per-device steps, all `step(state, batch, rng) -> (state, metrics)` for
+`train.parallel.data_parallel` (losses are global-batch masked means, so 1 and N devices
+give the same numbers):
+
+  d_step      updates only the discriminator: LSGAN `D(fake)^2 + (D(real) - 1)^2`, the
+              fakes being the generator's refinement of the batch (train-mode BatchNorm,
+              its statistics update discarded, no gradient into the generator).
+  g_step      updates only the generator (its BatchNorm statistics and its EMA):
+              `adv (D(G(x)) - 1)^2 + sync SyncNet(G(x), audio) + mse |G(x) - x|^2`
+              (GeneFace's weights 0.85, 0.1, 0.05) with the discriminator fixed.
+  train_step  both from the same pre-step state, sharing one generator forward (GeneFace's
+              order: the discriminator update sees the generator output of this step,
+              detached): equal to g_step's generator half merged with d_step's
+              discriminator half. Advances `step` by one, as does g_step (d_step does not).
+
+Batches (host arrays, `make_batch_fn`): `motion` [B, T, D] stage-1 samples (normalised,
+identity-removed), `mel` [B, 2T, C] the audio they were sampled for, `mask` [B, T, 1],
+`real` [B, T, D] windows of the target person's motion in the same representation
+(`motion.postnet` explains it), `real_mask` [B, T, 1].
+
+Deviations from GeneFace's code, on purpose: Adam (the issue's choice; GeneFace's task uses
+RMSprop with the same learning rates) with beta1 = 0, i.e. without momentum like RMSprop
+(with beta1 0.9 or 0.5 the game oscillated visibly on the synthetic world); the post-net
+that inference uses is the EMA of the generator (decay 0.999; `generator_variables()`),
+which averages out the remaining oscillation of the adversarial game (on the synthetic
+world the raw generator's held-out Fréchet distance swings by +-30 % between checkpoints,
+the EMA's stays within a few %); one batch mixing stage-1 samples on corpus audio and
+on the person's audio that gets every loss (GeneFace sends corpus samples to the
+adversarial and sync losses and its person-audio samples to an MSE against the person's
+tracked landmarks), and the MSE against the generator's own input ("stay close to the
+input"). Optimizers: Adam 1e-4 each, discriminator halved every 40k updates (StepLR),
+global-norm clipping at 1 (GeneFace's `clip_grad_norm`), a non-finite gradient skips that
+network's update.
+"""
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.motion import postnet as pn
+from geneface_jax.motion import syncnet as sync_lib
+from geneface_jax.train import parallel
+from geneface_jax.train.loop import epoch_indices
+
+GENERATOR, DISCRIMINATOR = "generator", "discriminator"
+
+
+# --------------------------------------------------------------------------- configs
+
+@dataclasses.dataclass(frozen=True)
+class PostNetOptimConfig:
+    """Two Adams (GeneFace: lr 1e-4 each, generator constant, discriminator x0.5 every
+    40k steps, gradient clipping at global norm 1)."""
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    disc_decay: float = 0.5
+    disc_decay_steps: int = 40_000
+    clip_norm: float = 1.0
+    b1: float = 0.0          # no momentum (GeneFace's RMSprop has none)
+    b2: float = 0.999
+    ema_decay: float = 0.999  # EMA of the generator used for inference (0: no averaging)
+
+    def _adam(self, schedule):
+        chain = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
+        chain.append(optax.adam(schedule, b1=self.b1, b2=self.b2))
+        return optax.chain(*chain)
+
+    def generator_tx(self):
+        return self._adam(self.lr)
+
+    def discriminator_tx(self):
+        return self._adam(optax.exponential_decay(self.disc_lr, self.disc_decay_steps,
+                                                  self.disc_decay, staircase=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class PostNetLossConfig:
+    """Generator loss weights (GeneFace: adversarial 0.85, sync 0.1, MSE 0.05)."""
+    adv: float = 0.85
+    sync: float = 0.1
+    mse: float = 0.05
+    sync_hop: int = 2       # frames between the starts of the sync-loss windows
+
+
+# --------------------------------------------------------------------------- state
+
+class GANState(flax.struct.PyTreeNode):
+    """Everything a resumed post-net run needs, as one pytree.
+
+    Attributes:
+      step: int32 scalar, training iterations done (g_step / train_step advance it).
+      params: `{'generator': ..., 'discriminator': ...}`.
+      batch_stats: `{'generator': ...}` (BatchNorm running statistics).
+      opt_state: `{'generator': ..., 'discriminator': ...}` (one Adam each).
+      ema: `{'params', 'batch_stats'}`: exponential moving average of the generator's
+        variables (what inference uses).
+      rng: raw uint32 key data `[2]`.
+      frozen: `{'syncnet': variables}` when the sync loss is used (read, never updated).
+      g_tx, d_tx: the two optimizers (static).
+    """
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema: Any
+    rng: jax.Array
+    g_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    d_tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+    frozen: Any = flax.struct.field(default_factory=dict)
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    @classmethod
+    def create(cls, *, variables, optim: PostNetOptimConfig, rng, frozen=None):
+        """A fresh state from `init_postnet` variables; `rng` an int seed or a key."""
+        if isinstance(rng, int):
+            rng = jax.random.PRNGKey(rng)
+        if jnp.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
+        g_tx, d_tx = optim.generator_tx(), optim.discriminator_tx()
+        params = {GENERATOR: variables[GENERATOR]["params"],
+                  DISCRIMINATOR: variables[DISCRIMINATOR]["params"]}
+        # Copies: steps donate the state, which must not delete the caller's arrays.
+        copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731
+        return cls(step=jnp.zeros((), jnp.int32), params=copy(params),
+                   batch_stats={GENERATOR: copy(variables[GENERATOR]["batch_stats"])},
+                   opt_state={GENERATOR: g_tx.init(params[GENERATOR]),
+                              DISCRIMINATOR: d_tx.init(params[DISCRIMINATOR])},
+                   ema=copy(variables[GENERATOR]),
+                   rng=jnp.asarray(rng, jnp.uint32), g_tx=g_tx, d_tx=d_tx,
+                   frozen={} if frozen is None else copy(frozen),
+                   ema_decay=float(optim.ema_decay))
+
+    def generator_variables(self, ema=True):
+        """`{'params', 'batch_stats'}` of the generator: the EMA (what inference uses) or,
+        with `ema=False`, the current training variables."""
+        if ema:
+            return self.ema
+        return {"params": self.params[GENERATOR], "batch_stats": self.batch_stats[GENERATOR]}
+
+    def _update(self, name, tx, grads):
+        """(new params, new opt state) of one network; a non-finite gradient keeps both."""
+        updates, new_opt = tx.update(grads, self.opt_state[name], self.params[name])
+        new_params = optax.apply_updates(self.params[name], updates)
+        ok = jnp.isfinite(optax.global_norm(grads))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
+        return keep(new_params, self.params[name]), keep(new_opt, self.opt_state[name])
+
+    def apply_generator_gradients(self, grads, batch_stats):
+        """Updates the generator, its BatchNorm statistics and its EMA."""
+        p, o = self._update(GENERATOR, self.g_tx, grads)
+        d = self.ema_decay
+        ema = jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, self.ema,
+                           {"params": p, "batch_stats": batch_stats})
+        return self.replace(params={**self.params, GENERATOR: p},
+                            opt_state={**self.opt_state, GENERATOR: o},
+                            batch_stats={**self.batch_stats, GENERATOR: batch_stats}, ema=ema)
+
+    def apply_discriminator_gradients(self, grads):
+        p, o = self._update(DISCRIMINATOR, self.d_tx, grads)
+        return self.replace(params={**self.params, DISCRIMINATOR: p},
+                            opt_state={**self.opt_state, DISCRIMINATOR: o})
+
+
+def static_coordinates(std, min_std=1e-4):
+    """Indices of the motion coordinates the corpus never moves: those whose expression std
+    `[68, 3]` sits at its floor `min_std` (`batching.expression_std`). In the normalised
+    representation they are `(landmarks - identity) / 1e-4`, pure noise amplifiers; the
+    post-net leaves them as they are (`PostNetConfig.static_coords`)."""
+    s = np.asarray(std, np.float64).reshape(-1)
+    return tuple(int(i) for i in np.flatnonzero(s <= min_std * (1.0 + 1e-3)))
+
+
+def discriminator_scale(std, static_coords=()):
+    """The discriminator's fixed input scaling `[D]` for motion normalised by `std`
+    `[68, 3]`: `std / rms(std)`, 0 on `static_coords`. The critic thus judges frames in
+    landmark geometry (each coordinate in proportion to how far it really moves, as
+    GeneFace's critic sees un-normalised identity-removed landmarks) and only on
+    coordinates the generator may change. In per-coordinate z-scores a coordinate that
+    barely moves becomes a large, trivially detectable signal the generator cannot match,
+    and the critic wins on it instead of on the person's style."""
+    s = np.asarray(std, np.float64).reshape(-1)
+    scale = s / np.sqrt(np.mean(s * s))
+    scale[list(static_coords)] = 0.0
+    return scale.astype(np.float32)
+
+
+def create_postnet_state(config: pn.PostNetConfig, optim: PostNetOptimConfig, seed: int,
+                         syncnet_variables=None, disc_scale=None):
+    """(generator, discriminator, GANState); modules built for the data-parallel axis.
+
+    `syncnet_variables` (the sync loss' SyncNet) and `disc_scale` `[D]` (the critic's input
+    scaling, `discriminator_scale(std)`; None for none) go to `state.frozen`."""
+    gen, disc, variables = pn.init_postnet(config, seed, axis_name=parallel.DATA_AXIS)
+    frozen = {}
+    if syncnet_variables is not None:
+        frozen["syncnet"] = syncnet_variables
+    if disc_scale is not None:
+        scale = np.asarray(disc_scale, np.float32)
+        if scale.shape != (config.motion_dim,):
+            raise ShapeError(f"disc_scale must be [{config.motion_dim}], got {scale.shape}")
+        frozen["disc_scale"] = scale
+    return gen, disc, GANState.create(variables=variables, optim=optim, rng=seed,
+                                      frozen=frozen)
+
+
+# --------------------------------------------------------------------------- steps
+
+class PostNetSteps(NamedTuple):
+    train_step: Any
+    g_step: Any
+    d_step: Any
+    eval_step: Any
+
+
+def _norm(tree):
+    return optax.global_norm(tree)
+
+
+def make_postnet_steps(gen, disc, losses: PostNetLossConfig = PostNetLossConfig(),
+                       syncnet=None, num_frames=None):
+    """The per-device steps (see the module doc). With `syncnet` (a `SyncNet` module, its
+    variables in `state.frozen['syncnet']`) and `losses.sync > 0` the generator loss has
+    the sync term on windows of the refined motion; `num_frames` (the batch's T) fixes the
+    window starts."""
+    use_sync = syncnet is not None and losses.sync > 0
+    if use_sync:
+        if num_frames is None:
+            raise ValueError("make_postnet_steps: num_frames is needed for the sync loss")
+        starts = sync_lib.window_starts(num_frames, syncnet.config.window, losses.sync_hop)
+
+    def generate(g_params, state, batch, train):
+        """Refined motion and the generator's new batch statistics."""
+        variables = {"params": g_params, "batch_stats": state.batch_stats[GENERATOR]}
+        if train:
+            out, upd = gen.apply(variables, batch["motion"], batch["mask"], train=True,
+                                 mutable=["batch_stats"])
+            return out, upd["batch_stats"]
+        return gen.apply(variables, batch["motion"], batch["mask"], train=False), \
+            state.batch_stats[GENERATOR]
+
+    def critic(d_params, state, x, key, train):
+        scale = state.frozen.get("disc_scale")
+        if scale is not None:
+            x = x * scale
+        return disc.apply({"params": d_params}, x, deterministic=not train,
+                          rngs={"dropout": key})
+
+    def generator_loss(g_params, state, batch, key, train):
+        mask = batch["mask"]
+        refined, new_stats = generate(g_params, state, batch, train)
+        score = critic(state.params[DISCRIMINATOR], state, refined, key, train)
+        adv = parallel.global_mean(jnp.square(score - 1.0)[..., None], mask)
+        mse = parallel.global_mean(jnp.square(refined - batch["motion"]), mask)
+        total = losses.adv * adv + losses.mse * mse
+        metrics = {"g_adv": adv, "g_mse": mse}
+        if use_sync:
+            terms, valid = sync_lib.sync_loss_terms(syncnet, state.frozen["syncnet"], refined,
+                                                    batch["mel"], mask, starts)
+            sync = parallel.global_mean(terms, valid)
+            total = total + losses.sync * sync
+            metrics["g_sync"] = sync
+        metrics["g_loss"] = total
+        return total, (refined, new_stats, metrics)
+
+    def discriminator_loss(d_params, state, fake, batch, key, train):
+        k_fake, k_real = jax.random.split(key)
+        s_fake = critic(d_params, state, jax.lax.stop_gradient(fake), k_fake, train)
+        s_real = critic(d_params, state, batch["real"], k_real, train)
+        mask, rmask = batch["mask"], batch["real_mask"]
+        fake_loss = parallel.global_mean(jnp.square(s_fake)[..., None], mask)
+        real_loss = parallel.global_mean(jnp.square(s_real - 1.0)[..., None], rmask)
+        acc_fake = parallel.global_mean((s_fake < 0.5).astype(s_fake.dtype)[..., None], mask)
+        acc_real = parallel.global_mean((s_real > 0.5).astype(s_real.dtype)[..., None], rmask)
+        metrics = {"d_loss": fake_loss + real_loss, "d_fake_loss": fake_loss,
+                   "d_real_loss": real_loss,
+                   "d_fake_score": parallel.global_mean(s_fake[..., None], mask),
+                   "d_real_score": parallel.global_mean(s_real[..., None], rmask),
+                   "d_accuracy": 0.5 * (acc_fake + acc_real)}
+        return fake_loss + real_loss, metrics
+
+    def keys(rng):
+        k_g, k_d = jax.random.split(rng)
+        return k_g, k_d
+
+    def g_update(state, batch, k_g):
+        grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+        (_, (refined, stats, metrics)), grads = grad_fn(state.params[GENERATOR], state, batch,
+                                                        k_g, True)
+        metrics["g_grad_norm"] = _norm(grads)
+        return grads, stats, refined, metrics
+
+    def d_update(state, fake, batch, k_d):
+        grad_fn = jax.value_and_grad(discriminator_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params[DISCRIMINATOR], state, fake, batch, k_d,
+                                     True)
+        metrics["d_grad_norm"] = _norm(grads)
+        return grads, metrics
+
+    def train_step(state, batch, rng):
+        k_g, k_d = keys(rng)
+        g_grads, stats, refined, g_metrics = g_update(state, batch, k_g)
+        d_grads, d_metrics = d_update(state, refined, batch, k_d)
+        new = state.apply_generator_gradients(g_grads, stats)
+        new = new.apply_discriminator_gradients(d_grads)
+        return new.replace(step=state.step + 1), {**g_metrics, **d_metrics}
+
+    def g_step(state, batch, rng):
+        k_g, _ = keys(rng)
+        grads, stats, _, metrics = g_update(state, batch, k_g)
+        new = state.apply_generator_gradients(grads, stats)
+        return new.replace(step=state.step + 1), metrics
+
+    def d_step(state, batch, rng):
+        _, k_d = keys(rng)
+        fake, _ = generate(state.params[GENERATOR], state, batch, True)
+        grads, metrics = d_update(state, fake, batch, k_d)
+        return state.apply_discriminator_gradients(grads), metrics
+
+    def eval_step(state, batch, rng):
+        k_g, k_d = keys(rng)
+        _, (refined, _, g_metrics) = generator_loss(state.params[GENERATOR], state, batch,
+                                                    k_g, False)
+        _, d_metrics = discriminator_loss(state.params[DISCRIMINATOR], state, refined, batch,
+                                          k_d, False)
+        return state, {**g_metrics, **d_metrics}
+
+    return PostNetSteps(train_step, g_step, d_step, eval_step)
+
+
+# --------------------------------------------------------------------------- data
+
+def person_motion(person, std, split="train"):
+    """The target person's real frames in the stage-1 representation.
+
+    Returns (motion [n, 204] of `split`'s frames, identity [68, 3]): identity = the
+    person's mean landmarks over its *train* frames; motion = (landmarks - identity) / std
+    with `std` the corpus' expression std of the stage-1 run.
+    """
+    lms = np.asarray(person["landmarks"], np.float64)
+    identity = lms[person.split("train")].mean(0).astype(np.float32)
+    from geneface_jax.data.batching import normalize_landmarks
+    idx = person.split(split)
+    return normalize_landmarks(lms[idx], identity, np.asarray(std, np.float32)), identity
+
+
+@dataclasses.dataclass
+class SamplePool:
+    """Stage-1 samples precomputed for training, with the audio they were drawn for.
+
+    Attributes:
+      mel: `[A, C]` features of every source sequence, concatenated (sequence s owns
+        rows `[2 first_s, 2 (first_s + frames_s))`).
+      sequences: `[S, 3]` int64: first frame, frames, domain (0 corpus, 1 target person).
+      motion: `[F, D]` every sample, concatenated.
+      samples: `[M, 2]` int64: first row in `motion`, sequence id (its length is the
+        sequence's).
+    """
+    mel: np.ndarray
+    sequences: np.ndarray
+    motion: np.ndarray
+    samples: np.ndarray
+
+    FIELDS = ("mel", "sequences", "motion", "samples")
+
+    def save(self, path):
+        """Atomic `.npz` write."""
+        path = pathlib.Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez(tmp, **{k: getattr(self, k) for k in self.FIELDS})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with np.load(path) as z:
+                return cls(**{k: z[k] for k in cls.FIELDS})
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable stage-1 sample pool ({e}); delete it "
+                                  "to rebuild") from e
+
+    def domain_samples(self, domain):
+        """Sample ids whose sequence is of `domain` (0 corpus, 1 person)."""
+        return np.flatnonzero(self.sequences[self.samples[:, 1], 2] == domain)
+
+    def sample(self, i):
+        """(motion [T, D], mel [2T, C], domain) of sample `i`."""
+        row, seq = (int(v) for v in self.samples[i])
+        first, num, domain = (int(v) for v in self.sequences[seq])
+        return (self.motion[row:row + num], self.mel[2 * first:2 * (first + num)], domain)
+
+
+def build_pool(sample_fn, sequences, *, seed, progress=None):
+    """Draws stage-1 samples for training.
+
+    Args:
+      sample_fn: `sample_fn(mel [2T, C], key) -> motion [T, D]` (e.g. a
+        `MotionPredictor.sample_motion` at the chosen temperature).
+      sequences: list of `(mel [2T, C], domain, num_samples)`.
+      seed: sample k of sequence s uses key `fold_in(fold_in(PRNGKey(seed), s), k)`.
+      progress: optional callable `progress(done, total)`.
+    Returns a SamplePool.
+    """
+    base = jax.random.PRNGKey(seed)
+    mels, seq_rows, motions, sample_rows = [], [], [], []
+    first = row = 0
+    total = sum(n for _, _, n in sequences)
+    done = 0
+    for s, (mel, domain, n) in enumerate(sequences):
+        mel = np.asarray(mel, np.float32)
+        if mel.ndim != 2 or len(mel) % 2 or not len(mel):
+            raise ShapeError(f"pool sequence {s}: features must be [2T, C], got {mel.shape}")
+        frames = len(mel) // 2
+        mels.append(mel)
+        seq_rows.append((first, frames, int(domain)))
+        key = jax.random.fold_in(base, s)
+        for k in range(int(n)):
+            m = np.asarray(sample_fn(mel, jax.random.fold_in(key, k)), np.float32)
+            if m.shape[0] != frames:
+                raise ShapeError(f"pool sequence {s}: sample has {m.shape[0]} frames, "
+                                 f"expected {frames}")
+            motions.append(m)
+            sample_rows.append((row, s))
+            row += frames
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        first += frames
+    return SamplePool(mel=np.concatenate(mels), sequences=np.asarray(seq_rows, np.int64),
+                      motion=np.concatenate(motions),
+                      samples=np.asarray(sample_rows, np.int64).reshape(-1, 2))
+
+
+def _crop(seq, window, rng, scale=1):
+    """(start, n) of a random `window`-frame crop of a sequence of len(seq) // scale."""
+    num = len(seq) // scale
+    start = int(rng.integers(0, num - window + 1)) if num > window else 0
+    return start, min(num, window)
+
+
+def make_batch_fn(pool: SamplePool, real_motion, *, batch_size, window, seed,
+                  person_fraction=0.25):
+    """`get_batch(step)` for `train_loop`: a pure function of (seed, step).
+
+    Each batch holds `batch_size` random `window`-frame crops of stage-1 samples
+    (`round(batch_size * person_fraction)` of them drawn on the person's audio when the
+    pool has any, the rest on corpus audio; samples are drawn with `epoch_indices`) and
+    `batch_size` crops of the person's real motion `real_motion` ([n, D] or a list of
+    such segments). Shorter sequences are padded and masked.
+    """
+    segments = [np.asarray(real_motion, np.float32)] if np.ndim(real_motion) == 2 \
+        else [np.asarray(r, np.float32) for r in real_motion]
+    if not segments or not sum(len(s) for s in segments):
+        raise ShapeError("make_batch_fn: no real frames of the target person")
+    corpus_ids, person_ids = pool.domain_samples(0), pool.domain_samples(1)
+    n_person = int(round(batch_size * person_fraction)) if len(person_ids) else 0
+    if not len(corpus_ids):
+        n_person = batch_size
+    n_corpus = batch_size - n_person
+    if (n_person and not len(person_ids)) or (n_corpus and not len(corpus_ids)):
+        raise ShapeError("make_batch_fn: the sample pool is empty")
+    d = pool.motion.shape[1]
+    c = pool.mel.shape[1]
+    seg_weights = np.array([len(s) for s in segments], np.float64)
+    seg_weights /= seg_weights.sum()
+
+    def get_batch(step):
+        rng = np.random.default_rng([seed, step, 17])
+        ids = []
+        if n_corpus:
+            ids += list(corpus_ids[epoch_indices(seed, step, len(corpus_ids), n_corpus)])
+        if n_person:
+            ids += list(person_ids[epoch_indices(seed + 1, step, len(person_ids), n_person)])
+        out = dict(motion=np.zeros((batch_size, window, d), np.float32),
+                   mel=np.zeros((batch_size, 2 * window, c), np.float32),
+                   mask=np.zeros((batch_size, window, 1), np.float32),
+                   real=np.zeros((batch_size, window, d), np.float32),
+                   real_mask=np.zeros((batch_size, window, 1), np.float32))
+        for slot, i in enumerate(ids):
+            motion, mel, _ = pool.sample(int(i))
+            start, n = _crop(motion, window, rng)
+            out["motion"][slot, :n] = motion[start:start + n]
+            out["mel"][slot, :2 * n] = mel[2 * start:2 * (start + n)]
+            out["mask"][slot, :n] = 1.0
+        for slot in range(batch_size):
+            seg = segments[int(rng.choice(len(segments), p=seg_weights))]
+            start, n = _crop(seg, window, rng)
+            out["real"][slot, :n] = seg[start:start + n]
+            out["real_mask"][slot, :n] = 1.0
+        return out
+
+    return get_batch
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def frechet_distance(a, b, eps=0.0):
+    """Fréchet distance between Gaussians fitted to the rows of `a` [N, F] and `b` [M, F]:
+    `|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`.
+
+    Computed in float64 with symmetric eigendecompositions (exact for the rank-deficient
+    covariances of landmark motion, where `sqrtm(S_a S_b)` is unstable); `eps` adds a
+    ridge to both covariances."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ShapeError(f"frechet_distance needs [N, F] and [M, F] with N, M >= 2, got "
+                         f"{a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a = np.cov(a, rowvar=False) + eps * np.eye(a.shape[1])
+    s_b = np.cov(b, rowvar=False) + eps * np.eye(a.shape[1])
+
+    def psd_sqrt(s):
+        w, v = np.linalg.eigh(0.5 * (s + s.T))
+        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+    root_a = psd_sqrt(s_a)
+    mid = root_a @ s_b @ root_a
+    w = np.linalg.eigvalsh(0.5 * (mid + mid.T))
+    cross = np.sqrt(np.clip(w, 0.0, None)).sum()
+    return float(np.sum(np.square(mu_a - mu_b)) + np.trace(s_a) + np.trace(s_b) - 2.0 * cross)
+
+
+# --------------------------------------------------------------------------- loading runs
+
+def load_postnet(workdir):
+    """(PostNetConfig, generator variables `{'params', 'batch_stats'}`, run config, std
+    [68, 3], identity [68, 3]) of a `train_postnet` run: landmarks of a refined sequence
+    are `refined * std + identity` (identity = the target person's mean landmarks)."""
+    from geneface_jax.train.audio2motion import _restore_variables, read_run_config
+    cfg = read_run_config(workdir, "postnet")
+    config = pn.PostNetConfig(**cfg["model"])
+    frozen = None
+    if cfg.get("syncnet_model"):
+        _, frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)
+    scale = (np.zeros(config.motion_dim, np.float32) if cfg.get("disc_view") == "landmarks"
+             else None)
+    _, _, state = create_postnet_state(config, PostNetOptimConfig(**cfg["optim"]), 0, frozen,
+                                       scale)
+    state = _restore_variables(workdir, state)
+    w = pathlib.Path(workdir)
+    arrays = {}
+    for name in ("landmark_std", "identity"):
+        path = w / f"{name}.npy"
+        if not path.is_file():
+            raise CheckpointError(f"{workdir}: missing {name}.npy")
+        arrays[name] = np.load(path)
+    return config, state.generator_variables(), cfg, arrays["landmark_std"], arrays["identity"]
+

@@ -1,0 +1,157 @@
+"""Stage 2 through its entry points on a tiny synthetic person and corpus: train_postnet
+builds its stage-1 pool and trains, eval_postnet writes the issue's figures, bad input
+gives one clear error, and (slow) an interrupted CLI run resumes exactly and the
+benchmark's smoke run agrees with PyTorch. The stage-1 and SyncNet runs are written
+directly (initial parameters, a checkpoint and config.json, as the trainers leave them):
+these tests check the plumbing; learning is checked in test_postnet.py and on the real
+runs."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from geneface_jax.data import batching
+from geneface_jax.data import format as fmt
+from geneface_jax.data.synthetic import world
+from geneface_jax.motion.syncnet import SyncNetConfig
+from geneface_jax.motion.vae import Audio2MotionConfig
+from geneface_jax.train import audio2motion as a2m
+from geneface_jax.train import postnet as tp
+from geneface_jax.train.checkpoint import Checkpointer
+from geneface_jax.train.metrics import write_json_atomic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(module, *args, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _save_run(workdir, state, cfg):
+    ck = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+    ck.save(0, state, force=True)
+    ck.close()
+    write_json_atomic(pathlib.Path(workdir) / "config.json", cfg)
+
+
+@pytest.fixture(scope="module")
+def world_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    arrays, meta = world.make_corpus(3, num_utterances=16, num_speakers=4, held_out_speakers=1,
+                                     seconds=(1.0, 2.0), progress=False)
+    corpus = fmt.write_corpus(root / "corpus", arrays, meta)
+    p_arrays, p_meta, wav = world.make_person(1, size=24, num_frames=80, progress=False)
+    person = fmt.write_person(root / "person", p_arrays, p_meta, wav)
+    # A SyncNet run and a stage-1 run at their initial parameters.
+    sc = SyncNetConfig(feature_dim=80, base=8, mouth_in=8, layers_per_block=2)
+    optim = a2m.OptimConfig(warmup_steps=10)
+    _, s_state = a2m.create_syncnet_state(sc, optim, 0)
+    _save_run(root / "sync", s_state, dict(stage="syncnet", model=dataclasses.asdict(sc),
+                                            optim=dataclasses.asdict(optim)))
+    mc = Audio2MotionConfig(feature_dim=80, hidden=16, latent=4, kernel_size=3, enc_layers=2,
+                            dec_layers=2, flow_hidden=8, flow_layers=2, num_flows=2,
+                            cond_dim=8)
+    _, v_state = a2m.create_vae_state(mc, optim, 0)
+    _save_run(root / "a2m", v_state, dict(stage="audio2motion", model=dataclasses.asdict(mc),
+                                          optim=dataclasses.asdict(optim), data=str(corpus),
+                                          syncnet=None, syncnet_model=None))
+    c = fmt.load_corpus(corpus)
+    np.save(root / "a2m" / "landmark_std.npy", batching.expression_std(c))
+    return root
+
+
+ARGS = ("--config=small", "--batch_size=8", "--window=16", "--samples_per_utterance=1",
+        "--person_samples=2", "--log_every=3", "--checkpoint_every=3", "--eval_samples=4")
+
+
+def _train(root, workdir, steps, *extra, check=True):
+    return _run("experiments.train_postnet", f"--data={root / 'person'}",
+                f"--audio2motion={root / 'a2m'}", f"--syncnet={root / 'sync'}",
+                f"--workdir={workdir}", f"--steps={steps}", *ARGS, *extra, check=check)
+
+
+@pytest.fixture(scope="module")
+def trained(world_dirs):
+    work = world_dirs / "postnet"
+    _train(world_dirs, work, 6)
+    return work
+
+
+def test_train_and_evaluate(world_dirs, trained, tmp_path):
+    m = json.loads((trained / "metrics.json").read_text())
+    print("train", m)
+    for key in ("train_g_adv", "train_g_sync", "train_g_mse", "train_d_loss", "pool_fd_before",
+                "pool_fd_after"):
+        assert np.isfinite(m[key]), key
+    n_train = len(fmt.load_corpus(world_dirs / "corpus").split("train"))
+    assert m["pool_samples"] == n_train + 2 and m["train_g_sync"] > 0
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["stage"] == "postnet" and cfg["corpus"] == str(world_dirs / "corpus")
+    # Identity = the person's mean train landmarks; units = the stage-1 run's std.
+    person = fmt.load_person(world_dirs / "person")
+    np.testing.assert_allclose(np.load(trained / "identity.npy"),
+                               np.asarray(person["landmarks"])[person.split("train")].mean(0),
+                               atol=1e-6)
+    config, g_vars, _, std, _ = tp.load_postnet(trained)
+    np.testing.assert_array_equal(std, np.load(world_dirs / "a2m" / "landmark_std.npy"))
+    assert config.hidden == 64 and "block3_1" in g_vars["params"]
+
+    ev = tmp_path / "eval"
+    _run("experiments.eval_postnet", f"--postnet={trained}", f"--workdir={ev}")
+    e = json.loads((ev / "metrics.json").read_text())
+    print("eval", {k: v for k, v in e.items() if k != "per_source"})
+    for key in ("fd_before", "fd_after", "fd_mouth_before", "fd_mouth_after", "sync_before",
+                "sync_after"):
+        assert np.isfinite(e[key]) and (e[key] >= 0 or key.startswith("sync")), key
+    assert e["per_source"]["corpus"]["sequences"] == 4      # the held-out speaker's
+    assert e["per_source"]["person"]["frames"] == 8          # the person's valid frames
+
+
+def test_bad_inputs_give_one_clear_error(world_dirs, trained, tmp_path):
+    clash = _train(world_dirs, trained, 6, "--window=20", check=False)
+    assert clash.returncode == 2 and "different configuration" in clash.stderr
+    p = _run("experiments.train_postnet", f"--data={world_dirs / 'person'}",
+             f"--audio2motion={world_dirs / 'sync'}", f"--workdir={tmp_path / 'w'}",
+             "--steps=1", check=False)
+    assert p.returncode == 2 and "expected 'audio2motion'" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = _run("experiments.train_postnet", f"--data={world_dirs / 'corpus'}",
+             f"--audio2motion={world_dirs / 'a2m'}", f"--workdir={tmp_path / 'w'}",
+             "--steps=1", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "corpus" in p.stderr
+    p = _run("experiments.eval_postnet", f"--postnet={world_dirs / 'a2m'}",
+             f"--workdir={tmp_path / 'e'}", check=False)
+    assert p.returncode == 2 and "expected 'postnet'" in p.stderr
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
+    part = tmp_path / "part"
+    _train(world_dirs, part, 3)
+    resumed = _train(world_dirs, part, 6)
+    assert "resumed from step 3" in resumed.stderr
+    a = jax.tree.leaves(tp.load_postnet(trained)[1])
+    b = jax.tree.leaves(tp.load_postnet(part)[1])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_bench_smoke():
+    proc = _run("experiments.bench.postnet", "--smoke")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["jax_steps_per_s"] > 0 and result["torch_steps_per_s"] > 0
+    assert result["first_step_rel_err"]["g_loss"] < 1e-4
