@@ -92,7 +92,11 @@ def figures(outputs, reference, oracles):
     out = dict(sync=float(np.average(corr, weights=weights)) if corr else float("nan"),
                frames=int(len(frames)), sequences=len(outputs))
     if len(frames) >= 2:
-        out["fd"] = frechet_distance(frames.reshape(len(frames), -1), ref.reshape(len(ref), -1))
+        x, r = frames.reshape(len(frames), -1), ref.reshape(len(ref), -1)
+        out["fd"] = frechet_distance(x, r)
+        # Diagnostics: the FD's mean term and the ratio of total variances.
+        out["fd_mean_term"] = float(np.sum(np.square(x.mean(0) - r.mean(0))))
+        out["var_ratio"] = float(x.var(0, ddof=1).sum() / max(r.var(0, ddof=1).sum(), 1e-30))
         out["fd_mouth"] = frechet_distance(frames[:, lm.MOUTH].reshape(len(frames), -1),
                                            ref[:, lm.MOUTH].reshape(len(ref), -1))
     return out
@@ -157,7 +161,10 @@ def main(argv):
     al = per_source["all"]
     out = dict(fd_before=al["fd_before"], fd_after=al["fd_after"],
                fd_mouth_before=al["fd_mouth_before"], fd_mouth_after=al["fd_mouth_after"],
-               sync_before=al["sync_before"], sync_after=al["sync_after"])
+               sync_before=al["sync_before"], sync_after=al["sync_after"],
+               fd_mean_term_before=al["fd_mean_term_before"],
+               fd_mean_term_after=al["fd_mean_term_after"],
+               var_ratio_before=al["var_ratio_before"], var_ratio_after=al["var_ratio_after"])
     out.update(fd_reduction=1.0 - out["fd_after"] / max(out["fd_before"], 1e-30),
                fd_mouth_reduction=1.0 - out["fd_mouth_after"] / max(out["fd_mouth_before"],
                                                                       1e-30),

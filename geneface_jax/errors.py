@@ -21,6 +21,11 @@ class ShapeError(GenefaceError, ValueError):
     """An array argument has the wrong rank, size or dtype."""
 
 
+class InputError(GenefaceError, ValueError):
+    """A numeric input has the right shape but invalid values: NaN or inf, a camera
+    rotation that is not orthonormal."""
+
+
 class CheckpointError(GenefaceError):
     """A checkpoint directory is missing, or holds a different config or stage."""
 

@@ -74,7 +74,7 @@ def test_config_paper_and_small():
     assert (p.smooth_window, p.smooth_warmup_steps) == (5, 200_000)
     assert (p.pos_dim, p.view_dim, p.pose_dim, p.torso_cond_dim) == (63, 27, 78, 158)
     s = F.NeRFConfig.small()
-    assert (s.width, s.depth, s.skip, s.num_coarse, s.num_fine) == (128, 6, 3, 32, 32)
+    assert (s.width, s.depth, s.skip, s.num_coarse, s.num_fine) == (128, 6, 3, 24, 24)
     with pytest.raises(ValueError):
         F.NeRFConfig(depth=4, skip=3)          # layer 4 does not exist
     with pytest.raises(ValueError):

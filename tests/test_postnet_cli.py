@@ -115,6 +115,10 @@ def test_train_and_evaluate(world_dirs, trained, tmp_path):
     for key in ("fd_before", "fd_after", "fd_mouth_before", "fd_mouth_after", "sync_before",
                 "sync_after"):
         assert np.isfinite(e[key]) and (e[key] >= 0 or key.startswith("sync")), key
+    # The diagnostics decompose the FD: mean term <= fd, variance ratio positive.
+    for tag in ("before", "after"):
+        assert 0 <= e[f"fd_mean_term_{tag}"] <= e[f"fd_{tag}"] + 1e-12
+        assert e[f"var_ratio_{tag}"] > 0
     assert e["per_source"]["corpus"]["sequences"] == 4      # the held-out speaker's
     assert e["per_source"]["person"]["frames"] == 8          # the person's valid frames
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geneface_jax.errors import ShapeError
+from geneface_jax.errors import InputError, ShapeError
 from geneface_jax.render import encodings, rays, sampling, sharded, volume
 from geneface_jax.train.parallel import make_mesh
 
@@ -87,6 +87,28 @@ def test_ray_shape_errors():
         rays.rays_for_pixels(np.eye(4), (1, 1, 1, 1), np.zeros(3, int), np.zeros(4, int))
     with pytest.raises(ShapeError, match="points"):
         rays.project_points(np.zeros((5, 2)), np.eye(4), (1, 1, 1, 1))
+    with pytest.raises(ShapeError, match="image size"):
+        rays.pixel_rays(np.eye(4), (1, 1, 1, 1), 0, 4)
+
+
+def test_bad_pose_values_are_refused():
+    scaled = np.eye(4, dtype=np.float32)
+    scaled[:3, :3] *= 1.1
+    with pytest.raises(InputError, match="orthonormal"):
+        rays.pixel_rays(scaled, (1, 1, 1, 1), 4, 4)
+    sheared = np.eye(4, dtype=np.float32)
+    sheared[0, 1] = 0.2
+    with pytest.raises(InputError, match="orthonormal"):
+        rays.rays_for_pixels(np.stack([np.eye(4), sheared]), (1, 1, 1, 1),
+                             np.zeros(2, int), np.zeros(2, int))
+    nan = np.eye(4, dtype=np.float32)
+    nan[0, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        rays.pixel_rays(nan, (1, 1, 1, 1), 4, 4)
+    # Rigid poses pass, also inside jit (traced poses are not inspected).
+    good = random_pose(np.random.default_rng(3))
+    rays.pixel_rays(good, (1, 1, 1, 1), 4, 4)
+    jax.jit(lambda p: rays.pixel_rays(p, (1.0, 1.0, 1.0, 1.0), 4, 4))(good)
 
 
 # --------------------------------------------------------------------------- sampler
@@ -272,6 +294,26 @@ def test_fine_samples_concentrate_on_a_weight_spike():
     fine = np.asarray(sampling.sample_pdf(mids, w2[:, 1:-1], 4000, key=jax.random.PRNGKey(6)))
     frac = ((fine >= mids[:, 9:10]) & (fine <= mids[:, 10:11])).mean()
     assert abs(frac - 0.75) < 0.02
+
+
+def test_fine_samples_follow_the_coarse_weights_ks():
+    """Random fine samples are distributed as the piecewise-constant pdf of the coarse
+    weights (plus its 1e-5 padding): one-sample KS test against the exact CDF."""
+    r, s, n = 16, 32, 256
+    t = np.asarray(sampling.stratified_samples(0.3, 0.9, s, num_rays=r))
+    mids = 0.5 * (t[:, 1:] + t[:, :-1])
+    rng = np.random.default_rng(8)
+    w = rng.gamma(0.5, size=(r, s)).astype(np.float32)                 # uneven weights
+    fine = np.asarray(sampling.sample_pdf(mids, w[:, 1:-1], n, key=jax.random.PRNGKey(9)))
+    for i in range(r):
+        p = w[i, 1:-1].astype(np.float64) + sampling.PDF_PADDING
+        cdf_edges = np.concatenate([[0.0], np.cumsum(p / p.sum())])
+        # exact CDF at each sample: linear inside its bin
+        x = np.sort(fine[i])
+        cdf = np.interp(x, mids[i], cdf_edges)
+        m = len(x)
+        ks = max(np.max(np.arange(1, m + 1) / m - cdf), np.max(cdf - np.arange(m) / m))
+        assert ks < 1.95 / math.sqrt(m), (i, ks)            # KS at p = 0.001 per ray
 
 
 def test_fine_samples_from_uniform_weights_are_uniform():

@@ -118,6 +118,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, corpus_dir, vae_dir):
     assert p.returncode == 2 and "no audio2motion run" in p.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_smoke():
     """The stage-1 benchmark runs (tiny sizes) and ends with its JSON line."""
     p = _run("experiments.bench.audio2motion", "--smoke")

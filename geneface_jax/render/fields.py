@@ -80,8 +80,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from geneface_jax.errors import ShapeError
+from geneface_jax.errors import InputError, ShapeError
 from geneface_jax.motion.wavenet import torch_default_bias_init, torch_default_kernel_init
 from geneface_jax.render import encodings, sampling, volume
 
@@ -163,9 +164,11 @@ class NeRFConfig:
     def small(cls) -> "NeRFConfig":
         """The CPU configuration: same encodings, condition and smoother as the paper;
         density MLP 128 wide with 6 layers and the skip after layer 3, colour head 64 wide
-        with 2 layers, 32 coarse + 32 fine samples, smoother on after 2000 steps."""
+        with 2 layers, 24 coarse + 24 fine samples (with the dataset's tight near/far; on
+        the synthetic person 24 + 24 learned as fast per step as 32 + 32), smoother on
+        after 1000 steps."""
         return cls(width=128, depth=6, skip=3, color_width=64, color_depth=2,
-                   num_coarse=32, num_fine=32, smooth_warmup_steps=2000)
+                   num_coarse=24, num_fine=24, smooth_warmup_steps=1000)
 
     @property
     def pos_dim(self) -> int:
@@ -268,13 +271,46 @@ def _leaky(x):
     return nn.leaky_relu(x, LEAKY_SLOPE)
 
 
+class PartsLinear(nn.Module):
+    """`Linear` on the concatenation of `parts` without materialising it: each part is
+    either per sample `[R, S, k]` or per ray `[R, k]` (constant along the samples, e.g. the
+    landmark condition or the view encoding), and a per-ray part is multiplied by its
+    kernel rows once per ray instead of once per sample. Same parameters (`kernel` [sum k,
+    features], `bias`) and, up to float reassociation, the same result as
+    `Linear(features)(concatenate(broadcast(parts)))`."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, parts):
+        sizes = [p.shape[-1] for p in parts]
+        fan_in = sum(sizes)
+        kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
+                            jnp.float32)
+        bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,),
+                          jnp.float32)
+        out_samples, out_rays, start = None, None, 0
+        for p, k in zip(parts, sizes):
+            y = jnp.matmul(p, kernel[start:start + k])
+            start += k
+            if p.ndim == 3:
+                out_samples = y if out_samples is None else out_samples + y
+            else:
+                out_rays = y if out_rays is None else out_rays + y
+        if out_rays is None:
+            return out_samples + bias
+        return out_samples + (out_rays + bias)[:, None, :]
+
+
 class NeRFMLP(nn.Module):
     """GeneFace's `NeRFBackbone` on encoded inputs (layout in the module doc).
 
     Call: `(pos_enc [R, S, P], cond [R, C], view_enc [R, V]) -> (raw_sigma [R, S],
     raw_rgb [R, S, 3])` before activations. Submodules: `density_linears_{0..depth-1}`
     (`density_linears_{skip+1}` takes width + P + C inputs), `density_out_linear`,
-    `color_linears_{0..color_depth-1}`, `color_out_linear`.
+    `color_linears_{0..color_depth-1}`, `color_out_linear`. The per-ray inputs (condition,
+    view encoding) go through `PartsLinear`, so their share of the first, skip and first
+    colour layers is computed once per ray (12 % fewer FLOPs in the small config).
     """
 
     config: NeRFConfig
@@ -282,18 +318,18 @@ class NeRFMLP(nn.Module):
     @nn.compact
     def __call__(self, pos_enc, cond, view_enc):
         cfg = self.config
-        r, s = pos_enc.shape[:2]
-        cond = jnp.broadcast_to(cond[:, None, :], (r, s, cond.shape[-1]))
-        inputs = jnp.concatenate([pos_enc, cond], axis=-1)
-        h = inputs
+        h = None
         for i in range(cfg.depth):
-            h = nn.relu(Linear(cfg.width, name=f"density_linears_{i}")(h))
-            if cfg.skip is not None and i == cfg.skip:
-                h = jnp.concatenate([inputs, h], axis=-1)
+            if i == 0:
+                parts = [pos_enc, cond]
+            elif cfg.skip is not None and i == cfg.skip + 1:
+                parts = [pos_enc, cond, h]            # GeneFace: cat([inputs, h])
+            else:
+                parts = [h]
+            h = nn.relu(PartsLinear(cfg.width, name=f"density_linears_{i}")(parts))
         raw_sigma = Linear(1, name="density_out_linear")(h)[..., 0]
-        view = jnp.broadcast_to(view_enc[:, None, :], (r, s, view_enc.shape[-1]))
-        g = jnp.concatenate([h, view], axis=-1)
-        for i in range(cfg.color_depth):
+        g = nn.relu(PartsLinear(cfg.color_width, name="color_linears_0")([h, view_enc]))
+        for i in range(1, cfg.color_depth):
             g = nn.relu(Linear(cfg.color_width, name=f"color_linears_{i}")(g))
         raw_rgb = Linear(3, name="color_out_linear")(g)
         return raw_sigma, raw_rgb
@@ -321,6 +357,10 @@ class LandmarkEncoder(nn.Module):
         if len(shape) < 2 or shape[-2:] != (NUM_LANDMARKS, 3):
             raise ShapeError(f"LandmarkEncoder: expected landmarks [..., {NUM_LANDMARKS}, 3], "
                              f"got shape {shape}")
+        # Host values only (NumPy, so nothing is staged inside a jit trace).
+        if not isinstance(landmarks, jax.core.Tracer) and not np.all(
+                np.isfinite(np.asarray(landmarks))):
+            raise InputError("LandmarkEncoder: the landmarks hold NaN or inf values")
         h = jnp.asarray(landmarks, jnp.float32).reshape(shape[:-2] + (NUM_LANDMARKS * 3,))
         for i, ch in enumerate(self.config.landmark_channels):
             h = _leaky(Linear(ch, name=f"encoder_conv_{i}")(h))
@@ -489,7 +529,7 @@ def composite_samples(sigma, rgb, t, dir_norm, background, *,
 
 def render_rays(coarse_fn: FieldFn, fine_fn: Optional[FieldFn], origins, directions,
                 background, *, near, far, num_coarse: int, num_fine: int, key=None,
-                last_sample_background: bool = True) -> RenderResult:
+                noise=None, last_sample_background: bool = True) -> RenderResult:
     """Coarse -> hierarchical fine volume rendering of R rays.
 
     Args:
@@ -504,6 +544,9 @@ def render_rays(coarse_fn: FieldFn, fine_fn: Optional[FieldFn], origins, directi
         num_coarse + num_fine points (the sorted union, as in NeRF/GeneFace).
       key: PRNG key for stratified jitter and random pdf samples (training); None =
         deterministic (evaluation).
+      noise: explicit uniforms `(u_coarse [R, num_coarse], u_fine [R, num_fine])` used
+        instead of `key` (a data-parallel step draws them over the global batch, so the
+        render does not depend on the device count).
       last_sample_background: GeneFace's background handling (module doc).
 
     Returns:
@@ -521,6 +564,7 @@ def render_rays(coarse_fn: FieldFn, fine_fn: Optional[FieldFn], origins, directi
     dir_norm = jnp.linalg.norm(directions, axis=-1)
     view_dirs = directions / jnp.maximum(dir_norm, 1e-12)[:, None]
     k_coarse, k_fine = (None, None) if key is None else tuple(jax.random.split(key))
+    u_coarse, u_fine = (None, None) if noise is None else noise
 
     def run(field_fn, t):
         points = origins[:, None, :] + directions[:, None, :] * t[..., None]
@@ -528,11 +572,13 @@ def render_rays(coarse_fn: FieldFn, fine_fn: Optional[FieldFn], origins, directi
         return composite_samples(sigma, rgb, t, dir_norm, background,
                                  last_sample_background=last_sample_background)
 
-    t_coarse = sampling.stratified_samples(near, far, num_coarse, key=k_coarse, num_rays=r)
+    t_coarse = sampling.stratified_samples(near, far, num_coarse, key=k_coarse, num_rays=r,
+                                           u=u_coarse)
     coarse = run(coarse_fn, t_coarse)
     fine = None
     if num_fine > 0:
-        t_fine = sampling.hierarchical_samples(t_coarse, coarse.weights, num_fine, key=k_fine)
+        t_fine = sampling.hierarchical_samples(t_coarse, coarse.weights, num_fine, key=k_fine,
+                                               u=u_fine)
         fine = run(fine_fn, t_fine)
     return RenderResult(coarse=coarse, fine=fine)
 
@@ -572,7 +618,7 @@ class HeadNeRF(nn.Module):
     Methods (use with `module.apply(variables, ..., method=...)`):
       condition(landmark_windows [B, W, 68, 3], smooth) -> cond [B, cond_dim]
       render(origins [R, 3], directions [R, 3], cond [R, C] or [C], background [R, 3] or
-        [3], *, key=None, near=None, far=None) -> RenderResult
+        [3], *, key=None, near=None, far=None, noise=None) -> RenderResult
       __call__(origins, directions, landmark_window [W, 68, 3], background, *,
         smooth=True, key=None, near=None, far=None) -> RenderResult
         (one frame: condition then render; initialises every parameter).
@@ -596,13 +642,14 @@ class HeadNeRF(nn.Module):
                              f"[B, {w}, {NUM_LANDMARKS}, 3], got {shape}")
         return self.smoother(self.landmark_encoder(landmark_windows), smooth)
 
-    def render(self, origins, directions, cond, background, *, key=None, near=None, far=None):
+    def render(self, origins, directions, cond, background, *, key=None, near=None, far=None,
+               noise=None):
         cfg = self.config
         return render_rays(
             lambda x, d: self.coarse(x, d, cond), lambda x, d: self.fine(x, d, cond),
             origins, directions, background,
             near=cfg.near if near is None else near, far=cfg.far if far is None else far,
-            num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, key=key,
+            num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, key=key, noise=noise,
             last_sample_background=cfg.last_sample_background)
 
     def __call__(self, origins, directions, landmark_window, background, *, smooth=True,
@@ -620,14 +667,15 @@ class TorsoNeRF(nn.Module):
 
     Call: `(origins [R, 3], directions [R, 3] (rays of the FIRST frame's camera), cond
     [R, C] or [C], head_pose [R, 6] or [6], background [R, 3] or [3], head_rgb [R, 3] or
-    None, *, key=None, near=None, far=None) -> RenderResult`. Params: coarse, fine.
+    None, *, key=None, near=None, far=None, noise=None) -> RenderResult`. Params: coarse,
+    fine. (`noise`: see `render_rays`.)
     """
 
     config: NeRFConfig
 
     @nn.compact
     def __call__(self, origins, directions, cond, head_pose, background, head_rgb=None, *,
-                 key=None, near=None, far=None):
+                 key=None, near=None, far=None, noise=None):
         cfg = self.config
         coarse = TorsoField(cfg, name="coarse")
         fine = TorsoField(cfg, name="fine")
@@ -636,7 +684,7 @@ class TorsoNeRF(nn.Module):
             lambda x, d: fine(x, d, cond, head_pose, head_rgb),
             origins, directions, background,
             near=cfg.near if near is None else near, far=cfg.far if far is None else far,
-            num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, key=key,
+            num_coarse=cfg.num_coarse, num_fine=cfg.num_fine, key=key, noise=noise,
             last_sample_background=cfg.last_sample_background)
 
 

@@ -23,9 +23,10 @@ Shapes: origins and directions are float32 `[..., 3]` in world units; rows/cols 
 from typing import Any, Sequence, Tuple, Union
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
-from geneface_jax.errors import ShapeError
+from geneface_jax.errors import InputError, ShapeError
 
 Array = Any
 Intrinsics = Union[Array, Sequence[float]]
@@ -33,11 +34,28 @@ Intrinsics = Union[Array, Sequence[float]]
 
 # --------------------------------------------------------------------------- checks
 
+ORTHONORMAL_TOL = 1e-3
+
+
 def _as_pose(pose, what: str):
+    """A `[..., 4, 4]` camera-to-world pose. Concrete (non-traced) poses are also checked
+    for finite values and an orthonormal rotation (`|R^T R - I| <= 1e-3`): a scaled or
+    sheared matrix would silently stretch every ray."""
+    concrete = not isinstance(pose, jax.core.Tracer)
     pose = jnp.asarray(pose, jnp.float32)
     if pose.ndim < 2 or pose.shape[-2:] != (4, 4):
         raise ShapeError(f"{what}: expected a camera-to-world pose [..., 4, 4], "
                          f"got shape {tuple(pose.shape)}")
+    if concrete and pose.size:
+        p = np.asarray(pose, np.float64)
+        if not np.all(np.isfinite(p)):
+            raise InputError(f"{what}: the pose holds NaN or inf values")
+        rot = p[..., :3, :3]
+        err = np.abs(np.swapaxes(rot, -1, -2) @ rot - np.eye(3)).max()
+        if err > ORTHONORMAL_TOL:
+            raise InputError(f"{what}: the rotation part of the pose is not orthonormal "
+                             f"(max |R^T R - I| = {err:.3g}); camera-to-world poses must "
+                             "be rigid")
     return pose
 
 

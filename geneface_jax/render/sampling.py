@@ -47,8 +47,16 @@ def _bounds(near, far, num_rays: Optional[int]):
     return jnp.broadcast_to(near, (r,)), jnp.broadcast_to(far, (r,))
 
 
+def _explicit_uniform(u, r, n, what):
+    u = jnp.asarray(u, jnp.float32)
+    if u.shape != (r, n):
+        raise ShapeError(f"{what}: explicit uniforms u must be [R, S] = [{r}, {n}], got "
+                         f"{tuple(u.shape)}")
+    return u
+
+
 def stratified_samples(near, far, num_samples: int, *, key=None,
-                       num_rays: Optional[int] = None) -> Array:
+                       num_rays: Optional[int] = None, u=None) -> Array:
     """Stratified sample positions `[R, num_samples]` between `near` and `far`.
 
     Args:
@@ -56,13 +64,18 @@ def stratified_samples(near, far, num_samples: int, *, key=None,
       num_samples: S, samples per ray (static).
       key: PRNG key for training jitter (uniform within each bin); None = bin midpoints.
       num_rays: R when it cannot be read from `near`/`far`.
+      u: explicit jitter `[R, num_samples]` in [0, 1) instead of drawing it from `key`
+        (a data-parallel step draws it over the global batch so that the result does not
+        depend on the device count).
     """
     num_samples = int(num_samples)
     if num_samples <= 0:
         raise ShapeError(f"stratified_samples: num_samples must be positive, got {num_samples}")
     near, far = _bounds(near, far, num_rays)
     r = near.shape[0]
-    if key is None:
+    if u is not None:
+        offsets = _explicit_uniform(u, r, num_samples, "stratified_samples")
+    elif key is None:
         offsets = jnp.full((r, num_samples), 0.5, jnp.float32)
     else:
         offsets = jax.random.uniform(key, (r, num_samples), jnp.float32)
@@ -70,7 +83,7 @@ def stratified_samples(near, far, num_samples: int, *, key=None,
     return near[:, None] + (far - near)[:, None] * frac
 
 
-def sample_pdf(bins, weights, num_samples: int, *, key=None) -> Array:
+def sample_pdf(bins, weights, num_samples: int, *, key=None, u=None) -> Array:
     """Inverse-CDF samples `[R, num_samples]` from piecewise-constant pdfs.
 
     Args:
@@ -79,6 +92,7 @@ def sample_pdf(bins, weights, num_samples: int, *, key=None) -> Array:
         all-zero weights give a uniform pdf).
       num_samples: N (static).
       key: PRNG key for `u ~ U[0, 1)`; None = deterministic `u = linspace(0, 1, N)`.
+      u: explicit `[R, N]` uniforms (overrides `key`).
 
     Returns unsorted samples for random `u`, increasing ones for deterministic `u`. Not
     differentiable through bins/weights by intent: callers stop gradients.
@@ -94,7 +108,9 @@ def sample_pdf(bins, weights, num_samples: int, *, key=None) -> Array:
     w = weights + PDF_PADDING
     pdf = w / jnp.sum(w, axis=-1, keepdims=True)
     cdf = jnp.concatenate([jnp.zeros((r, 1), jnp.float32), jnp.cumsum(pdf, axis=-1)], axis=-1)
-    if key is None:
+    if u is not None:
+        u = _explicit_uniform(u, r, num_samples, "sample_pdf")
+    elif key is None:
         u = jnp.broadcast_to(jnp.linspace(0.0, 1.0, num_samples, dtype=jnp.float32),
                              (r, num_samples))
     else:
@@ -113,7 +129,7 @@ def sample_pdf(bins, weights, num_samples: int, *, key=None) -> Array:
     return bin_lo + frac * (bin_hi - bin_lo)
 
 
-def hierarchical_samples(t_coarse, weights, num_fine: int, *, key=None) -> Array:
+def hierarchical_samples(t_coarse, weights, num_fine: int, *, key=None, u=None) -> Array:
     """NeRF's fine sampling: sorted union `[R, S + num_fine]` of coarse and fine positions.
 
     Args:
@@ -121,6 +137,7 @@ def hierarchical_samples(t_coarse, weights, num_fine: int, *, key=None) -> Array
       weights: coarse compositing weights `[R, S]` (from `volume.composite`).
       num_fine: fine samples per ray (static).
       key: PRNG key (training); None = deterministic (evaluation).
+      u: explicit `[R, num_fine]` uniforms (overrides `key`).
 
     The fine pdf lives on the bins between midpoints of consecutive coarse samples and uses
     the interior weights `weights[:, 1:-1]`; gradients do not flow into the samples.
@@ -133,6 +150,6 @@ def hierarchical_samples(t_coarse, weights, num_fine: int, *, key=None) -> Array
                          f"{tuple(weights.shape)}")
     mids = 0.5 * (t_coarse[:, 1:] + t_coarse[:, :-1])                      # [R, S-1]
     fine = sample_pdf(jax.lax.stop_gradient(mids), jax.lax.stop_gradient(weights[:, 1:-1]),
-                      num_fine, key=key)
+                      num_fine, key=key, u=u)
     fine = jax.lax.stop_gradient(fine)
     return jnp.sort(jnp.concatenate([t_coarse, fine], axis=-1), axis=-1)

@@ -41,7 +41,7 @@ def step_key(state, step):
 
 def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_every=50,
                checkpoint_every=500, max_to_keep=3, extra=None, eval_fn=None, eval_every=0,
-               progress=True, name=""):
+               progress=True, name="", replicated=()):
     """Runs (or resumes) training to `num_steps` steps.
 
     Args:
@@ -57,6 +57,7 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
       extra: JSON-able dict saved with every checkpoint (e.g. the config); a resume whose
         `extra` differs from the saved one raises CheckpointError.
       eval_fn: optional `eval_fn(state, step) -> dict` run every `eval_every` steps.
+      replicated: top-level batch entries every device sees whole (`parallel.shard_batch`).
     Returns:
       (final state, last logged metrics as floats).
     """
@@ -77,13 +78,13 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
             print(f"{name}resumed from step {int(state.step)} ({ckpt.directory})",
                   file=sys.stderr, flush=True)
     step = int(state.step)
-    run_step = parallel.data_parallel(step_fn, mesh)
+    run_step = parallel.data_parallel(step_fn, mesh, replicated=replicated)
     writer = metrics_lib.MetricsWriter(workdir)
     prog = metrics_lib.Progress(num_steps, start_step=step, name=name)
     last = {}
     try:
         while step < num_steps:
-            batch = parallel.shard_batch(get_batch(step), mesh)
+            batch = parallel.shard_batch(get_batch(step), mesh, replicated)
             state, metrics = run_step(state, batch, step_key(state, step))
             step += 1
             if step % log_every == 0 or step == num_steps:

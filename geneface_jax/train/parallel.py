@@ -65,14 +65,40 @@ def global_normal(key, local_shape, dtype=jnp.float32):
     return jax.lax.dynamic_slice_in_dim(full, start, b, axis=0)
 
 
-def shard_batch(batch, mesh):
-    """Puts a host batch (pytree, leading axis = global batch) sharded over `data`."""
+def global_uniform(key, local_shape, dtype=jnp.float32):
+    """Like `global_normal`, for U[0, 1): this device's rows of one draw over the global
+    batch (e.g. per-ray sample jitter, the same on 1 and N devices)."""
+    n = jax.lax.axis_size(DATA_AXIS)
+    b = local_shape[0]
+    full = jax.random.uniform(key, (b * n,) + tuple(local_shape[1:]), dtype)
+    start = jax.lax.axis_index(DATA_AXIS) * b
+    return jax.lax.dynamic_slice_in_dim(full, start, b, axis=0)
+
+
+def _batch_spec(batch, replicated):
+    """PartitionSpecs of a batch: P(data) per leaf, P() for the top-level dict entries
+    named in `replicated` (per-step context every device needs whole)."""
+    if not replicated:
+        return P(DATA_AXIS)
+    if not isinstance(batch, dict) or not set(replicated) <= set(batch):
+        raise ShapeError(f"replicated batch entries {sorted(replicated)} must be keys of a "
+                         f"dict batch")
+    return {k: (P() if k in replicated else P(DATA_AXIS)) for k in batch}
+
+
+def shard_batch(batch, mesh, replicated=()):
+    """Puts a host batch (pytree, leading axis = global batch) sharded over `data`;
+    top-level dict entries named in `replicated` go whole to every device."""
     n = mesh.shape[DATA_AXIS]
-    for leaf in jax.tree.leaves(batch):
+    sharded = {k: v for k, v in batch.items() if k not in replicated} if replicated else batch
+    for leaf in jax.tree.leaves(sharded):
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n:
             raise ShapeError(f"global batch of shape {np.shape(leaf)} cannot be split over "
                              f"{n} devices: its leading size must be a multiple of {n}")
-    return jax.device_put(batch, NamedSharding(mesh, P(DATA_AXIS)))
+    spec = _batch_spec(batch, replicated)
+    if not replicated:
+        return jax.device_put(batch, NamedSharding(mesh, spec))
+    return {k: jax.device_put(v, NamedSharding(mesh, spec[k])) for k, v in batch.items()}
 
 
 def replicate(tree, mesh):
@@ -80,12 +106,21 @@ def replicate(tree, mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def data_parallel(step_fn, mesh, *, donate_state=True):
+def data_parallel(step_fn, mesh, *, donate_state=True, replicated=()):
     """Wraps `step_fn(state, batch, rng) -> (state, metrics)` for the mesh.
 
     Returns a jitted function of the same signature taking a replicated state and rng and
-    a batch sharded with `shard_batch` (host arrays are sharded automatically).
+    a batch sharded with `shard_batch` (host arrays are sharded automatically). With
+    `replicated`, the batch must be a dict and those entries are seen whole by every
+    device (e.g. the per-frame context of a ray batch).
     """
-    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                           out_specs=(P(), P()))
+    if replicated:
+        def mapped(state, batch, rng):
+            f = jax.shard_map(step_fn, mesh=mesh,
+                              in_specs=(P(), _batch_spec(batch, replicated), P()),
+                              out_specs=(P(), P()))
+            return f(state, batch, rng)
+    else:
+        mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                               out_specs=(P(), P()))
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())

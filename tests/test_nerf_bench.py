@@ -1,0 +1,33 @@
+"""The stage-3 benchmark (head NeRF training step and full-frame render, JAX vs PyTorch)
+runs at tiny sizes, passes its start-up equivalence check and ends with its JSON line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_nerf_benchmark_smoke():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.nerf", "--smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("jax_rays_per_s", "torch_rays_per_s", "jax_render_rays_per_s",
+                "torch_render_rays_per_s"):
+        assert out[key] > 0, key
+    # rates (1 decimal) and ratios (3 decimals) are rounded separately in the JSON line
+    assert out["speedup"] == pytest.approx(out["jax_rays_per_s"] / out["torch_rays_per_s"],
+                                           rel=5e-3, abs=2e-3)
+    assert out["render_speedup"] == pytest.approx(
+        out["jax_render_rays_per_s"] / out["torch_render_rays_per_s"], rel=5e-3, abs=2e-3)
+    # the two sides did the same work: same colours for the same rays and jitter
+    assert 0.0 <= out["equivalence_max_abs_err"] <= 1e-4
+    assert 0.0 <= out["render_max_abs_err"] <= 1e-4
+    assert out["config"] == "small" and out["rays"] > 0 and out["threads"] >= 1
