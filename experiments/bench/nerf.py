@@ -590,6 +590,15 @@ def mlp_macs_per_sample(cfg):
     return macs + 3 * cin
 
 
+def per_ray_macs(cfg):
+    """The part of `mlp_macs_per_sample` that multiplies per-ray inputs (the landmark
+    condition in the first and skip layers, the view encoding in the first colour
+    layer): the library's `fields.PartsLinear` computes it once per ray and pass, the
+    PyTorch side (concatenation, as GeneFace) once per sample."""
+    macs = cfg.cond_dim * cfg.width * (2 if cfg.skip is not None else 1)
+    return macs + cfg.view_dim * cfg.color_width
+
+
 def xla_flops(compiled):
     """FLOPs of a compiled XLA executable from its cost analysis (None if unavailable)."""
     try:
@@ -805,21 +814,29 @@ def main(argv):
     # ---- profile
     profile = {}
     if do_profile:
-        samples = rays_per_step * (2 * cfg.num_coarse + cfg.num_fine)
-        mlp_flops = 3 * 2 * samples * mlp_macs_per_sample(cfg)   # fwd + 2 matmuls in bwd
+        per_ray_evals = 2 * cfg.num_coarse + cfg.num_fine
+        samples = rays_per_step * per_ray_evals
+        # fwd + 2 matmuls in bwd. PyTorch multiplies the per-ray inputs per sample; the
+        # JAX side once per ray and pass (2 passes: coarse, fine).
+        mlp_flops = 3 * 2 * samples * mlp_macs_per_sample(cfg)
+        jax_mlp_flops = 3 * 2 * (samples * (mlp_macs_per_sample(cfg) - per_ray_macs(cfg))
+                                 + rays_per_step * 2 * per_ray_macs(cfg))
         step_flops = xla_flops(jax_step)
-        render_flops = 2 * frame_rays * (2 * cfg.num_coarse + cfg.num_fine) * \
-            mlp_macs_per_sample(cfg)
+        render_flops = 2 * frame_rays * per_ray_evals * mlp_macs_per_sample(cfg)
+        jax_render_flops = 2 * frame_rays * (per_ray_evals * (mlp_macs_per_sample(cfg)
+                                                              - per_ray_macs(cfg))
+                                             + 2 * per_ray_macs(cfg))
         top, matmul_share = torch_top_ops(eager)
         profile = {
             "field_evaluations_per_step": samples,
             "mlp_matmul_flops_per_step": mlp_flops,
+            "jax_mlp_matmul_flops_per_step": jax_mlp_flops,
             "xla_flops_per_step": step_flops,
-            "mlp_share_of_xla_flops": (round(mlp_flops / step_flops, 3) if step_flops
+            "mlp_share_of_xla_flops": (round(jax_mlp_flops / step_flops, 3) if step_flops
                                        else None),
-            "jax_mlp_gflops": round(mlp_flops / med["jax"] / 1e9, 2),
+            "jax_mlp_gflops": round(jax_mlp_flops / med["jax"] / 1e9, 2),
             f"{ref}_mlp_gflops": round(mlp_flops / med[ref] / 1e9, 2),
-            "jax_render_mlp_gflops": round(render_flops / r_med["jax"] / 1e9, 2),
+            "jax_render_mlp_gflops": round(jax_render_flops / r_med["jax"] / 1e9, 2),
             f"{r_ref}_render_mlp_gflops": round(render_flops / r_med[r_ref] / 1e9, 2),
             "torch_eager_matmul_share": matmul_share,
             "torch_eager_top_ops": top,
