@@ -381,10 +381,14 @@ def _frozen_head(head, head_params, frames, rays, k, background, noise, smooth):
 class FrameRenderer:
     """Renders whole frames with trained head (and torso) variables over every device.
 
-    `render(pose [4, 4], window [W, 68, 3] normalised, torso_pose [4, 4] or None)` ->
-    dict of float32 numpy arrays: `rgb [H, W, 3]` (the composited frame, or the head over
-    the background without a torso), `head_rgb`, `head_acc [H, W]`, and with a torso
-    `torso_acc`. Rays are split over the mesh and chunked (`sharded.render_image`).
+    `render(pose [4, 4], window [W, 68, 3] normalised, torso_pose [4, 4] or None,
+    pixels=None)` -> dict of float32 numpy arrays: `rgb [H, W, 3]` (the composited frame,
+    or the head over the background without a torso), `head_rgb`, `head_acc [H, W]`, and
+    with a torso `torso_acc`. Rays are split over the mesh and chunked
+    (`sharded.render_image`). `pixels` (flat indices `row * W + col`) renders only those
+    pixels: the others get the static background colour and zero opacity (what an empty
+    ray returns), so a region that holds every pixel the person can cover renders the
+    same frame for less work.
     `smooth`: use the attention smoother (only if the head run trained it,
     `head_smooth_enabled`); otherwise the window's centre frame conditions the head.
     """
@@ -408,13 +412,19 @@ class FrameRenderer:
     def condition(self, windows):
         return np.asarray(self._cond(self.head_vars["params"], jnp.asarray(windows)))
 
-    def render(self, pose, window, torso_pose=None, cond=None):
+    def render(self, pose, window, torso_pose=None, cond=None, pixels=None):
         h, w = self.height, self.width
         if cond is None:
             cond = self.condition(np.asarray(window)[None])[0]
+        sel = slice(None) if pixels is None else np.asarray(pixels, np.int64)
+        if pixels is not None and (sel.ndim != 1 or not len(sel) or sel.min() < 0
+                                   or sel.max() >= h * w):
+            raise ShapeError(f"FrameRenderer.render: pixels must be a non-empty 1-D array of "
+                             f"flat indices in [0, {h * w})")
         o, d = rays_lib.pixel_rays(jnp.asarray(pose), self.intrinsics, h, w)
-        rays = {"origins": o.reshape(-1, 3), "directions": d.reshape(-1, 3),
-                "background": self.background.reshape(-1, 3)}
+        o, d = np.asarray(o).reshape(-1, 3)[sel], np.asarray(d).reshape(-1, 3)[sel]
+        rays = {"origins": o, "directions": d,
+                "background": self.background.reshape(-1, 3)[sel]}
         if self.torso is None:
             params = {"head": self.head_vars["params"], "cond": jnp.asarray(cond)}
             out = sharded.render_image(self._head_fn, rays, params=params, mesh=self.mesh,
@@ -423,15 +433,23 @@ class FrameRenderer:
             if torso_pose is None:
                 raise ValueError("FrameRenderer.render: a torso model needs torso_pose")
             to, td = rays_lib.pixel_rays(jnp.asarray(torso_pose), self.intrinsics, h, w)
-            rays["torso_origins"] = to.reshape(-1, 3)
-            rays["torso_directions"] = td.reshape(-1, 3)
+            rays["torso_origins"] = np.asarray(to).reshape(-1, 3)[sel]
+            rays["torso_directions"] = np.asarray(td).reshape(-1, 3)[sel]
             params = {"head": self.head_vars["params"], "torso": self.torso_vars["params"],
                       "cond": jnp.asarray(cond),
                       "pose": fields.head_pose_vector(jnp.asarray(pose))}
             out = sharded.render_image(self._full_fn, rays, params=params, mesh=self.mesh,
                                        chunk=self.chunk)
         out = jax.device_get(out)
-        res = {k: np.asarray(v).reshape((h, w) + np.shape(v)[1:]) for k, v in out.items()}
+        if pixels is None:
+            return {k: np.asarray(v).reshape((h, w) + np.shape(v)[1:]) for k, v in out.items()}
+        res = {}
+        for k, v in out.items():
+            v = np.asarray(v)
+            full = (self.background.reshape(-1, 3).copy() if k in ("rgb", "head_rgb")
+                    else np.zeros((h * w,) + v.shape[1:], v.dtype))
+            full[sel] = v
+            res[k] = full.reshape((h, w) + v.shape[1:])
         return res
 
 

@@ -133,6 +133,25 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     return arrays, meta, wav
 
 
+def person_oracle(seed, wav):
+    """Ground truth of the target person of `make_person(seed)` saying `wav`.
+
+    What the synthetic person would do for any 16 kHz mono audio `wav [n]` (eyes open):
+    the articulation oracle with the person's style on its face shape. Used to score
+    generated videos (`experiments.demo`).
+
+    Returns:
+      dict: `landmarks` float32 `[N, 68, 3]` (head space), `open`, `width`, `activity`
+      `[N]` (N = num_video_frames(n)).
+    """
+    shape = face_lib.sample_face_shape(_streams(seed, 1, 5)[0])
+    wav = feat.pad_or_trim(np.asarray(wav, np.float32))
+    num = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
+    _, cues, artic = _articulation(wav, TARGET_STYLE, np.zeros(num, np.float32))
+    return dict(landmarks=face_lib.landmarks_3d(shape, artic), open=artic["open"],
+                width=artic["width"], activity=cues["activity"])
+
+
 def make_corpus(seed, *, num_utterances=200, num_speakers=20, held_out_speakers=3,
                 seconds=(2.0, 5.0), valid_fraction=0.1, speech_dir=None, progress=True):
     """Generates a multi-speaker audio->motion corpus.

@@ -1,0 +1,78 @@
+r"""Speech audio -> talking-face mp4 with trained checkpoints.
+
+  python -m experiments.synthesize --audio=speech.wav --checkpoints=demo_out/checkpoints \
+      --out=out.mp4 [--temperature=1.0] [--seed=0] [--pose_mode=loop|mirror]
+
+`--checkpoints` is a directory with the stage runs `audio2motion/`, `postnet/`, `head/`,
+`torso/` (optional) and `reference.npz`, as `experiments.demo` writes it
+(`geneface_jax.pipeline` documents the layout). Any audio librosa can read (WAV, FLAC,
+MP3, OGG; any rate, mono or stereo). The video has round(duration x 25) frames at 25 fps,
+the audio muxed in; head pose and blinks follow the person's reference video. A progress
+line shows frames/s and the ETA. With `--landmarks`, the predicted landmarks (stage 1,
+post-net, rendered) go to an `.npz` beside the video.
+
+Bad input (not audio, empty, missing files, checkpoints of another stage or that do not
+belong together, an unwritable output) prints one `error:` line and exits with status 2;
+no output file is left behind.
+"""
+
+import json
+import pathlib
+
+from absl import flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("audio", None, "Input audio file.")
+flags.DEFINE_string("checkpoints", None, "Directory of the trained stage runs.")
+flags.DEFINE_string("out", None, "Output mp4 path.")
+flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature (0: mode path).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("pose_mode", "loop", ["loop", "mirror"],
+                  "How the reference pose/blink track covers longer audio.")
+flags.DEFINE_float("silence_db", -50.0, "dBFS below which the mouth is closed.")
+flags.DEFINE_integer("frames_per_chunk", 25, "Frames rendered and encoded per chunk.")
+flags.DEFINE_integer("chunk", 4096, "Rays per device evaluated at once.")
+flags.DEFINE_bool("full_frame", False, "Ray-trace every pixel (default: only the region "
+                  "the person covers in their video; the rest is the static background).")
+flags.DEFINE_integer("max_frames", 0, "Render only the first N frames (0: all).")
+flags.DEFINE_integer("crf", 18, "H.264 constant rate factor.")
+flags.DEFINE_string("hubert_checkpoint", None, "HuBERT checkpoint directory, when stage 1 "
+                    "was trained on HuBERT features.")
+flags.DEFINE_bool("landmarks", False, "Also write OUT.landmarks.npz.")
+
+
+def main(argv):
+    del argv
+    common.require("audio", "checkpoints", "out")
+    import numpy as np
+
+    from geneface_jax import pipeline as pl
+    from geneface_jax.audio import io as audio_io
+    from geneface_jax.errors import VideoError
+
+    out = pathlib.Path(FLAGS.out)
+    if not out.parent.is_dir():
+        raise VideoError(f"{out}: its directory {out.parent} does not exist")
+    audio_io.load_audio(FLAGS.audio)              # refuse bad audio before loading models
+    options = pl.SynthesisOptions(
+        temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
+        silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,
+        render_chunk=FLAGS.chunk, full_frame=FLAGS.full_frame, max_frames=FLAGS.max_frames,
+        crf=FLAGS.crf)
+    pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints,
+                                       hubert_checkpoint=FLAGS.hubert_checkpoint)
+    res = pipe.synthesize(FLAGS.audio, out, options)
+    if FLAGS.landmarks:
+        np.savez_compressed(out.with_suffix(".landmarks.npz"),
+                            **{k: res[k] for k in ("landmarks", "stage1", "postnet",
+                                                   "silence", "track")})
+    print(json.dumps({"out": str(out), "frames": res["frames"],
+                      "seconds": round(res["seconds"], 3),
+                      "render_fps": round(res["render_fps"], 3),
+                      "minutes": round(res["minutes"], 3)}))
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,511 @@
+"""Audio file -> talking-face mp4: GeneFace's three stages end to end.
+
+    pipe = TalkingFacePipeline.load("demo_out/checkpoints")
+    summary = pipe.synthesize("speech.wav", "out.mp4", SynthesisOptions(temperature=1.0))
+
+Stages, per video frame t (25 fps; the audio rule of `geneface_jax.audio.features`: a clip
+of n samples at 16 kHz gives N = round(n / 640) frames):
+
+1. features `[2N, C]` at 50 Hz (log-mel, or HuBERT when stage 1 was trained on it) ->
+   stage-1 sample (VAE prior at `temperature`, chunked: `motion.predict.MotionPredictor`)
+   -> normalised identity-free motion `[N, 204]`;
+2. post-net (`motion.postnet.refine_motion`, EMA generator, BatchNorm frozen) ->
+   landmarks `[N, 68, 3]` = refined x std + the person's identity (mean landmarks);
+3. eyes and pose from a *reference track* of the person's own video: frame t uses
+   reference frame `track_indices(N, L, mode)[t]` (`loop` 0, 1, .., L-1, 0, 1, ..; `mirror`
+   0, .., L-1, L-2, .., 1, 0, 1, ..): its camera-to-world pose and its eye landmarks
+   (points 36-47, so blinks follow the real video, as in GeneFace);
+4. silence closes the mouth: where the audio stays below `silence_db` dBFS for a whole
+   5-frame window, the mouth points (48-67) take the person's rest mouth (its most closed
+   reference frame), cross-faded over 3 frames;
+5. head NeRF over the head-aware torso NeRF over the static background, rendered frame by
+   frame (`train.nerf.FrameRenderer`, rays split over every device) and streamed into an
+   H.264 mp4 (`data.video.VideoWriter`) in chunks of `frames_per_chunk` frames with the
+   input audio (16 kHz mono, AAC) muxed in: memory stays flat in the audio length. Only
+   the pixels of `ReferenceTrack.render_mask` (every pixel the person covers anywhere in
+   their video, grown by `region_margin`) are ray-traced; the rest is the static
+   background, which is what an empty ray renders (`full_frame=True` traces everything).
+
+Checkpoint directory layout (what `experiments.demo` writes and `experiments.synthesize
+--checkpoints` reads): `audio2motion/`, `postnet/`, `head/`, `torso/` (optional) are the
+workdirs of the training entry points, and `reference.npz` the person's reference track
+(`ReferenceTrack.save`; without it the head run's person dataset is read). `load` refuses
+(CheckpointError) a missing directory or stage, a stage directory holding another stage,
+and stages that do not belong together (a post-net trained on another stage-1 run or
+another person than the NeRF, a torso trained on another head).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import types
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from geneface_jax.audio import features as feat
+from geneface_jax.audio import io as audio_io
+from geneface_jax.data import format as fmt
+from geneface_jax.data import landmarks as lm
+from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError
+
+STAGES = ("audio2motion", "postnet", "head", "torso")
+REFERENCE_FILE = "reference.npz"
+POSE_MODES = ("loop", "mirror")
+EYES = np.concatenate([lm.RIGHT_EYE, lm.LEFT_EYE])
+
+
+# --------------------------------------------------------------------------- reference track
+
+def track_indices(num_frames: int, length: int, mode: str = "loop") -> np.ndarray:
+    """Reference-frame index `[num_frames]` of each output frame over a track of `length`
+    frames: `loop` restarts at 0, `mirror` plays back and forth (no jump at the ends)."""
+    if mode not in POSE_MODES:
+        raise InputError(f"pose_mode must be one of {POSE_MODES}, got {mode!r}")
+    if length < 1:
+        raise InputError("the reference track is empty")
+    t = np.arange(int(num_frames))
+    if mode == "loop" or length == 1:
+        return t % length
+    k = t % (2 * length - 2)
+    return np.where(k < length, k, 2 * length - 2 - k)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceTrack:
+    """What inference takes from the person's own video.
+
+    Attributes:
+      poses: camera-to-world `[L, 4, 4]` of the track's frames (head space).
+      landmarks: tracked landmarks `[L, 68, 3]` (head space), for the eyes.
+      background: uint8 `[H, W, 3]` static background.
+      intrinsics: `[4]` `(fx, fy, cx, cy)` in pixels.
+      torso_pose: `[4, 4]` the torso NeRF's camera (the first train frame's pose).
+      render_mask: bool `[H, W]`, the pixels worth ray-tracing.
+      rest_mouth: `[20, 3]` mouth points 48-67 of the most closed frame.
+    """
+    poses: np.ndarray
+    landmarks: np.ndarray
+    background: np.ndarray
+    intrinsics: np.ndarray
+    torso_pose: np.ndarray
+    render_mask: np.ndarray
+    rest_mouth: np.ndarray
+
+    @property
+    def height(self):
+        return self.background.shape[0]
+
+    @property
+    def width(self):
+        return self.background.shape[1]
+
+    def __len__(self):
+        return len(self.poses)
+
+    @classmethod
+    def from_person(cls, person, *, split="train", region_margin=0.06):
+        """The track of a person dataset (`format.load_person`): the frames of `split`.
+
+        `render_mask` = pixels of the person (head or torso) in any frame of the dataset,
+        dilated by `region_margin` x the image size (room for a wider-open jaw).
+        """
+        meta = person.meta
+        lo, hi = (int(v) for v in meta["splits"][split])
+        if hi <= lo:
+            raise CheckpointError(f"{person.path}: split {split!r} is empty")
+        masks = np.asarray(person["masks"])
+        covered = np.zeros(masks.shape[1:], bool)
+        for start in range(0, len(masks), 256):
+            covered |= (masks[start:start + 256] > 0).any(0)
+        lms = np.asarray(person["landmarks"][lo:hi], np.float32)
+        rest = lms[int(np.argmin(lm.mouth_opening(lms)))][lm.MOUTH]
+        return cls(poses=np.asarray(person["poses"][lo:hi], np.float32), landmarks=lms,
+                   background=np.asarray(person["background"], np.uint8),
+                   intrinsics=np.asarray(meta["intrinsics"], np.float32),
+                   torso_pose=np.asarray(person["poses"][lo], np.float32),
+                   render_mask=_dilate(covered, int(math.ceil(region_margin *
+                                                              max(masks.shape[1:])))),
+                   rest_mouth=rest.astype(np.float32))
+
+    def save(self, path):
+        """Writes the track as one `.npz` (atomically)."""
+        path = pathlib.Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **dataclasses.asdict(self))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path):
+        path = pathlib.Path(path)
+        try:
+            with np.load(path) as z:
+                fields = {f.name: z[f.name] for f in dataclasses.fields(cls)}
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a reference track ({e})") from e
+        fields["render_mask"] = fields["render_mask"].astype(bool)
+        return cls(**fields)
+
+
+def _dilate(mask, radius):
+    """Binary dilation of `mask [H, W]` by a square of half-size `radius` pixels."""
+    out = mask.copy()
+    if radius <= 0:
+        return out
+    h, w = mask.shape
+    rows = np.zeros_like(mask)
+    for d in range(-radius, radius + 1):
+        rows[:, max(d, 0):w + min(d, 0)] |= mask[:, max(-d, 0):w + min(-d, 0)]
+    for d in range(-radius, radius + 1):
+        out[max(d, 0):h + min(d, 0)] |= rows[max(-d, 0):h + min(-d, 0)]
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisOptions:
+    """Inference settings.
+
+    temperature: stage-1 prior temperature (0: the flow's mode path, 1: as trained).
+    seed: sampling seed (the same seed and audio give the same video).
+    pose_mode: `loop` or `mirror` (see `track_indices`).
+    silence_db: dBFS below which a 5-frame window counts as silence (mouth closed).
+    frames_per_chunk: frames rendered and encoded per chunk (bounds memory).
+    render_chunk: rays per device evaluated at once.
+    full_frame: ray-trace every pixel instead of `ReferenceTrack.render_mask`.
+    max_frames: render only the first this many frames (0: all; for quick previews,
+      the audio is cut to match).
+    crf: H.264 constant rate factor.
+    """
+    temperature: float = 1.0
+    seed: int = 0
+    pose_mode: str = "loop"
+    silence_db: float = -50.0
+    frames_per_chunk: int = 25
+    render_chunk: int = 4096
+    full_frame: bool = False
+    max_frames: int = 0
+    crf: int = 18
+
+    def __post_init__(self):
+        if self.pose_mode not in POSE_MODES:
+            raise InputError(f"pose_mode must be one of {POSE_MODES}, got {self.pose_mode!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.frames_per_chunk < 1 or self.render_chunk < 1 or self.max_frames < 0:
+            raise InputError("frames_per_chunk and render_chunk must be >= 1, max_frames >= 0")
+
+
+def silence_weights(energy, silence_db=-50.0, window=5, fade=3):
+    """Per-frame mouth-closing weight `[N]` in [0, 1] from hop energies `[2N]` (RMS).
+
+    A frame is silent when the loudest hop within `window` frames around it is below
+    `silence_db` dBFS; the 0/1 indicator is then smoothed by a `fade`-frame moving average
+    so the mouth closes and opens over a few frames.
+    """
+    e = np.asarray(energy, np.float64)
+    if e.ndim != 1 or len(e) % 2:
+        raise ShapeError(f"energy must be [2N], got {e.shape}")
+    db = feat.energy_db(e.reshape(-1, 2).max(1))
+    n, r = len(db), window // 2
+    padded = np.pad(db, r, mode="edge")
+    loudest = np.lib.stride_tricks.sliding_window_view(padded, window).max(1)[:n]
+    silent = (loudest < silence_db).astype(np.float64)
+    if fade > 1:
+        k = np.ones(fade) / fade
+        silent = np.convolve(np.pad(silent, fade // 2, mode="edge"), k, "valid")[:n]
+    return silent.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+class TalkingFacePipeline:
+    """Trained stages 1-3 and a reference track; `synthesize` makes the video.
+
+    Build it with `load(checkpoints_dir)`. Attributes: `a2m_config`, `postnet_config`,
+    `reference` (`ReferenceTrack`), `renderer` (`train.nerf.FrameRenderer`),
+    `feature_dim` (what stage 1 expects: 80 log-mel or a HuBERT width).
+    """
+
+    def __init__(self, *, a2m, postnet, head, torso, reference, hubert=None):
+        from geneface_jax.motion.predict import MotionPredictor
+        from geneface_jax.train import nerf as tn
+        self.a2m_config, a2m_vars, self.a2m_run, self.std = a2m
+        self.postnet_config, self.postnet_vars, self.postnet_run, _, self.identity = postnet
+        head_cfg, head_vars, self.head_run, self.normalizer = head
+        self.head_config = head_cfg
+        torso_cfg = torso_vars = None
+        self.torso_run = None
+        if torso is not None:
+            torso_cfg, torso_vars, self.torso_run, _ = torso
+        self.reference = reference
+        self.hubert = hubert
+        self.feature_dim = self.a2m_config.feature_dim
+        self.predictor = MotionPredictor(self.a2m_config, a2m_vars)
+        self.window = head_cfg.smooth_window
+        view = types.SimpleNamespace(intrinsics=reference.intrinsics, height=reference.height,
+                                     width=reference.width,
+                                     background=reference.background / np.float32(255.0))
+        self.renderer = tn.FrameRenderer(
+            head_cfg, head_vars, view, torso_cfg=torso_cfg, torso_vars=torso_vars,
+            smooth=tn.head_smooth_enabled(head_cfg, self.head_run["trained_steps"]))
+
+    # -- loading
+
+    @classmethod
+    def load(cls, checkpoints_dir, *, hubert_checkpoint=None):
+        """Loads `audio2motion/`, `postnet/`, `head/`, `torso/` (optional) and
+        `reference.npz` from `checkpoints_dir` and checks that they belong together."""
+        from geneface_jax.train import audio2motion as a2m_lib
+        from geneface_jax.train import nerf as tn
+        from geneface_jax.train import postnet as pn_lib
+        root = pathlib.Path(checkpoints_dir)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: checkpoint directory does not exist")
+        for stage in ("audio2motion", "postnet", "head"):
+            if not (root / stage).is_dir():
+                raise CheckpointError(f"{root}: no {stage}/ run (expected the stage "
+                                      f"directories {list(STAGES)}; torso/ is optional)")
+        a2m = a2m_lib.load_audio2motion(root / "audio2motion")
+        postnet = pn_lib.load_postnet(root / "postnet")
+        head = tn.load_nerf(root / "head", tn.HEAD)
+        torso = tn.load_nerf(root / "torso", tn.TORSO) if (root / "torso").is_dir() else None
+        _check_compatible(root, a2m, postnet, head, torso)
+        ref_path = root / REFERENCE_FILE
+        if ref_path.is_file():
+            reference = ReferenceTrack.load(ref_path)
+        else:
+            data = head[2].get("data")
+            if not data or not pathlib.Path(data).is_dir():
+                raise CheckpointError(f"{root}: no {REFERENCE_FILE} and the head run's "
+                                      f"person dataset ({data}) is not there")
+            reference = ReferenceTrack.from_person(fmt.load_person(data))
+        hubert = None
+        if a2m[0].feature_dim != feat.N_MELS:
+            if hubert_checkpoint is None:
+                raise CheckpointError(
+                    f"{root}/audio2motion: stage 1 takes {a2m[0].feature_dim}-d features "
+                    f"(HuBERT); pass the HuBERT checkpoint it was trained with")
+            from geneface_jax.audio import hubert as hb
+            hubert = hb.load_hubert(hubert_checkpoint)
+            if hubert[1].hidden_size != a2m[0].feature_dim:
+                raise CheckpointError(f"{hubert_checkpoint}: HuBERT width "
+                                      f"{hubert[1].hidden_size} != stage 1's "
+                                      f"{a2m[0].feature_dim}")
+        return cls(a2m=a2m, postnet=postnet, head=head, torso=torso, reference=reference,
+                   hubert=hubert)
+
+    # -- stages
+
+    def features(self, wav):
+        """Stage-1 input `[2N, C]` of 16 kHz mono audio (padded/trimmed to the frame rule)."""
+        if self.hubert is None:
+            return feat.log_mel(wav)
+        from geneface_jax.audio import hubert as hb
+        return hb.hubert_features(self.hubert[0], self.hubert[1], wav)
+
+    def landmarks(self, features, energy, *, options: SynthesisOptions = SynthesisOptions(),
+                  track=None):
+        """Stages 1 and 2 plus the reference eyes and the silence gate.
+
+        Args:
+          features: `[2N, C]` stage-1 features; energy: `[2N]` hop RMS.
+          track: reference indices `[N]` (default `track_indices(N, L, pose_mode)`).
+        Returns:
+          dict of float32 arrays: `stage1` and `postnet` `[N, 68, 3]` (head space, the
+          person's identity), `landmarks` `[N, 68, 3]` (what is rendered), `silence` `[N]`.
+        """
+        from geneface_jax.motion.postnet import refine_motion
+        n = np.shape(features)[0] // 2
+        rng = jax.random.PRNGKey(int(options.seed))
+        motion = self.predictor.sample_motion(features, rng, options.temperature)
+        refined = refine_motion(self.postnet_config, self.postnet_vars, motion)
+        stage1 = motion.reshape(n, 68, 3) * self.std + self.identity
+        post = refined.reshape(n, 68, 3) * self.std + self.identity
+        track = track_indices(n, len(self.reference), options.pose_mode) if track is None \
+            else np.asarray(track)
+        out = post.copy()
+        out[:, EYES] = self.reference.landmarks[track][:, EYES]
+        w = silence_weights(energy, options.silence_db)[:, None, None]
+        out[:, lm.MOUTH] = w * self.reference.rest_mouth + (1 - w) * out[:, lm.MOUTH]
+        return dict(stage1=stage1.astype(np.float32), postnet=post.astype(np.float32),
+                    landmarks=out.astype(np.float32), silence=w[:, 0, 0])
+
+    def render_frames(self, landmarks, track, *, options: SynthesisOptions = SynthesisOptions()):
+        """Yields uint8 frame chunks `[<= frames_per_chunk, H, W, 3]` of `landmarks
+        [N, 68, 3]` posed by reference frames `track [N]`."""
+        from geneface_jax.train import nerf as tn
+        lms = self.normalizer(landmarks)
+        n = len(lms)
+        ref = self.reference
+        pixels = None if options.full_frame else np.flatnonzero(ref.render_mask.reshape(-1))
+        if pixels is not None and not len(pixels):
+            pixels = None
+        for start in range(0, n, options.frames_per_chunk):
+            ts = np.arange(start, min(n, start + options.frames_per_chunk))
+            cond = self.renderer.condition(tn.landmark_windows(lms, ts, self.window))
+            self.renderer.chunk = options.render_chunk
+            chunk = np.empty((len(ts), ref.height, ref.width, 3), np.uint8)
+            for i, t in enumerate(ts):
+                out = self.renderer.render(ref.poses[track[t]], None, ref.torso_pose,
+                                           cond=cond[i], pixels=pixels)
+                chunk[i] = np.round(np.clip(out["rgb"], 0.0, 1.0) * 255.0)
+            yield chunk
+
+    def synthesize(self, audio_path, out_path, options: SynthesisOptions = SynthesisOptions(),
+                   *, progress: Optional[Callable] = None):
+        """Audio file -> mp4 at `out_path` (25 fps, H.264, the audio muxed in as AAC).
+
+        The output is written under a temporary name and renamed when complete: on any
+        error no file is left. `progress(done, total, frames_per_s)` is called after each
+        chunk (default: a progress line on stderr).
+
+        Returns:
+          dict: `frames`, `seconds` (the muxed audio's duration: the input's, up to
+          20 ms off the video's frames / 25), `render_fps`, `minutes`, `out`, and
+          the arrays `landmarks`, `stage1`, `postnet` `[N, 68, 3]`, `silence` `[N]`,
+          `track` `[N]`, `energy` `[2N]`.
+        Raises:
+          AudioError (bad audio), VideoError (unwritable output), CheckpointError.
+        """
+        from geneface_jax.data.video import VideoWriter
+        t0 = time.time()
+        raw = audio_io.load_audio(audio_path)
+        try:
+            wav = feat.pad_or_trim(raw)
+        except AudioError as e:
+            raise AudioError(f"{audio_path}: {e}") from e
+        n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
+        if options.max_frames:
+            n = min(n, options.max_frames)
+            wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+            raw = raw[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+        progress = progress or _stderr_progress
+        writer = VideoWriter(out_path, fps=feat.VIDEO_FPS,
+                             size=(self.reference.height, self.reference.width),
+                             audio=raw, audio_rate=feat.SAMPLE_RATE, crf=options.crf)
+        try:
+            feats = self.features(wav)
+            energy = feat.frame_energy(wav)
+            track = track_indices(n, len(self.reference), options.pose_mode)
+            res = self.landmarks(feats, energy, options=options, track=track)
+            t_render = time.time()
+            done = 0
+            for chunk in self.render_frames(res["landmarks"], track, options=options):
+                writer.write(chunk)
+                done += len(chunk)
+                progress(done, n, done / max(time.time() - t_render, 1e-9))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        render_fps = n / max(time.time() - t_render, 1e-9)
+        return dict(res, frames=n, seconds=len(raw) / feat.SAMPLE_RATE, track=track,
+                    energy=energy, render_fps=render_fps, minutes=(time.time() - t0) / 60,
+                    out=str(out_path))
+
+
+def _stderr_progress(done, total, fps):
+    eta = (total - done) / fps if fps > 0 else float("inf")
+    eta_s = f"{eta:.0f} s" if math.isfinite(eta) else "?"
+    print(f"\rsynthesize: frame {done}/{total} | {fps:.2f} frames/s | ETA {eta_s}   ",
+          end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def _check_compatible(root, a2m, postnet, head, torso):
+    """CheckpointError unless the stage runs were trained on each other."""
+    a2m_cfg, _, _, a2m_std = a2m
+    pn_cfg, _, pn_run, pn_std, identity = postnet
+    if pn_cfg.motion_dim != a2m_cfg.motion_dim:
+        raise CheckpointError(f"{root}: post-net motion dim {pn_cfg.motion_dim} != stage 1's "
+                              f"{a2m_cfg.motion_dim}")
+    if np.shape(pn_std) != np.shape(a2m_std) or not np.allclose(pn_std, a2m_std, rtol=1e-5):
+        raise CheckpointError(f"{root}: the post-net was trained on another stage-1 run "
+                              f"(its landmark std differs from audio2motion/'s)")
+    head_cfg, _, head_run, normalizer = head
+    if not np.allclose(identity, normalizer.mean, atol=1e-5):
+        raise CheckpointError(f"{root}: the post-net and the head NeRF were trained on "
+                              f"different persons (mean landmarks differ)")
+    if torso is not None:
+        _, _, torso_run, torso_norm = torso
+        same = (json.dumps(torso_run.get("head_model"), sort_keys=True)
+                == json.dumps(head_run.get("model"), sort_keys=True)
+                and np.allclose(torso_norm.mean, normalizer.mean)
+                and np.isclose(torso_norm.scale, normalizer.scale))
+        if not same:
+            raise CheckpointError(f"{root}: the torso NeRF was trained with another head "
+                                  f"model")
+
+
+# --------------------------------------------------------------------------- scoring
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def landmark_scores(pred, truth):
+    """`lmd` / `lmd_mouth` (mean L2 over the 68 / mouth points, head units) and
+    `sync_corr` (Pearson r of the mouth openings) of `pred` vs `truth` `[N, 68, 3]`."""
+    pred, truth = np.asarray(pred, np.float64), np.asarray(truth, np.float64)
+    n = min(len(pred), len(truth))
+    pred, truth = pred[:n], truth[:n]
+    dist = np.linalg.norm(pred - truth, axis=-1)
+    return dict(lmd=float(dist.mean()), lmd_mouth=float(dist[:, lm.MOUTH].mean()),
+                sync_corr=pearson(lm.mouth_opening(pred), lm.mouth_opening(truth)))
+
+
+def mouth_boxes(landmarks, poses, intrinsics, height, width, margin=0.35):
+    """Per-frame pixel box `[N, 4]` (x0, y0, x1, y1) of the projected outer lips (points
+    48-59) grown by `margin` x the box size on every side (room for the open jaw)."""
+    from geneface_jax.render import rays as rays_lib
+    boxes = np.zeros((len(landmarks), 4), np.int64)
+    for t, (pts, pose) in enumerate(zip(landmarks, poses)):
+        u, v, _ = rays_lib.project_points(np.asarray(pts[lm.OUTER_LIP]), pose, intrinsics)
+        u, v = np.asarray(u), np.asarray(v)
+        mu, mv = margin * (u.max() - u.min()), margin * (v.max() - v.min())
+        boxes[t] = (np.clip(np.floor(u.min() - mu), 0, width - 1),
+                    np.clip(np.floor(v.min() - mv), 0, height - 1),
+                    np.clip(np.ceil(u.max() + mu), 1, width),
+                    np.clip(np.ceil(v.max() + mv), 1, height))
+    return boxes
+
+
+def mouth_pixel_activity(frames, boxes):
+    """How far each frame's mouth region has darkened: `[N]` = (mean luminance of all
+    frames' mouth regions) - (this frame's), luminance in [0, 1] (BT.709 weights). An
+    opening mouth shows the dark cavity, so this rises with the opening."""
+    lum = []
+    for img, (x0, y0, x1, y1) in zip(frames, boxes):     # frames may be a generator
+        patch = np.asarray(img[y0:y1, x0:x1], np.float64) / 255.0
+        lum.append(float((patch @ np.array([0.2126, 0.7152, 0.0722])).mean()))
+    lum = np.asarray(lum)
+    return lum.mean() - lum
+
+
+def frame_energy_db(energy, floor_db=-60.0):
+    """Per-video-frame loudness `[N]` in dBFS from hop RMS energies `[2N]`, floored."""
+    e = np.asarray(energy, np.float64).reshape(-1, 2)
+    return np.maximum(20 * np.log10(np.sqrt((e ** 2).mean(1)) + 1e-12), floor_db)
+
+
+def lip_energy_correlation(video_path, landmarks, poses, intrinsics, energy):
+    """Pearson r between the mouth-region darkening of the decoded `video_path` (boxes
+    from the rendered `landmarks [N, 68, 3]` and their `poses [N, 4, 4]`) and the audio
+    loudness per frame (`frame_energy_db(energy [2N])`)."""
+    from geneface_jax.data.video import probe_video, read_video
+    info = probe_video(video_path)
+    h, w = info["height"], info["width"]
+    boxes = mouth_boxes(landmarks, poses, intrinsics, h, w)
+    act = mouth_pixel_activity(read_video(video_path), boxes)
+    return pearson(act, frame_energy_db(energy)[:len(act)])

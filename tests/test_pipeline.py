@@ -1,0 +1,138 @@
+"""The end-to-end pipeline's parts that need no trained model: reference tracks, the
+silence gate, region rendering, scoring."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from geneface_jax import pipeline as pl
+from geneface_jax.audio import features as feat
+from geneface_jax.data import format as fmt
+from geneface_jax.data import landmarks as lm
+from geneface_jax.data.synthetic import world
+from geneface_jax.errors import CheckpointError, InputError, ShapeError
+from geneface_jax.render import fields
+from geneface_jax.train import nerf as tn
+
+TINY = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=3, skip=1,
+                           color_width=16, color_depth=1, num_coarse=8, num_fine=8,
+                           near=0.4, far=0.8)
+
+
+@pytest.fixture(scope="module")
+def person(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "person"
+    arrays, meta, wav = world.make_person(2, size=32, num_frames=30, progress=False)
+    fmt.write_person(out, arrays, meta, wav)
+    return fmt.load_person(out)
+
+
+def test_track_indices_loop_and_mirror():
+    np.testing.assert_array_equal(pl.track_indices(7, 3, "loop"), [0, 1, 2, 0, 1, 2, 0])
+    np.testing.assert_array_equal(pl.track_indices(9, 3, "mirror"),
+                                  [0, 1, 2, 1, 0, 1, 2, 1, 0])
+    # Mirror never jumps: consecutive reference frames are neighbours.
+    idx = pl.track_indices(500, 37, "mirror")
+    assert np.abs(np.diff(idx)).max() == 1 and idx.min() == 0 and idx.max() == 36
+    np.testing.assert_array_equal(pl.track_indices(4, 1, "mirror"), [0, 0, 0, 0])
+    with pytest.raises(InputError):
+        pl.track_indices(4, 3, "bounce")
+    with pytest.raises(InputError):
+        pl.SynthesisOptions(pose_mode="bounce")
+
+
+def test_silence_weights_close_only_whole_silent_windows():
+    loud, quiet = 0.1, 1e-5            # -20 dBFS speech, -100 dBFS silence
+    per_frame = np.array([loud] * 10 + [quiet] * 12 + [loud] * 3 + [quiet] * 2 + [loud] * 5)
+    energy = np.repeat(per_frame, 2)
+    w = pl.silence_weights(energy, silence_db=-50.0, window=5, fade=1)
+    expect = np.zeros(len(per_frame))
+    expect[12:20] = 1.0                # silent frames with >= 2 silent frames each side
+    np.testing.assert_array_equal(w, expect)
+    # A 2-frame pause inside speech does not close the mouth.
+    assert w[25:27].max() == 0.0
+    faded = pl.silence_weights(energy, silence_db=-50.0)
+    assert 0.0 < faded[12] < 1.0 and faded[15] == 1.0
+    assert pl.silence_weights(np.zeros(40)).min() == 1.0          # digital silence
+    with pytest.raises(ShapeError):
+        pl.silence_weights(np.zeros(5))
+
+
+def test_reference_track_from_person_and_round_trip(person, tmp_path):
+    ref = pl.ReferenceTrack.from_person(person)
+    lo, hi = person.meta["splits"]["train"]
+    assert len(ref) == hi - lo
+    np.testing.assert_array_equal(ref.poses, person["poses"][lo:hi])
+    np.testing.assert_array_equal(ref.torso_pose, person["poses"][lo])
+    # The render region holds every pixel the person covers in any frame.
+    covered = (np.asarray(person["masks"]) > 0).any(0)
+    assert ref.render_mask[covered].all()
+    assert ref.render_mask.sum() < ref.render_mask.size          # and not the whole image
+    opening = lm.mouth_opening(person["landmarks"][lo:hi])
+    np.testing.assert_allclose(lm.mouth_opening(
+        np.concatenate([np.zeros((48, 3)), ref.rest_mouth])[None]), opening.min(), atol=1e-7)
+    path = ref.save(tmp_path / "reference.npz")
+    back = pl.ReferenceTrack.load(path)
+    for f in dataclasses.fields(ref):
+        np.testing.assert_array_equal(getattr(back, f.name), getattr(ref, f.name))
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(CheckpointError):
+        pl.ReferenceTrack.load(tmp_path / "bad.npz")
+
+
+def test_dilate_matches_brute_force():
+    rng = np.random.default_rng(0)
+    mask = rng.uniform(size=(17, 23)) > 0.93
+    out = pl._dilate(mask, 2)
+    ys, xs = np.nonzero(mask)
+    expect = np.zeros_like(mask)
+    for y, x in zip(ys, xs):
+        expect[max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = True
+    np.testing.assert_array_equal(out, expect)
+
+
+def test_region_render_equals_full_render_inside_and_background_outside(person):
+    """FrameRenderer(pixels=...) traces the same rays as the full frame: identical colours
+    inside the region, the static background (and zero opacity) outside."""
+    views = tn.PersonViews(person)
+    _, head_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), tn.HEAD, 3)
+    _, torso_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), tn.TORSO, 4,
+                                          {"params": head_state.params})
+    # Non-trivial weights: the torso's output layers start near zero.
+    torso_params = jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
+        torso_state.params)
+    r = tn.FrameRenderer(TINY, {"params": head_state.params}, views, torso_cfg=TINY,
+                         torso_vars={"params": torso_params}, chunk=97, smooth=False)
+    win = views.windows([3], TINY.smooth_window)[0]
+    full = r.render(views.poses[3], win, views.torso_pose())
+    region = pl.ReferenceTrack.from_person(person).render_mask
+    pixels = np.flatnonzero(region)
+    part = r.render(views.poses[3], win, views.torso_pose(), pixels=pixels)
+    for k in ("rgb", "head_rgb", "head_acc", "torso_acc"):
+        np.testing.assert_allclose(part[k][region], full[k][region], atol=2e-5)
+    np.testing.assert_array_equal(part["rgb"][~region], views.background[~region])
+    assert part["head_acc"][~region].max() == 0.0
+    with pytest.raises(ShapeError):
+        r.render(views.poses[3], win, views.torso_pose(), pixels=np.array([-1]))
+
+
+def test_scores_and_mouth_activity():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(50, 68, 3))
+    s = pl.landmark_scores(truth, truth)
+    assert s["lmd"] == 0.0 and s["lmd_mouth"] == 0.0 and s["sync_corr"] == pytest.approx(1.0)
+    shifted = truth + np.array([0.0, 0.0, 0.5])
+    assert pl.landmark_scores(shifted, truth)["lmd"] == pytest.approx(0.5)
+    # Mouth activity: darker mouth boxes score higher, in proportion.
+    frames = np.full((4, 8, 8, 3), 200, np.uint8)
+    frames[1, 2:4, 2:4] = 0
+    frames[2, 2:4, 2:4] = 100
+    act = pl.mouth_pixel_activity(frames, np.array([[2, 2, 4, 4]] * 4))
+    assert act[1] > act[2] > act[0] == act[3]
+    assert act[1] - act[0] == pytest.approx(2 * (act[2] - act[0]))
+    db = pl.frame_energy_db(np.array([1.0, 1.0, 0.0, 0.0]))
+    np.testing.assert_allclose(db, [0.0, -60.0], atol=1e-6)
+    assert pl.pearson([1, 2, 3], [2, 4, 7]) > 0.98
