@@ -24,8 +24,9 @@ opening over time, under the waveform) and `metrics.json`:
   frames, seconds, render_fps, minutes (whole demo), stage_minutes
 
 Every stage checkpoints into its directory and is skipped when finished, so a second run
-(or a run after an interruption) only does what is left. Changing a stage's flags
-between runs is refused (use another `--out`). `--quick` is a tiny configuration (64 px,
+(or a run after an interruption) only does what is left. Changing the training flags
+between runs on one `--out` is refused (`demo_settings.json` records them); `--audio`,
+`--temperature` and `--pose_mode` only change the synthesis. `--quick` is a tiny configuration (64 px,
 a few hundred steps) for smoke runs; it does not make a good video.
 """
 
@@ -45,17 +46,18 @@ flags.DEFINE_string("out", "demo_out", "Output directory.")
 flags.DEFINE_string("audio", None, "Audio to synthesize (default: the shipped "
                     "en_us_male.wav).")
 flags.DEFINE_integer("seed", 0, "Seed of the datasets and of every training run.")
-flags.DEFINE_integer("size", 128, "Person video size in pixels.")
+flags.DEFINE_integer("size", 96, "Person video size in pixels.")
 flags.DEFINE_integer("frames", 250, "Person video frames.")
 flags.DEFINE_integer("utterances", 200, "Corpus utterances.")
 flags.DEFINE_integer("speakers", 20, "Corpus speakers.")
-flags.DEFINE_integer("syncnet_steps", 1000, "SyncNet training steps.")
-flags.DEFINE_integer("a2m_steps", 1500, "Stage-1 training steps.")
-flags.DEFINE_integer("postnet_steps", 2000, "Stage-2 training steps.")
-flags.DEFINE_integer("head_steps", 1000, "Head NeRF training steps.")
-flags.DEFINE_integer("torso_steps", 200, "Torso NeRF training steps.")
+flags.DEFINE_integer("syncnet_steps", 800, "SyncNet training steps.")
+flags.DEFINE_integer("a2m_steps", 1000, "Stage-1 training steps.")
+flags.DEFINE_integer("postnet_steps", 1000, "Stage-2 training steps.")
+flags.DEFINE_integer("head_steps", 700, "Head NeRF training steps.")
+flags.DEFINE_integer("torso_steps", 120, "Torso NeRF training steps.")
 flags.DEFINE_integer("rays", 1024, "Rays per NeRF training step.")
-flags.DEFINE_integer("eval_frames", 8, "Held-out frames scored by eval_nerf.")
+flags.DEFINE_float("mouth_percent", 0.25, "Share of the head's rays drawn in the mouth box.")
+flags.DEFINE_integer("eval_frames", 4, "Held-out frames scored by eval_nerf.")
 flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature at synthesis.")
 flags.DEFINE_enum("pose_mode", "loop", ["loop", "mirror"], "Reference pose track mode.")
 flags.DEFINE_bool("quick", False, "Tiny sizes and step counts (smoke runs, notebooks).")
@@ -68,11 +70,29 @@ QUICK = dict(size=64, frames=100, utterances=48, speakers=8, syncnet_steps=150,
 def settings():
     """The effective sizes: the flags, or QUICK for flags left at their defaults."""
     names = ("size", "frames", "utterances", "speakers", "syncnet_steps", "a2m_steps",
-             "postnet_steps", "head_steps", "torso_steps", "rays", "eval_frames")
+             "postnet_steps", "head_steps", "torso_steps", "rays", "mouth_percent",
+             "eval_frames")
     out = {n: getattr(FLAGS, n) for n in names}
     if FLAGS.quick:
         out.update({n: v for n, v in QUICK.items() if not FLAGS[n].present})
     return out
+
+
+def check_settings(out, settings):
+    """Records the training settings in `out/demo_settings.json`; refuses (CheckpointError)
+    an `out` that holds a demo made with other settings, whose finished stages would
+    otherwise be reused as they are."""
+    from geneface_jax.errors import CheckpointError
+    from geneface_jax.train.metrics import write_json_atomic
+    path = out / "demo_settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise CheckpointError(f"{out}: holds a demo made with other settings (differs "
+                                  f"in {diff}); use another --out or the same flags")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
 
 
 class Stages:
@@ -117,9 +137,10 @@ def main(argv):
         pathlib.Path(speech.default_speech_dir()) / "en_us_male.wav")
     audio_io.load_audio(audio)                 # bad audio fails now, not after training
     data, ck, ev = out / "data", out / "checkpoints", out / "eval"
+    seed = FLAGS.seed
+    check_settings(out, dict(s, seed=seed))
     for d in (data, ck, ev):
         d.mkdir(parents=True, exist_ok=True)
-    seed = FLAGS.seed
     st = Stages()
     st.run("corpus", data / "corpus" / "meta.json", "make_dataset", kind="corpus",
            out=data / "corpus", seed=seed, utterances=s["utterances"],
@@ -138,7 +159,8 @@ def main(argv):
            steps=s["postnet_steps"], seed=seed)
     st.run("head", ck / "head" / "metrics.json", "train_nerf", part="head",
            data=data / "person", workdir=ck / "head", config="small", steps=s["head_steps"],
-           batch_size=s["rays"], lr=1e-3, lr_decay_steps=s["head_steps"], seed=seed)
+           batch_size=s["rays"], lr=1e-3, lr_decay_steps=s["head_steps"], seed=seed,
+           mouth_percent=s["mouth_percent"])
     st.run("torso", ck / "torso" / "metrics.json", "train_nerf", part="torso",
            head=ck / "head", workdir=ck / "torso", config="small", steps=s["torso_steps"],
            batch_size=s["rays"], lr=1e-3, lr_decay_steps=max(1, s["torso_steps"]), seed=seed)

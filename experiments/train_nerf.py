@@ -44,6 +44,8 @@ flags.DEFINE_string("head", None, "Workdir of the trained head run (required for
 flags.DEFINE_integer("frames_per_step", 1, "Frames the rays of one step come from.")
 flags.DEFINE_float("in_rect_percent", None, "Share of rays inside the sampling rectangle "
                    "(default: 0.95 head as GeneFace, 0.8 torso).")
+flags.DEFINE_float("mouth_percent", 0.0, "Head: share of rays drawn inside the mouth box "
+                   "(0: GeneFace's sampler; a lip-focused share helps short runs).")
 flags.DEFINE_float("lr", 5e-4, "Adam learning rate.")
 flags.DEFINE_float("lr_decay", 0.1, "Exponential decay factor of the learning rate...")
 flags.DEFINE_integer("lr_decay_steps", 250_000, "... reached after this many steps.")
@@ -105,7 +107,9 @@ def main(argv):
     if in_rect is None:
         in_rect = 0.95 if FLAGS.part == "head" else 0.8
     sampling = tn.RaySamplingConfig(frames_per_step=fps, rays_per_frame=rays // fps,
-                                    in_rect_percent=in_rect)
+                                    in_rect_percent=in_rect,
+                                    mouth_percent=FLAGS.mouth_percent if FLAGS.part == "head"
+                                    else 0.0)
     optim = tn.NeRFOptimConfig(lr=FLAGS.lr, decay_rate=FLAGS.lr_decay,
                                decay_steps=FLAGS.lr_decay_steps)
     if FLAGS.part == "head":

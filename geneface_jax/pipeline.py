@@ -21,10 +21,12 @@ of n samples at 16 kHz gives N = round(n / 640) frames):
 5. head NeRF over the head-aware torso NeRF over the static background, rendered frame by
    frame (`train.nerf.FrameRenderer`, rays split over every device) and streamed into an
    H.264 mp4 (`data.video.VideoWriter`) in chunks of `frames_per_chunk` frames with the
-   input audio (16 kHz mono, AAC) muxed in: memory stays flat in the audio length. Only
-   the pixels of `ReferenceTrack.render_mask` (every pixel the person covers anywhere in
-   their video, grown by `region_margin`) are ray-traced; the rest is the static
-   background, which is what an empty ray renders (`full_frame=True` traces everything).
+   input audio (16 kHz mono, AAC) muxed in: memory stays flat in the audio length. Each
+   model traces only its region of the image (`ReferenceTrack.head_region` /
+   `torso_region`: every pixel the head / torso covers anywhere in the person's video,
+   grown by `region_margin`); elsewhere that model is taken as empty, which is what it
+   learned there, and pixels outside both are the static background
+   (`full_frame=True` traces every pixel through both models).
 
 Checkpoint directory layout (what `experiments.demo` writes and `experiments.synthesize
 --checkpoints` reads): `audio2motion/`, `postnet/`, `head/`, `torso/` (optional) are the
@@ -58,6 +60,7 @@ STAGES = ("audio2motion", "postnet", "head", "torso")
 REFERENCE_FILE = "reference.npz"
 POSE_MODES = ("loop", "mirror")
 EYES = np.concatenate([lm.RIGHT_EYE, lm.LEFT_EYE])
+MAX_CALL_RAYS = 1 << 17      # rays per render call (host memory ~100 B per ray)
 
 
 # --------------------------------------------------------------------------- reference track
@@ -86,7 +89,8 @@ class ReferenceTrack:
       background: uint8 `[H, W, 3]` static background.
       intrinsics: `[4]` `(fx, fy, cx, cy)` in pixels.
       torso_pose: `[4, 4]` the torso NeRF's camera (the first train frame's pose).
-      render_mask: bool `[H, W]`, the pixels worth ray-tracing.
+      render_mask: bool `[H, W]`, the pixels worth ray-tracing (head or torso region).
+      head_region, torso_region: bool `[H, W]`, where each model can be non-empty.
       rest_mouth: `[20, 3]` mouth points 48-67 of the most closed frame.
     """
     poses: np.ndarray
@@ -96,6 +100,8 @@ class ReferenceTrack:
     torso_pose: np.ndarray
     render_mask: np.ndarray
     rest_mouth: np.ndarray
+    head_region: np.ndarray
+    torso_region: np.ndarray
 
     @property
     def height(self):
@@ -112,26 +118,31 @@ class ReferenceTrack:
     def from_person(cls, person, *, split="train", region_margin=0.06):
         """The track of a person dataset (`format.load_person`): the frames of `split`.
 
-        `render_mask` = pixels of the person (head or torso) in any frame of the dataset,
-        dilated by `region_margin` x the image size (room for a wider-open jaw).
+        `head_region` / `torso_region` = pixels of the head / torso (mask labels) in any
+        frame of the dataset, dilated by `region_margin` x the image size (room for a
+        wider-open jaw); `render_mask` is their union.
         """
         meta = person.meta
         lo, hi = (int(v) for v in meta["splits"][split])
         if hi <= lo:
             raise CheckpointError(f"{person.path}: split {split!r} is empty")
         masks = np.asarray(person["masks"])
-        covered = np.zeros(masks.shape[1:], bool)
+        head = np.zeros(masks.shape[1:], bool)
+        torso = np.zeros(masks.shape[1:], bool)
         for start in range(0, len(masks), 256):
-            covered |= (masks[start:start + 256] > 0).any(0)
+            block = masks[start:start + 256]
+            head |= (block == fmt.HEAD).any(0)
+            torso |= (block == fmt.TORSO).any(0)
+        radius = int(math.ceil(region_margin * max(masks.shape[1:])))
+        head, torso = _dilate(head, radius), _dilate(torso, radius)
         lms = np.asarray(person["landmarks"][lo:hi], np.float32)
         rest = lms[int(np.argmin(lm.mouth_opening(lms)))][lm.MOUTH]
         return cls(poses=np.asarray(person["poses"][lo:hi], np.float32), landmarks=lms,
                    background=np.asarray(person["background"], np.uint8),
                    intrinsics=np.asarray(meta["intrinsics"], np.float32),
                    torso_pose=np.asarray(person["poses"][lo], np.float32),
-                   render_mask=_dilate(covered, int(math.ceil(region_margin *
-                                                              max(masks.shape[1:])))),
-                   rest_mouth=rest.astype(np.float32))
+                   render_mask=head | torso, rest_mouth=rest.astype(np.float32),
+                   head_region=head, torso_region=torso)
 
     def save(self, path):
         """Writes the track as one `.npz` (atomically)."""
@@ -149,7 +160,8 @@ class ReferenceTrack:
                 fields = {f.name: z[f.name] for f in dataclasses.fields(cls)}
         except (OSError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: not a reference track ({e})") from e
-        fields["render_mask"] = fields["render_mask"].astype(bool)
+        for name in ("render_mask", "head_region", "torso_region"):
+            fields[name] = fields[name].astype(bool)
         return cls(**fields)
 
 
@@ -234,7 +246,7 @@ class TalkingFacePipeline:
     `feature_dim` (what stage 1 expects: 80 log-mel or a HuBERT width).
     """
 
-    def __init__(self, *, a2m, postnet, head, torso, reference, hubert=None):
+    def __init__(self, *, a2m, postnet, head, torso, reference, hubert=None, mesh=None):
         from geneface_jax.motion.predict import MotionPredictor
         from geneface_jax.train import nerf as tn
         self.a2m_config, a2m_vars, self.a2m_run, self.std = a2m
@@ -255,14 +267,16 @@ class TalkingFacePipeline:
                                      background=reference.background / np.float32(255.0))
         self.renderer = tn.FrameRenderer(
             head_cfg, head_vars, view, torso_cfg=torso_cfg, torso_vars=torso_vars,
-            smooth=tn.head_smooth_enabled(head_cfg, self.head_run["trained_steps"]))
+            smooth=tn.head_smooth_enabled(head_cfg, self.head_run["trained_steps"]),
+            mesh=mesh)
 
     # -- loading
 
     @classmethod
-    def load(cls, checkpoints_dir, *, hubert_checkpoint=None):
+    def load(cls, checkpoints_dir, *, hubert_checkpoint=None, mesh=None):
         """Loads `audio2motion/`, `postnet/`, `head/`, `torso/` (optional) and
-        `reference.npz` from `checkpoints_dir` and checks that they belong together."""
+        `reference.npz` from `checkpoints_dir` and checks that they belong together.
+        Rendering uses `mesh` (default: every device, `train.make_mesh()`)."""
         from geneface_jax.train import audio2motion as a2m_lib
         from geneface_jax.train import nerf as tn
         from geneface_jax.train import postnet as pn_lib
@@ -300,7 +314,7 @@ class TalkingFacePipeline:
                                       f"{hubert[1].hidden_size} != stage 1's "
                                       f"{a2m[0].feature_dim}")
         return cls(a2m=a2m, postnet=postnet, head=head, torso=torso, reference=reference,
-                   hubert=hubert)
+                   hubert=hubert, mesh=mesh)
 
     # -- stages
 
@@ -345,18 +359,28 @@ class TalkingFacePipeline:
         lms = self.normalizer(landmarks)
         n = len(lms)
         ref = self.reference
-        pixels = None if options.full_frame else np.flatnonzero(ref.render_mask.reshape(-1))
-        if pixels is not None and not len(pixels):
-            pixels = None
+        pixels = regions = None
+        if not options.full_frame:
+            if self.renderer.torso is not None:
+                regions = (ref.head_region, ref.torso_region)
+            elif ref.head_region.any():
+                pixels = np.flatnonzero(ref.head_region.reshape(-1))
+        # Frames per render call: as many as keep one call's rays under MAX_CALL_RAYS.
+        traced = (ref.height * ref.width if pixels is None and regions is None
+                  else len(pixels) if regions is None
+                  else int(ref.head_region.sum() + ref.torso_region.sum()))
+        per_call = max(1, min(options.frames_per_chunk, MAX_CALL_RAYS // max(traced, 1)))
+        self.renderer.chunk = options.render_chunk
         for start in range(0, n, options.frames_per_chunk):
             ts = np.arange(start, min(n, start + options.frames_per_chunk))
             cond = self.renderer.condition(tn.landmark_windows(lms, ts, self.window))
-            self.renderer.chunk = options.render_chunk
             chunk = np.empty((len(ts), ref.height, ref.width, 3), np.uint8)
-            for i, t in enumerate(ts):
-                out = self.renderer.render(ref.poses[track[t]], None, ref.torso_pose,
-                                           cond=cond[i], pixels=pixels)
-                chunk[i] = np.round(np.clip(out["rgb"], 0.0, 1.0) * 255.0)
+            for i in range(0, len(ts), per_call):
+                sl = slice(i, min(len(ts), i + per_call))
+                out = self.renderer.render_many(ref.poses[track[ts[sl]]], cond[sl],
+                                                ref.torso_pose, pixels=pixels,
+                                                regions=regions)
+                chunk[sl] = np.round(np.clip(out["rgb"], 0.0, 1.0) * 255.0)
             yield chunk
 
     def synthesize(self, audio_path, out_path, options: SynthesisOptions = SynthesisOptions(),

@@ -9,7 +9,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for the session, shared with the entry points the
+# tests start as subprocesses (they inherit the environment): the same tiny models are
+# compiled by many tests and CLI runs. A cached executable is the compiled program
+# itself, so results are unchanged; the cache is removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="geneface-jax-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
@@ -23,3 +36,45 @@ def speech_dir():
     if not SPEECH_DIR.is_dir():
         pytest.skip(f"speech clips not found at {SPEECH_DIR}")
     return SPEECH_DIR
+
+
+# The tiny end-to-end run (`experiments.demo` with these flags): every stage's entry point
+# trains for a few steps on a 32-pixel person, then a 1.2 s clip is synthesized. Shared
+# by the end-to-end tests and the entry-point tests of the stages.
+TINY_DEMO = ("--size=32", "--frames=30", "--utterances=12", "--speakers=4",
+             "--syncnet_steps=10", "--a2m_steps=20", "--postnet_steps=10", "--head_steps=20",
+             "--torso_steps=4", "--rays=128", "--eval_frames=1")
+
+
+def run_module(module, *args, check=True, devices=1, timeout=1800):
+    """`python -m module args` in the repository; entry points see `devices` CPU devices."""
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+               if devices > 1 else "")
+    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{module} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def speech_clip(speech_dir, tmp_path_factory):
+    """1.2 s of the shipped English clip (16 kHz mono WAV)."""
+    import soundfile as sf
+    from geneface_jax.audio import io as audio_io
+    wav = audio_io.load_audio(speech_dir / "en_us_male.wav")[:19_200]
+    path = tmp_path_factory.mktemp("audio") / "clip.wav"
+    sf.write(path, wav, 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(speech_clip, tmp_path_factory):
+    """(output directory, CompletedProcess) of the tiny demo run."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_module("experiments.demo", f"--out={out}", f"--audio={speech_clip}",
+                           *TINY_DEMO)

@@ -215,41 +215,6 @@ NERF_ARGS = ("--config=small", "--batch_size=256", "--log_every=10", "--checkpoi
              "--eval_frames=1", "--chunk=1024")
 
 
-def test_train_and_eval_entry_points(person_dir, tmp_path):
-    head, torso, ev = tmp_path / "head", tmp_path / "torso", tmp_path / "eval"
-    _run("experiments.train_nerf", "--part=head", f"--data={person_dir}",
-         f"--workdir={head}", "--steps=20", *NERF_ARGS)
-    m = json.loads((head / "metrics.json").read_text())
-    cfg = json.loads((head / "config.json").read_text())
-    assert (cfg["model"]["near"], cfg["model"]["far"]) == (0.4, 0.8)   # from the dataset
-    assert m["steps"] == 20 and m["rays_per_s"] > 0 and np.isfinite(m["eval_psnr"])
-    assert (head / "landmark_norm.npz").is_file()
-    _run("experiments.train_nerf", "--part=torso", f"--head={head}", f"--workdir={torso}",
-         "--steps=5", *NERF_ARGS, "--log_every=5")
-    tcfg = json.loads((torso / "config.json").read_text())
-    assert tcfg["head"] == str(head.absolute()) and tcfg["data"] == str(person_dir.absolute())
-    _run("experiments.eval_nerf", f"--head={head}", f"--torso={torso}", f"--workdir={ev}",
-         "--max_frames=1", "--chunk=1024")
-    e = json.loads((ev / "metrics.json").read_text())
-    for k in ("psnr_head", "psnr_full", "ssim_full", "mouth_control_ratio", "train_minutes"):
-        assert np.isfinite(e[k]), k
-    assert e["frames"] == 1 and e["torso"]
-
-    # Bad input: one clear message, no traceback.
-    p = _run("experiments.train_nerf", "--part=torso", f"--workdir={tmp_path / 'x'}",
-             check=False)
-    assert p.returncode != 0 and "--head" in p.stderr and "Traceback" not in p.stderr
-    p = _run("experiments.train_nerf", "--part=torso", f"--head={torso}",
-             f"--workdir={tmp_path / 'x'}", check=False)
-    assert p.returncode == 2 and "expected 'head'" in p.stderr and "Traceback" not in p.stderr
-    p = _run("experiments.eval_nerf", f"--head={tmp_path / 'nothing'}", f"--workdir={ev}",
-             check=False)
-    assert p.returncode == 2 and "no NeRF run" in p.stderr
-    p = _run("experiments.train_nerf", "--part=head", f"--data={person_dir}",
-             f"--workdir={head}", "--steps=20", "--config=paper", check=False)
-    assert p.returncode == 2 and "different configuration" in p.stderr
-
-
 def test_torso_training_resumes_exactly_in_process(views, tmp_path):
     """train_loop stopped at step 3 and resumed to 6 equals an uninterrupted 6-step run
     (torso: the frozen head travels in the checkpoint)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from geneface_jax import pipeline as pl
-from geneface_jax.audio import features as feat
+from geneface_jax import train
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.synthetic import world
@@ -104,8 +104,10 @@ def test_region_render_equals_full_render_inside_and_background_outside(person):
     torso_params = jax.tree.map(
         lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
         torso_state.params)
+    mesh = train.make_mesh(jax.devices()[:2])
     r = tn.FrameRenderer(TINY, {"params": head_state.params}, views, torso_cfg=TINY,
-                         torso_vars={"params": torso_params}, chunk=97, smooth=False)
+                         torso_vars={"params": torso_params}, chunk=97, smooth=False,
+                         mesh=mesh)
     win = views.windows([3], TINY.smooth_window)[0]
     full = r.render(views.poses[3], win, views.torso_pose())
     region = pl.ReferenceTrack.from_person(person).render_mask
@@ -117,6 +119,28 @@ def test_region_render_equals_full_render_inside_and_background_outside(person):
     assert part["head_acc"][~region].max() == 0.0
     with pytest.raises(ShapeError):
         r.render(views.poses[3], win, views.torso_pose(), pixels=np.array([-1]))
+
+    # Regions: pixels in both regions are the full render; pixels only in the head
+    # region are the head over the background (the torso taken as empty); pixels only
+    # in the torso region have an empty head; the rest is the background.
+    ref = pl.ReferenceTrack.from_person(person)
+    hr, tr = ref.head_region, ref.torso_region
+    assert (hr & tr).any() and (hr & ~tr).any() and (tr & ~hr).any()
+    split = r.render(views.poses[3], win, views.torso_pose(), regions=(hr, tr))
+    for k in ("rgb", "head_rgb", "head_acc", "torso_acc"):
+        np.testing.assert_allclose(split[k][hr & tr], full[k][hr & tr], atol=2e-5)
+    head_only = tn.FrameRenderer(TINY, {"params": head_state.params}, views, chunk=97,
+                                 smooth=False, mesh=mesh).render(views.poses[3], win)
+    np.testing.assert_allclose(split["rgb"][hr & ~tr], head_only["rgb"][hr & ~tr], atol=2e-5)
+    assert split["torso_acc"][hr & ~tr].max() == 0.0
+    assert split["head_acc"][tr & ~hr].max() == 0.0
+    # Where the full render's head is empty too, the torso-only path is the full render.
+    empty = tr & ~hr & (full["head_acc"] < 1e-7)
+    assert empty.sum() > 10
+    for k in ("rgb", "torso_acc"):
+        np.testing.assert_allclose(split[k][empty], full[k][empty], atol=2e-5)
+    out = ~(hr | tr)
+    np.testing.assert_array_equal(split["rgb"][out], views.background[out])
 
 
 def test_scores_and_mouth_activity():
