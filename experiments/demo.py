@@ -121,8 +121,6 @@ class Stages:
 
 def main(argv):
     del argv
-    import numpy as np
-
     from geneface_jax import pipeline as pl
     from geneface_jax.audio import io as audio_io
     from geneface_jax.data import format as fmt
