@@ -58,3 +58,18 @@ def eye_aspect_ratio(lms):
         horizontal = np.linalg.norm(p[..., 0, :] - p[..., 3, :], axis=-1)
         ratios.append(vertical / (2.0 * np.maximum(horizontal, 1e-12)))
     return 0.5 * (ratios[0] + ratios[1])
+
+
+def face_rectangle(points_2d, size, margin=0.04, forehead=0.3):
+    """Face rectangles `[N, 4]` int32 (x0, y0, x1, y1), half-open pixel ranges.
+
+    The box of the projected landmarks `[N, 68, 2]`, grown by `margin * size` on every
+    side and by `forehead` times its height upwards (landmarks stop at the brows), clipped
+    to the image.
+    """
+    lo = np.floor(points_2d.min(axis=1))
+    hi = np.floor(points_2d.max(axis=1)) + 1
+    m = np.ceil(margin * size)
+    extra = np.ceil(forehead * (hi[:, 1] - lo[:, 1]))
+    rect = np.stack([lo[:, 0] - m, lo[:, 1] - m - extra, hi[:, 0] + m, hi[:, 1] + m], -1)
+    return np.clip(rect, 0, size).astype(np.int32)

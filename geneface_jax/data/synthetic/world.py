@@ -10,6 +10,7 @@ import tqdm
 
 from geneface_jax.audio import features as feat
 from geneface_jax.data import format as fmt
+from geneface_jax.data import landmarks as lm_topology
 from geneface_jax.data.synthetic import face as face_lib
 from geneface_jax.data.synthetic import oracle
 from geneface_jax.data.synthetic import raster
@@ -48,21 +49,6 @@ def camera_to_world(rot, trans):
     out[..., :3, 3] = -np.einsum("...ij,...j->...i", rot_t, trans)
     out[..., 3, 3] = 1.0
     return out
-
-
-def face_rectangle(points_2d, size, margin=0.04, forehead=0.3):
-    """Face rectangles `[N, 4]` int32 (x0, y0, x1, y1), half-open pixel ranges.
-
-    The box of the projected landmarks `[N, 68, 2]`, grown by `margin * size` on every
-    side and by `forehead` times its height upwards (landmarks stop at the brows), clipped
-    to the image.
-    """
-    lo = np.floor(points_2d.min(axis=1))
-    hi = np.floor(points_2d.max(axis=1)) + 1
-    m = np.ceil(margin * size)
-    extra = np.ceil(forehead * (hi[:, 1] - lo[:, 1]))
-    rect = np.stack([lo[:, 0] - m, lo[:, 1] - m - extra, hi[:, 0] + m, hi[:, 1] + m], -1)
-    return np.clip(rect, 0, size).astype(np.int32)
 
 
 def _articulation(wav, style, blink):
@@ -123,7 +109,7 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     arrays = dict(
         frames=frames, masks=masks, background=background_u8, landmarks=lms,
         landmarks_2d=lms_2d, poses=camera_to_world(rot, trans).astype(np.float32),
-        face_rect=face_rectangle(lms_2d, size), blink=blink.astype(np.float32),
+        face_rect=lm_topology.face_rectangle(lms_2d, size), blink=blink.astype(np.float32),
         mel=f["mel"].astype(np.float32), energy=f["energy"].astype(np.float32),
         landmark_mean=mean, landmark_std=std,
         oracle_open=artic["open"], oracle_width=artic["width"], oracle_smile=artic["smile"])
