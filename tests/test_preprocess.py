@@ -254,3 +254,23 @@ def test_lrs3_tree_builds_a_corpus_that_stage1_trains_on(models, tmp_path, speec
                "--eval_every=0", "--warmup=1")
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
+
+
+def test_hubert_features_from_a_user_checkpoint(talking, tmp_path):
+    """--hubert_checkpoint: the video's audio is featurized by HuBERT (a tiny random HF
+    checkpoint here), 2 features per frame, width from the checkpoint."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from geneface_jax.audio import hubert as hb
+    video, truth, _, _ = talking
+    cfg = transformers.HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    intermediate_size=37, conv_dim=(8, 12, 12, 16, 16, 16, 24),
+                                    num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    torch.manual_seed(0)
+    transformers.HubertModel(cfg).save_pretrained(tmp_path / "hubert")
+    n = truth["num_frames"]
+    wav, features, energy, name = pp.video_audio(video, n, tmp_path / "hubert")
+    assert name == "hubert" and features.shape == (2 * n, 32) and energy.shape == (2 * n,)
+    params, config = hb.load_hubert(tmp_path / "hubert")
+    np.testing.assert_allclose(features, np.asarray(hb.hubert_features(params, config, wav)),
+                               atol=1e-6)
