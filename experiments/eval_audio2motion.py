@@ -28,6 +28,7 @@ import pathlib
 from absl import flags
 
 from experiments import common
+from geneface_jax.train.metrics import pearson
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Corpus directory.")
@@ -37,14 +38,6 @@ flags.DEFINE_string("workdir", None, "Where metrics.json goes.")
 flags.DEFINE_list("splits", ["test", "valid"], "Corpus splits to evaluate.")
 flags.DEFINE_float("temperature", 1.0, "Prior temperature of the VAE samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
-def pearson(a, b):
-    import numpy as np
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
 def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature):

@@ -31,6 +31,7 @@ import pathlib
 from absl import flags
 
 from experiments import common
+from geneface_jax.train.metrics import pearson
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("postnet", None, "Workdir of a train_postnet run.")
@@ -47,14 +48,6 @@ flags.DEFINE_float("temperature", 1.0, "Prior temperature of the stage-1 samples
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_float("bar_fd_reduction", 0.5, "Bar: minimum relative cut of fd.")
 flags.DEFINE_float("bar_sync_drop", 0.05, "Bar: maximum drop of the sync correlation.")
-
-
-def pearson(a, b):
-    import numpy as np
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
 def held_out_sequences(corpus, person, splits, person_split):

@@ -85,9 +85,7 @@ def summarize(kind, arrays, meta, seconds):
 def main(argv):
     del argv
     from geneface_jax.data import format as fmt
-    from geneface_jax.data import tfds_builders
     from geneface_jax.data.synthetic import world
-    from geneface_jax.train import metrics as metrics_lib
 
     if not FLAGS.out:
         raise app.UsageError("--out is required")
@@ -109,10 +107,17 @@ def main(argv):
             progress=FLAGS.progress)
         gen_s = time.time() - t0
         fmt.write_corpus(FLAGS.out, arrays, meta, overwrite=FLAGS.overwrite)
-    summary = summarize(FLAGS.kind, arrays, meta, gen_s)
-    if FLAGS.tfds:
+    _finish(summarize(FLAGS.kind, arrays, meta, gen_s), FLAGS.kind, t0)
+
+
+def _finish(summary, tfds_kind, t0):
+    """Builds the TFDS dataset (when `tfds_kind` and --tfds), writes OUT/summary.json (and
+    WORKDIR/metrics.json) and prints the summary."""
+    from geneface_jax.data import tfds_builders
+    from geneface_jax.train import metrics as metrics_lib
+    if FLAGS.tfds and tfds_kind:
         t1 = time.time()
-        tfds_builders.build(FLAGS.kind, FLAGS.out, progress=FLAGS.progress)
+        tfds_builders.build(tfds_kind, FLAGS.out, progress=FLAGS.progress)
         summary["tfds_seconds"] = round(time.time() - t1, 2)
     summary["total_seconds"] = round(time.time() - t0, 2)
     metrics_lib.write_json_atomic(f"{FLAGS.out}/summary.json", summary)
@@ -123,8 +128,6 @@ def main(argv):
 
 def _video():
     from geneface_jax.data import preprocess
-    from geneface_jax.data import tfds_builders
-    from geneface_jax.train import metrics as metrics_lib
 
     if not FLAGS.video:
         raise app.UsageError("--kind=video needs --video=FILE")
@@ -141,20 +144,11 @@ def _video():
         print(f"note: no face in {len(summary['interpolated'])} short gap(s), interpolated: "
               + ", ".join(f"frames {a}-{b}" for a, b in summary["interpolated"]),
               file=sys.stderr)
-    if FLAGS.tfds:
-        t1 = time.time()
-        tfds_builders.build("person", FLAGS.out, progress=FLAGS.progress)
-        summary["tfds_seconds"] = round(time.time() - t1, 2)
-    summary["total_seconds"] = round(time.time() - t0, 2)
-    metrics_lib.write_json_atomic(f"{FLAGS.out}/summary.json", summary)
-    if FLAGS.workdir:
-        metrics_lib.write_final_metrics(FLAGS.workdir, summary)
-    print(json.dumps(summary))
+    _finish(summary, "person", t0)
 
 
 def _lrs3():
     from geneface_jax.data import lrs3
-    from geneface_jax.train import metrics as metrics_lib
 
     if not FLAGS.lrs3_dir:
         raise app.UsageError("--kind=lrs3 needs --lrs3_dir=ROOT")
@@ -163,11 +157,7 @@ def _lrs3():
                          workers=FLAGS.workers, models_dir=FLAGS.face_models,
                          hubert_checkpoint=FLAGS.hubert_checkpoint, tfds_build=FLAGS.tfds,
                          overwrite=FLAGS.overwrite, progress=FLAGS.progress)
-    summary["total_seconds"] = round(time.time() - t0, 2)
-    metrics_lib.write_json_atomic(f"{FLAGS.out}/summary.json", summary)
-    if FLAGS.workdir:
-        metrics_lib.write_final_metrics(FLAGS.workdir, summary)
-    print(json.dumps(summary))
+    _finish(summary, None, t0)          # the Lrs3 TFDS build is made by lrs3.build
 
 
 def run():

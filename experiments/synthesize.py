@@ -55,7 +55,7 @@ def main(argv):
     out = pathlib.Path(FLAGS.out)
     if not out.parent.is_dir():
         raise VideoError(f"{out}: its directory {out.parent} does not exist")
-    audio_io.load_audio(FLAGS.audio)              # refuse bad audio before loading models
+    samples = audio_io.load_audio(FLAGS.audio)    # refuse bad audio before loading models
     options = pl.SynthesisOptions(
         temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
         silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,
@@ -63,7 +63,7 @@ def main(argv):
         crf=FLAGS.crf)
     pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints,
                                        hubert_checkpoint=FLAGS.hubert_checkpoint)
-    res = pipe.synthesize(FLAGS.audio, out, options)
+    res = pipe.synthesize(FLAGS.audio, out, options, samples=samples)
     if FLAGS.landmarks:
         np.savez_compressed(out.with_suffix(".landmarks.npz"),
                             **{k: res[k] for k in ("landmarks", "stage1", "postnet",

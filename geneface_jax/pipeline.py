@@ -55,6 +55,7 @@ from geneface_jax.audio import io as audio_io
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
 from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError
+from geneface_jax.train.metrics import pearson  # noqa: F401 - part of the scoring API
 
 STAGES = ("audio2motion", "postnet", "head", "torso")
 REFERENCE_FILE = "reference.npz"
@@ -384,8 +385,12 @@ class TalkingFacePipeline:
             yield chunk
 
     def synthesize(self, audio_path, out_path, options: SynthesisOptions = SynthesisOptions(),
-                   *, progress: Optional[Callable] = None):
+                   *, progress: Optional[Callable] = None, samples=None):
         """Audio file -> mp4 at `out_path` (25 fps, H.264, the audio muxed in as AAC).
+
+        `samples`: the file's audio already loaded with `audio.io.load_audio` (16 kHz mono
+        float32), so a caller that checked the file first does not decode it twice;
+        `audio_path` then only names it in messages.
 
         The output is written under a temporary name and renamed when complete: on any
         error no file is left. `progress(done, total, frames_per_s)` is called after each
@@ -401,7 +406,8 @@ class TalkingFacePipeline:
         """
         from geneface_jax.data.video import VideoWriter
         t0 = time.time()
-        raw = audio_io.load_audio(audio_path)
+        raw = audio_io.load_audio(audio_path) if samples is None else np.asarray(
+            samples, np.float32)
         try:
             wav = feat.pad_or_trim(raw)
         except AudioError as e:
@@ -470,14 +476,6 @@ def _check_compatible(root, a2m, postnet, head, torso):
 
 # --------------------------------------------------------------------------- scoring
 
-def pearson(a, b):
-    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
 def landmark_scores(pred, truth):
     """`lmd` / `lmd_mouth` (mean L2 over the 68 / mouth points, head units) and
     `sync_corr` (Pearson r of the mouth openings) of `pred` vs `truth` `[N, 68, 3]`."""
@@ -519,8 +517,8 @@ def mouth_pixel_activity(frames, boxes):
 
 def frame_energy_db(energy, floor_db=-60.0):
     """Per-video-frame loudness `[N]` in dBFS from hop RMS energies `[2N]`, floored."""
-    e = np.asarray(energy, np.float64).reshape(-1, 2)
-    return np.maximum(20 * np.log10(np.sqrt((e ** 2).mean(1)) + 1e-12), floor_db)
+    rms = feat.video_frame_rms(np.asarray(energy, np.float64))
+    return np.maximum(20 * np.log10(rms + 1e-12), floor_db)
 
 
 def lip_energy_correlation(video_path, landmarks, poses, intrinsics, energy):

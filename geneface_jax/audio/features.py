@@ -100,6 +100,14 @@ def frame_energy(wav):
     return np.sqrt(np.mean(hops * hops, axis=1)).astype(np.float32)
 
 
+def video_frame_rms(energy):
+    """RMS amplitude per video frame `[N]` from the RMS of its two feature hops `[2N]`
+    (in the input's float dtype)."""
+    e = np.asarray(energy)
+    num = len(e) // 2
+    return np.sqrt(0.5 * (e[0:2 * num:2] ** 2 + e[1:2 * num:2] ** 2))
+
+
 def energy_db(energy, floor_db=-100.0):
     """RMS amplitude -> dBFS (20 log10), floored."""
     return np.maximum(20.0 * np.log10(np.maximum(energy, 1e-12)), floor_db).astype(np.float32)

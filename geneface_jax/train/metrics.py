@@ -121,3 +121,11 @@ class Progress:
 
     def report(self, step, scalars=None):
         print(self.line(step, scalars), file=self.stream, flush=True)
+
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")

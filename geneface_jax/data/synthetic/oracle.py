@@ -53,7 +53,7 @@ def speech_cues(mel, energy):
       silence), `brightness` in [-1, 1] (spectral shape, 0 in silence).
     """
     num = len(energy) // 2
-    e = np.sqrt(0.5 * (energy[0:2 * num:2] ** 2 + energy[1:2 * num:2] ** 2))
+    e = feat.video_frame_rms(energy)
     db = 20.0 * np.log10(e + 1e-8)
     ref = np.percentile(db, 95)
     activity = np.clip((db - ref + 30.0) / 22.0, 0.0, 1.0)
