@@ -40,8 +40,8 @@ flags.DEFINE_integer("size", None, "person/video: image size in pixels (square);
 flags.DEFINE_string("video", None, "video: the input video file (any format FFmpeg reads).")
 flags.DEFINE_integer("max_gap", 5, "video: longest run of face-less frames to interpolate.")
 flags.DEFINE_integer("min_frames", 50, "video: fewer 25-fps frames than this is an error.")
-flags.DEFINE_float("focal", None, "video: focal length / frame size (default GeneFace's "
-                   "1200 px at 512 px = 2.34).")
+flags.DEFINE_float("focal", None, "video: focal length / frame size; default: estimated "
+                   "from the head's motion, else GeneFace's 1200 px at 512 px (2.34).")
 flags.DEFINE_float("crop_scale", 3.0, "video: crop side / brow-to-chin height.")
 flags.DEFINE_string("hubert_checkpoint", None, "video: HuBERT checkpoint directory for "
                     "1024-d features instead of log-mel.")
@@ -134,7 +134,7 @@ def _video():
     cfg = preprocess.PreprocessConfig(
         size=FLAGS.size or 512, max_gap=FLAGS.max_gap, min_frames=FLAGS.min_frames,
         crop_scale=FLAGS.crop_scale,
-        focal=preprocess.GENEFACE_FOCAL if FLAGS.focal is None else FLAGS.focal)
+        focal=FLAGS.focal)
     t0 = time.time()
     summary = preprocess.preprocess_video(
         FLAGS.video, FLAGS.out, cfg, models_dir=FLAGS.face_models,

@@ -50,6 +50,10 @@ def test_dataset_is_complete_and_aligned(talking):
     assert ds.meta["source"] == "video" and ds.meta["height"] == ds.meta["width"] == 128
     assert len(ds.audio()) == 640 * n and ds["mel"].shape == (2 * n, 80)
     assert summary["face_found"] == n and summary["interpolated"] == []
+    # a photograph rolled in its own plane carries no perspective cue: the focal length is
+    # not observable and GeneFace's default is used (and said)
+    assert summary["focal_source"] == "default" and ds.meta["focal_source"] == "default"
+    np.testing.assert_allclose(ds.meta["intrinsics"][0], pp.GENEFACE_FOCAL * 128)
     # the projected head-space landmarks land where the mesh saw them (pose + focal fit)
     ear = lm.eye_aspect_ratio(ds["landmarks_2d"])
     assert np.all((ear > 0.05) & (ear < 0.6))
@@ -135,6 +139,45 @@ def test_similarity_fit_recovers_a_known_transform():
     np.testing.assert_allclose(s2, s, rtol=1e-9)
     np.testing.assert_allclose(q2, q, atol=1e-9)
     np.testing.assert_allclose(t2, t, atol=1e-9)
+
+
+def _posed_views(ratio, size=256, n=80, yaw=25.0, pitch=10.0, noise=0.2, seed=0):
+    """Mesh-like points `[n, 68, 3]` of the mean face seen by a pinhole camera with focal
+    `ratio * size` while the head turns: perspective (u, v) plus 0.2 px noise and the
+    weak-perspective depth a face mesh reports (pixels, nearer = smaller)."""
+    from geneface_jax.data.synthetic import oracle
+    rng = np.random.default_rng(seed)
+    shape = pp.mean_face_shape()
+    t = np.arange(n)
+    rot = oracle.rotation_matrix(np.radians(yaw) * np.sin(t / 9.0),
+                                 np.radians(pitch) * np.sin(t / 7.0 + 1),
+                                 np.radians(4.0) * np.sin(t / 11.0))
+    f, c = ratio * size, size / 2
+    d = f * 0.17 / 90                                    # the face ~90 px wide
+    trans = np.stack([0.01 * np.sin(t / 5.0), 0.01 * np.cos(t / 6.0),
+                      -d * (1 + 0.05 * np.sin(t / 8.0))], -1)
+    cam = np.einsum("nij,kj->nki", rot, shape) + trans[:, None]
+    uv = np.stack([f * cam[..., 0] / -cam[..., 2] + c, -f * cam[..., 1] / -cam[..., 2] + c], -1)
+    uv += rng.normal(0, noise, uv.shape)
+    z = (-cam[..., 2] - d) * f / d
+    return np.concatenate([uv, z[..., None]], -1)
+
+
+@pytest.mark.parametrize("ratio", [1.2, 1.6, 2.34])
+def test_focal_length_is_estimated_from_head_motion(ratio):
+    fit = pp.fit_head_pose(_posed_views(ratio), 256)
+    assert fit["focal_source"] == "estimated"
+    assert abs(fit["focal"] / ratio - 1) < 0.05, fit["focal"]
+    # and the poses it gives reproject the points
+    err = np.abs(fit["landmarks_2d"] - _posed_views(ratio)[..., :2]).mean()
+    assert err < 1.0, err
+
+
+def test_focal_length_falls_back_when_unobservable():
+    fit = pp.fit_head_pose(_posed_views(1.6, yaw=0.0, pitch=0.0), 256)   # frontal, still
+    assert fit["focal_source"] == "default" and fit["focal"] == pp.GENEFACE_FOCAL
+    fixed = pp.fit_head_pose(_posed_views(1.6), 256, pp.PreprocessConfig(focal=3.0))
+    assert fixed["focal_source"] == "flag" and fixed["intrinsics"][0] == 3.0 * 256
 
 
 def test_short_gaps_are_interpolated_long_gaps_refused():

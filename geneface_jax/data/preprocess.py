@@ -22,11 +22,19 @@ Steps (all CPU, models through LiteRT, see `geneface_jax.data.face_models`):
     nose, upper jaw) to a mean shape; the mean shape is re-estimated from the pose-free
     points of all frames (aligned to the project's synthetic mean face, which fixes the
     head-space axes, origin and units), three times. Rotations and translations are
-    smoothed in time (Gaussian, `smooth_sigma` frames). The similarity scale `s` (pixels
-    per head unit) gives the depth `f / s` for the focal length `f` (`focal`, in units of
-    the crop size; default 2.34 = GeneFace's 1200 px at 512 px), so the pose is a full
-    perspective camera-to-world matrix in head space.
- 5. Head-space landmarks: every frame's 68 points with its smoothed pose removed.
+    The similarity scale `s` (pixels per head unit) gives the depth `f / s` for the focal
+    length `f`; each pose is then refined under the pinhole camera (Gauss-Newton on the 2D
+    reprojection of the rigid points) and smoothed in time (Gaussian, `smooth_sigma`
+    frames). The focal length is estimated
+    (`estimate_focal`): for each candidate on a log grid every frame's pose is refined
+    under a pinhole camera and the 2D reprojection error of the mean shape's rigid points
+    is measured; the minimum is taken when the error clearly rises on both sides of it
+    (perspective foreshortening, from head rotations and depth changes, constrains it);
+    otherwise (a near-frontal, motionless head, or a flat picture) GeneFace's 1200 px at
+    512 px is used and the summary says so. `focal` (in units of the crop size) fixes it.
+ 5. Head-space landmarks: every frame's 68 points with its smoothed pose removed: each
+    point keeps its observed (u, v) and takes its depth from the fit, so the landmarks
+    projected with the pose land exactly on the tracked points.
  6. Masks: MediaPipe selfie segmentation gives the person (probability > 0.5); the head is
     the person above the neck line (a line 12 % of the face height below the chin,
     perpendicular to the chin->brow axis) within 0.85 face heights of that axis; the rest
@@ -72,7 +80,7 @@ class PreprocessConfig:
     crop_scale: float = 3.0       # crop side / median brow-to-chin height
     crop_down: float = 0.35       # crop centre below the face centre, in face heights
     smooth_sigma: float = 1.0     # Gaussian smoothing of the pose, frames
-    focal: float = GENEFACE_FOCAL  # focal length / crop size
+    focal: float = None           # focal length / crop size; None: estimate (`estimate_focal`)
     valid_fraction: float = 0.1   # last fraction of frames forms the 'valid' split
 
 
@@ -274,6 +282,113 @@ def _quat_to_rot(q):
     ], -2)
 
 
+FOCAL_GRID = np.geomspace(0.7, 7.0, 15)      # candidate focal lengths / frame size
+
+
+def _rodrigues(w):
+    """Rotation matrices `[..., 3, 3]` of rotation vectors `[..., 3]` (radians)."""
+    theta = np.linalg.norm(w, axis=-1)[..., None, None]
+    k = w / np.maximum(np.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    zero = np.zeros(k.shape[:-1])
+    cross = np.stack([np.stack([zero, -k[..., 2], k[..., 1]], -1),
+                      np.stack([k[..., 2], zero, -k[..., 0]], -1),
+                      np.stack([-k[..., 1], k[..., 0], zero], -1)], -2)
+    return np.eye(3) + np.sin(theta) * cross + (1 - np.cos(theta)) * cross @ cross
+
+
+def _project(shape, rot, trans, f, c):
+    """Pinhole projection (dataset convention) of head-space `shape [K, 3]` posed by
+    `rot [N, 3, 3]`, `trans [N, 3]` -> `[N, K, 2]` pixels."""
+    return _project_each(np.broadcast_to(shape, (len(rot),) + np.shape(shape)), rot, trans,
+                         f, c)
+
+
+def _weak_to_perspective(scale, offset, f, c):
+    """Camera-frame head origins `[N, 3]` from similarity scale `[N]` and the origin's
+    image position `offset [N, >=2]` as (u, -v): depth f / s."""
+    depth = f / scale
+    return np.stack([(offset[:, 0] - c) * depth / f, (offset[:, 1] + c) * depth / f,
+                     -depth], -1)
+
+
+def refine_poses(shape, uv, f, c, rot, trans, iterations=8):
+    """Gauss-Newton refinement of per-frame poses under a pinhole camera.
+
+    Args: shape `[K, 3]` head space; uv `[N, K, 2]` observed pixels; focal `f` and
+    principal point `(c, c)` in pixels; initial rot `[N, 3, 3]`, trans `[N, 3]`.
+    Returns (rot, trans, mean squared reprojection error per frame `[N]`, pixels^2).
+    """
+    n = len(uv)
+    rot, trans = rot.copy(), trans.copy()
+    for _ in range(iterations):
+        r0 = (_project(shape, rot, trans, f, c) - uv).reshape(n, -1)
+        cols = []
+        for j in range(6):
+            d = np.zeros((n, 3))
+            h = 1e-6 if j < 3 else 1e-6 * np.maximum(np.abs(trans[:, 2]), 1e-3)
+            d[:, j % 3] = h
+            moved = (_project(shape, _rodrigues(d) @ rot, trans, f, c) if j < 3
+                     else _project(shape, rot, trans + d, f, c))
+            cols.append(((moved - uv).reshape(n, -1) - r0) / np.reshape(h, (-1, 1)))
+        jac = np.stack(cols, -1)                                     # [N, 2K, 6]
+        jtj = np.einsum("nki,nkj->nij", jac, jac)
+        jtj += 1e-9 * np.trace(jtj, axis1=1, axis2=2)[:, None, None] * np.eye(6)
+        step = -np.linalg.solve(jtj, np.einsum("nki,nk->ni", jac, r0)[..., None])[..., 0]
+        rot = _rodrigues(step[:, :3]) @ rot
+        trans = trans + step[:, 3:]
+    err = ((_project(shape, rot, trans, f, c) - uv) ** 2).sum(-1).mean(-1)
+    return rot, trans, err
+
+
+def estimate_focal(shape, uv, image_size, rot, scale, offset, grid=FOCAL_GRID,
+                   max_frames=150, rise=0.1, shape_rounds=3):
+    """Focal length / frame size that best explains 2D points under perspective.
+
+    Args:
+      shape: `[K, 3]` rigid points of the mean shape (head space).
+      uv: `[N, K, 2]` their observed image positions (pixels of a square frame).
+      image_size: the frame side in pixels.
+      rot, scale, offset: the weak-perspective fit (rotation `[N, 3, 3]`, scale `[N]`,
+        the head origin's image position `[N, 3]` as (u, -v, .)), the starting poses.
+      grid: candidate ratios; max_frames: frames used (evenly spaced).
+      rise: the error at both ends of the grid must exceed the minimum by this fraction.
+      shape_rounds: alternations of pose refinement and shape re-estimation under each
+        candidate camera (the weak-perspective mean shape absorbs some foreshortening,
+        which would bias the focal length long).
+    Returns:
+      (ratio or None when the error curve has no clear interior minimum, errors `[G]`
+      mean squared reprojection error in pixels^2 per candidate).
+    """
+    idx = np.unique(np.linspace(0, len(uv) - 1, min(len(uv), max_frames)).astype(int))
+    c = image_size / 2.0
+    obs = uv[idx]
+    errors = []
+    for g in grid:
+        f = g * image_size
+        r, trans = rot[idx], _weak_to_perspective(scale[idx], offset[idx], f, c)
+        cur = np.asarray(shape, np.float64)
+        for _ in range(shape_rounds):
+            r, trans, err = refine_poses(cur, obs, f, c, r, trans)
+            # the shape under this camera: back-project each observation at its current
+            # depth, take it to head space, average over frames
+            cam = np.einsum("nij,kj->nki", r, cur) + trans[:, None]
+            depth = -cam[..., 2:3]
+            xy = (obs - c) * depth / f
+            cam = np.concatenate([xy[..., :1], -xy[..., 1:], -depth], -1)
+            cur = np.einsum("nji,nkj->nki", r, cam - trans[:, None]).mean(0)
+        r, trans, err = refine_poses(cur, obs, f, c, r, trans)
+        errors.append(float(np.mean(err)))
+    errors = np.asarray(errors)
+    k = int(np.argmin(errors))
+    if k in (0, len(grid) - 1) or min(errors[0], errors[-1]) < (1 + rise) * errors[k]:
+        return None, errors
+    # parabola through the minimum and its neighbours, in log focal
+    x = np.log(grid[k - 1:k + 2])
+    a, b, _ = np.polyfit(x, errors[k - 1:k + 2], 2)
+    best = -b / (2 * a) if a > 0 else x[1]
+    return float(np.exp(np.clip(best, x[0], x[2]))), errors
+
+
 def fit_head_pose(points68, image_size, cfg=PreprocessConfig(), iterations=3):
     """Head pose and pose-free landmarks from 68 image points per frame (module doc, 4-5).
 
@@ -296,23 +411,42 @@ def fit_head_pose(points68, image_size, cfg=PreprocessConfig(), iterations=3):
         s0, r0, t0 = similarity_fit(mean, ref)      # keep the reference's frame and units
         mean = s0 * mean @ r0.T + t0
     s, rot, t = similarity_fit(mean[RIGID_POINTS], q[:, RIGID_POINTS])
-    rot = _smooth_rotations(rot, cfg.smooth_sigma)
-    s = np.exp(_smooth(np.log(s), cfg.smooth_sigma))
-    t = _smooth(t, cfg.smooth_sigma)
-    local = np.einsum("nji,nkj->nki", rot, q - t[:, None]) / s[:, None, None]
-    f = cfg.focal * image_size
+    uv_obs = np.asarray(points68, np.float64)[..., :2]
+    if cfg.focal is not None:
+        ratio, source = float(cfg.focal), "flag"
+    else:
+        ratio, _ = estimate_focal(mean[RIGID_POINTS], uv_obs[:, RIGID_POINTS], image_size,
+                                  rot, s, t)
+        ratio, source = ((ratio, "estimated") if ratio is not None
+                         else (GENEFACE_FOCAL, "default"))
+    f = ratio * image_size
     c = image_size / 2.0
-    depth = f / s
-    # t holds the head origin's image position as (u, -v, .): lift it to the camera frame.
-    trans = np.stack([(t[:, 0] - c) * depth / f, (t[:, 1] + c) * depth / f, -depth], -1)
+    # perspective poses: the weak-perspective fit refined under the pinhole camera
+    rot_p, trans, _ = refine_poses(mean[RIGID_POINTS], uv_obs[:, RIGID_POINTS], f, c, rot,
+                                   _weak_to_perspective(s, t, f, c))
+    # each point's depth from its weak-perspective head-space position under the refined
+    # pose; its (u, v) exactly as observed
+    weak_local = np.einsum("nji,nkj->nki", rot, q - t[:, None]) / s[:, None, None]
+    point_depth = -(np.einsum("nij,nkj->nki", rot_p, weak_local) + trans[:, None])[..., 2]
+    rot_p = _smooth_rotations(rot_p, cfg.smooth_sigma)
+    trans = _smooth(trans, cfg.smooth_sigma)
+    xy = (uv_obs - c) * point_depth[..., None] / f
+    cam = np.stack([xy[..., 0], -xy[..., 1], -point_depth], -1)
+    local = np.einsum("nji,nkj->nki", rot_p, cam - trans[:, None])
     k = np.array([f, f, c, c], np.float32)
-    cam = np.einsum("nij,nkj->nki", rot, local) + trans[:, None]
-    uv = np.stack([f * cam[..., 0] / -cam[..., 2] + c, -f * cam[..., 1] / -cam[..., 2] + c], -1)
     from geneface_jax.data.synthetic.world import camera_to_world
-    return dict(landmarks=local.astype(np.float32), rot=rot, trans=trans,
-                poses=camera_to_world(rot, trans).astype(np.float32),
-                landmarks_2d=uv.astype(np.float32), intrinsics=k,
-                mean_shape=mean.astype(np.float32), depth=depth)
+    return dict(landmarks=local.astype(np.float32), rot=rot_p, trans=trans,
+                poses=camera_to_world(rot_p, trans).astype(np.float32),
+                landmarks_2d=_project_each(local, rot_p, trans, f, c).astype(np.float32),
+                intrinsics=k, mean_shape=mean.astype(np.float32), depth=-trans[:, 2],
+                focal=ratio, focal_source=source)
+
+
+def _project_each(points, rot, trans, f, c):
+    """Like `_project` with per-frame points `[N, K, 3]`."""
+    cam = np.einsum("nij,nkj->nki", rot, points) + trans[:, None]
+    z = np.maximum(-cam[..., 2], 1e-6)
+    return np.stack([f * cam[..., 0] / z + c, -f * cam[..., 1] / z + c], -1)
 
 
 def roll_degrees(rot):
@@ -492,6 +626,7 @@ def preprocess_video(path, out_dir, cfg=PreprocessConfig(), *, models_dir=None,
                     near=float(depth.min() - 0.7 * head_size),
                     far=float(depth.max() + 0.8 * head_size), feature=feature,
                     camera="opengl", splits=dict(train=[0, n_train], valid=[n_train, n]),
+                    focal_source=fit["focal_source"],
                     video=str(path.name), crop=[u0, v0, side],
                     interpolated=[list(map(int, g)) for g in track.filled])
         fmt.write_person(out_dir, arrays, meta, wav, overwrite=overwrite)
@@ -506,6 +641,7 @@ def preprocess_video(path, out_dir, cfg=PreprocessConfig(), *, models_dir=None,
         mask_fps=round(n / max(seconds_masks, 1e-9), 2),
         total_fps=round(n / max(time.time() - t_start, 1e-9), 2),
         roll_range_deg=[round(float(roll.min()), 2), round(float(roll.max()), 2)],
+        focal=round(fit["focal"], 4), focal_source=fit["focal_source"],
         head_pixels_mean=float((masks == fmt.HEAD).mean() * size * size),
         blinks=int(np.sum(np.diff((arrays["blink"] > 0.5).astype(int)) == 1)))
 
