@@ -208,8 +208,11 @@ def load_syncnet(workdir):
     """(SyncNet module, frozen variables, run config) of a `train_syncnet` run."""
     cfg = read_run_config(workdir, "syncnet")
     sc = sync_lib.SyncNetConfig(**cfg["model"])
-    model, state = create_syncnet_state(sc, OptimConfig(**cfg["optim"]), 0)
-    state = _restore_variables(workdir, state)
+    model = sync_lib.SyncNet(sc, axis_name=parallel.DATA_AXIS)   # as create_syncnet_state
+    # the restore target is only shapes: nothing is initialised or compiled
+    template = jax.eval_shape(lambda: create_syncnet_state(sc, OptimConfig(**cfg["optim"]),
+                                                           0)[1])
+    state = _restore_variables(workdir, template)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, cfg
 
 
@@ -220,13 +223,15 @@ def load_audio2motion(workdir):
     import numpy as np
     cfg = read_run_config(workdir, "audio2motion")
     mc = vae_lib.Audio2MotionConfig(**cfg["model"])
-    frozen = None
-    if cfg.get("syncnet"):
-        sc = sync_lib.SyncNetConfig(**cfg["syncnet_model"])
-        _, sv = sync_lib.init_syncnet(sc, 0)
-        frozen = sv
-    _, state = create_vae_state(mc, OptimConfig(**cfg["optim"]), 0, frozen)
-    state = _restore_variables(workdir, state)
+
+    def template():
+        frozen = None
+        if cfg.get("syncnet"):
+            frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)[1]
+        return create_vae_state(mc, OptimConfig(**cfg["optim"]), 0, frozen)[1]
+
+    # the restore target is only shapes: nothing is initialised or compiled
+    state = _restore_variables(workdir, jax.eval_shape(template))
     w = pathlib.Path(workdir)
     std_path = w / "landmark_std.npy"
     if not std_path.is_file():

@@ -621,12 +621,17 @@ def load_nerf(workdir, part):
                               f"{part!r}")
     cfg = nerf_config_from(run_cfg)
     optim = NeRFOptimConfig(**run_cfg["optim"])
-    head_vars = None
-    if part == TORSO:
-        _, head_state = create_nerf_state(nerf_config_from(run_cfg, "head_model"), optim,
-                                          HEAD, 0)
-        head_vars = {"params": head_state.params}
-    _, state = create_nerf_state(cfg, optim, part, 0, head_vars)
+
+    def template():
+        head_vars = None
+        if part == TORSO:
+            _, head_state = create_nerf_state(nerf_config_from(run_cfg, "head_model"), optim,
+                                              HEAD, 0)
+            head_vars = {"params": head_state.params}
+        return create_nerf_state(cfg, optim, part, 0, head_vars)[1]
+
+    # the restore target is only shapes: nothing is initialised or compiled
+    state = jax.eval_shape(template)
     ckpt = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints")
     try:
         restored = ckpt.restore(state)

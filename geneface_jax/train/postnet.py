@@ -549,14 +549,18 @@ def load_postnet(workdir):
     from geneface_jax.train.audio2motion import _restore_variables, read_run_config
     cfg = read_run_config(workdir, "postnet")
     config = pn.PostNetConfig(**cfg["model"])
-    frozen = None
-    if cfg.get("syncnet_model"):
-        _, frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)
     scale = (np.zeros(config.motion_dim, np.float32) if cfg.get("disc_view") == "landmarks"
              else None)
-    _, _, state = create_postnet_state(config, PostNetOptimConfig(**cfg["optim"]), 0, frozen,
-                                       scale)
-    state = _restore_variables(workdir, state)
+
+    def template():
+        frozen = None
+        if cfg.get("syncnet_model"):
+            frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)[1]
+        return create_postnet_state(config, PostNetOptimConfig(**cfg["optim"]), 0, frozen,
+                                    scale)[2]
+
+    # the restore target is only shapes: nothing is initialised or compiled
+    state = _restore_variables(workdir, jax.eval_shape(template))
     w = pathlib.Path(workdir)
     arrays = {}
     for name in ("landmark_std", "identity"):
