@@ -320,6 +320,10 @@ def test_one_device_equals_eight_devices():
     _assert_tree_equal(s8.frozen, jax.device_get(fresh.frozen))
 
 
+# Slow (~40 s): the default suite checks exact resume of the shared train loop with a
+# SIGKILL (test_train_infra.py); this stage 2 state round trip runs with `-m slow`, next to
+# the CLI resume test.
+@pytest.mark.slow
 def test_training_resumes_exactly(tmp_path):
     gen, disc, syncnet, _ = _state(sync=True)
     steps = tp.make_postnet_steps(gen, disc, tp.PostNetLossConfig(), syncnet, num_frames=16)

@@ -261,7 +261,7 @@ def test_lrs3_tree_builds_a_corpus_that_stage1_trains_on(models, tmp_path, speec
                                    "00002", 2), ("test", "spkB", "00001", 3)):
         (root / split / spk).mkdir(parents=True, exist_ok=True)
         truths[f"{split}/{spk}/{clip}"] = realface.make_talking_photo(
-            root / split / spk / f"{clip}.mp4", seconds=2.0, size=160, seed=seed,
+            root / split / spk / f"{clip}.mp4", seconds=1.4, size=160, seed=seed,
             speech=speech_dir / "en_gb_female.wav")
     (root / "test" / "spkB" / "00002.mp4").write_text("broken clip")
     out = tmp_path / "corpus"
