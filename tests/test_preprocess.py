@@ -271,6 +271,12 @@ def test_lrs3_tree_builds_a_corpus_that_stage1_trains_on(models, tmp_path, speec
     utt = np.asarray(corpus["utterances"])
     assert sorted(utt[:, 3].tolist()) == [0, 1, 2]             # train, valid, test
     assert corpus.meta["held_out_speakers"] == [1]
+    # statistics over the training clips (accumulated while streaming the export)
+    train = np.concatenate([np.arange(s, s + n) for _, s, n, sp in utt if sp == 0])
+    mean, std = fmt.landmark_stats(np.asarray(corpus["landmarks"])[train])
+    np.testing.assert_allclose(corpus["landmark_mean"], mean, atol=1e-7)
+    np.testing.assert_allclose(corpus["landmark_std"], std, rtol=1e-4, atol=1e-7)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # scratch gone
     # the corpus landmarks follow each clip's mouth schedule too
     for (_, start, num, _), key in zip(utt, truths):
         lms = np.asarray(corpus["landmarks"])[start:start + num]

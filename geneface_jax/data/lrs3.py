@@ -33,11 +33,14 @@ import json
 import multiprocessing
 import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from geneface_jax.audio import features as feat
 from geneface_jax.data import format as fmt
 from geneface_jax.errors import DatasetError, GenefaceError
 
@@ -176,32 +179,64 @@ def assign_splits(done, valid_every=20):
 
 
 def export_corpus(done, out_dir, *, valid_every=20, overwrite=False):
-    """Writes the cached clips as a corpus directory (docs/dataset_format.md)."""
+    """Writes the cached clips as a corpus directory (docs/dataset_format.md).
+
+    The arrays are assembled in memory-mapped scratch files next to `out_dir` (removed
+    afterwards), so memory stays flat however many clips there are; the landmark
+    statistics are accumulated over the train split in one pass.
+    """
     items = assign_splits(done, valid_every)
     if not items:
         raise DatasetError(f"{out_dir}: no processed clips to export")
-    parts = {k: [] for k in ("landmarks", "mel", "energy", "audio")}
-    utt = []
-    start = 0
-    feature = None
-    for split_id, spk, path in items:
+    lengths, feature, dim = [], None, None
+    for _, _, path in items:
         with np.load(path) as z:
-            n = len(z["landmarks"])
-            for k in parts:
-                parts[k].append(z[k])
-            feature = str(z["feature"])
-        utt.append((spk, start, n, split_id))
-        start += n
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
-    arrays["utterances"] = np.asarray(utt, np.int64)
-    train = arrays["utterances"][:, 3] == 0
-    train_frames = np.concatenate([np.arange(s, s + n) for _, s, n, sp in utt if sp == 0]
-                                  ) if train.any() else np.arange(start)
-    mean, std = fmt.landmark_stats(arrays["landmarks"][train_frames])
-    arrays.update(landmark_mean=mean, landmark_std=std)
-    meta = dict(source="lrs3", seed=0, feature=feature,
-                held_out_speakers=sorted({int(s) for s, _, _, sp in utt if sp == 2}))
-    return fmt.write_corpus(out_dir, arrays, meta, overwrite=overwrite)
+            lengths.append(len(z["landmarks"]))
+            feature, dim = str(z["feature"]), z["mel"].shape[1]
+    total = int(sum(lengths))
+    out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-",
+                                            dir=out_dir.parent))
+    try:
+        mm = lambda name, dtype, shape: np.lib.format.open_memmap(  # noqa: E731
+            scratch / f"{name}.npy", "w+", dtype, shape)
+        arrays = dict(landmarks=mm("landmarks", np.float32, (total, 68, 3)),
+                      mel=mm("mel", np.float32, (2 * total, dim)),
+                      energy=mm("energy", np.float32, (2 * total,)),
+                      audio=mm("audio", np.int16, (total * feat.SAMPLES_PER_VIDEO_FRAME,)))
+        utt = []
+        start = 0
+        s1 = np.zeros((68, 3))
+        s2 = np.zeros((68, 3))
+        count = 0
+        spf = feat.SAMPLES_PER_VIDEO_FRAME
+        for (split_id, spk, path), n in zip(items, lengths):
+            with np.load(path) as z:
+                arrays["landmarks"][start:start + n] = z["landmarks"]
+                arrays["mel"][2 * start:2 * (start + n)] = z["mel"]
+                arrays["energy"][2 * start:2 * (start + n)] = z["energy"]
+                arrays["audio"][spf * start:spf * (start + n)] = z["audio"]
+                if split_id == 0:
+                    lms = z["landmarks"].astype(np.float64)
+                    s1 += lms.sum(0)
+                    s2 += (lms * lms).sum(0)
+                    count += n
+            utt.append((spk, start, n, split_id))
+            start += n
+        if count == 0:            # no training clip: statistics over everything
+            lms = np.asarray(arrays["landmarks"], np.float64)
+            s1, s2, count = lms.sum(0), (lms * lms).sum(0), len(lms)
+        mean = s1 / count
+        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+        arrays.update(utterances=np.asarray(utt, np.int64),
+                      landmark_mean=mean.astype(np.float32),
+                      landmark_std=np.maximum(std, 1e-4).astype(np.float32))
+        meta = dict(source="lrs3", seed=0, feature=feature,
+                    held_out_speakers=sorted({int(s) for s, _, _, sp in utt if sp == 2}))
+        return fmt.write_corpus(out_dir, arrays, meta, overwrite=overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class Lrs3(tfds.core.GeneratorBasedBuilder, skip_registration=True):
