@@ -87,11 +87,17 @@ def _check_array(path, name, arr, dtype, template, sizes):
                                f"{template}")
 
 
-def _write_dir(out_dir, arrays, meta, wav=None, overwrite=False):
+def check_output_dir(out_dir, overwrite=False):
+    """Raises DatasetError when `out_dir` exists, is not empty and `overwrite` is off."""
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DatasetError(f"{out_dir}: output directory exists and is not empty "
                            "(pass overwrite=True / --overwrite to replace it)")
+
+
+def _write_dir(out_dir, arrays, meta, wav=None, overwrite=False):
+    out_dir = pathlib.Path(out_dir)
+    check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -301,6 +301,7 @@ def build(root, out_dir, *, work_dir=None, workers=None, models_dir=None,
 
     Returns a summary dict: clips done/failed, frames, hours, split sizes."""
     out_dir = pathlib.Path(out_dir)
+    fmt.check_output_dir(out_dir, overwrite)           # before the work, not after it
     work = pathlib.Path(work_dir or f"{out_dir}_work")
     done, failed = process_clips(root, work, workers=workers, models_dir=models_dir,
                                  hubert_checkpoint=hubert_checkpoint, progress=progress)

@@ -63,7 +63,7 @@ from geneface_jax.data import face_models
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm_topology
 from geneface_jax.data import video as video_io
-from geneface_jax.errors import DatasetError, VideoError
+from geneface_jax.errors import VideoError
 
 # 68-point indices used for the rigid pose fit: brows, nose, eyes, upper jaw contour.
 RIGID_POINTS = np.concatenate([np.arange(0, 4), np.arange(13, 17), np.arange(17, 48)])
@@ -111,9 +111,6 @@ class FaceTracker:
         self.detector = face_models.FaceDetector(models_dir, num_threads=num_threads)
         self.mesh = face_models.FaceMesh(models_dir, num_threads=num_threads)
         self.presence = presence
-        self._prev = None
-
-    def reset(self):
         self._prev = None
 
     def __call__(self, image):
@@ -175,11 +172,9 @@ def _fill_gaps(points, found, max_gap, path):
     return out, filled
 
 
-def track_video(path, cfg=PreprocessConfig(), models_dir=None, progress=True,
-                transform=None):
+def track_video(path, cfg=PreprocessConfig(), models_dir=None, progress=True):
     """Tracks the face mesh through a video at 25 fps (module doc, step 1) -> Track.
 
-    `transform`, if given, maps each decoded frame before tracking (used for crops).
     Raises:
       VideoError: unreadable file, no video stream, no face, a long face-less gap.
     """
@@ -190,8 +185,6 @@ def track_video(path, cfg=PreprocessConfig(), models_dir=None, progress=True,
     width = height = 0
     for img in tqdm.tqdm(frames, desc="tracking face", unit="frame", disable=not progress,
                          leave=False):
-        if transform is not None:
-            img = transform(img)
         height, width = img.shape[:2]
         p = tracker(img)
         found.append(p is not None)
@@ -218,7 +211,7 @@ def mean_face_shape():
     return np.mean(shapes, axis=0).astype(np.float64)
 
 
-def similarity_fit(src, dst, weights=None):
+def similarity_fit(src, dst):
     """Least-squares similarity `dst ~ s R src + t` (Umeyama), batched.
 
     Args: src `[..., K, 3]`, dst `[..., K, 3]`. Returns (s `[...]`, R `[..., 3, 3]`
@@ -504,10 +497,7 @@ def video_audio(path, num_frames, hubert_checkpoint=None):
     """The audio track at 16 kHz padded/trimmed to `num_frames` frames, and its features.
 
     Returns (wav `[640 N]`, features `[2N, C]`, energy `[2N]`, feature name)."""
-    info = video_io.probe_video(path)
-    if not info["has_audio"]:
-        raise VideoError(f"{path}: has no audio track (the dataset needs the speech)")
-    wav = video_io.read_audio_track(path, feat.SAMPLE_RATE)
+    wav = video_io.read_audio_track(path, feat.SAMPLE_RATE)   # VideoError without audio
     n = num_frames * feat.SAMPLES_PER_VIDEO_FRAME
     wav = np.pad(wav[:n], (0, max(0, n - len(wav)))).astype(np.float32)
     energy = feat.frame_energy(wav)
@@ -561,9 +551,7 @@ def preprocess_video(path, out_dir, cfg=PreprocessConfig(), *, models_dir=None,
     if not info["has_audio"]:
         raise VideoError(f"{path}: has no audio track (the dataset needs the speech)")
     out_dir = pathlib.Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise DatasetError(f"{out_dir}: output directory exists and is not empty "
-                           "(pass --overwrite to replace it)")
+    fmt.check_output_dir(out_dir, overwrite)           # before the work, not after it
     # pass 1: track on the source frames
     track = track_video(path, cfg, models_dir, progress)
     n = len(track.points)
