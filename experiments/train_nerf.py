@@ -57,6 +57,16 @@ flags.DEFINE_integer("eval_every", 0, "Held-out PSNR every this many steps (0: o
                      "the end).")
 flags.DEFINE_integer("eval_frames", 3, "Held-out frames rendered for eval_psnr.")
 flags.DEFINE_integer("chunk", 4096, "Rays per device evaluated at once when rendering.")
+# Model sizes (default: the --config's; NeRFConfig documents each).
+flags.DEFINE_integer("width", None, "Density MLP width (paper 256, small 128).")
+flags.DEFINE_integer("depth", None, "Density MLP layers (paper 8, small 6).")
+flags.DEFINE_integer("skip", None, "Layer after which the input is concatenated again "
+                     "(paper 4, small 3).")
+flags.DEFINE_integer("num_coarse", None, "Coarse samples per ray (paper 64, small 24).")
+flags.DEFINE_integer("num_fine", None, "Fine samples per ray (paper 128, small 24).")
+flags.DEFINE_integer("pos_freqs", None, "Position encoding bands (paper 10).")
+flags.DEFINE_integer("cond_dim", None, "Landmark condition size (paper 64).")
+SIZE_FLAGS = ("width", "depth", "skip", "num_coarse", "num_fine", "pos_freqs", "cond_dim")
 
 
 def main(argv):
@@ -69,6 +79,7 @@ def main(argv):
 
     from geneface_jax import train
     from geneface_jax.data import format as fmt
+    from geneface_jax.errors import InputError
     from geneface_jax.render import fields
     from geneface_jax.train import nerf as tn
 
@@ -90,7 +101,14 @@ def main(argv):
         overrides[name] = float(v if v is not None else person.meta.get(name, getattr(base, name)))
     if FLAGS.smooth_warmup is not None:
         overrides["smooth_warmup_steps"] = FLAGS.smooth_warmup
-    cfg = dataclasses.replace(base, **overrides)
+    overrides.update({k: getattr(FLAGS, k) for k in SIZE_FLAGS
+                      if getattr(FLAGS, k) is not None})
+    if head_run is not None and FLAGS.cond_dim is not None:
+        raise InputError("--cond_dim: the torso takes the head run's condition size")
+    try:
+        cfg = dataclasses.replace(base, **overrides)
+    except ValueError as e:
+        raise InputError(f"model size flags: {e}") from e
     if head_run is not None:
         # The torso samples the same depth range as the head it is composited with.
         cfg = dataclasses.replace(cfg, smooth_window=head_cfg.smooth_window,

@@ -65,7 +65,11 @@ flags.DEFINE_float("b1", 0.0, "Adam beta1 of both networks (0: no momentum, as G
 flags.DEFINE_float("ema_decay", 0.999, "Decay of the generator EMA used for inference.")
 flags.DEFINE_float("lambda_adv", 0.85, "Adversarial (LSGAN) weight.")
 flags.DEFINE_float("lambda_sync", 0.1, "SyncNet loss weight.")
-flags.DEFINE_float("lambda_mse", 0.05, "Weight of the MSE to the generator's input.")
+flags.DEFINE_float("lambda_mse", 0.05, "Weight of the MSE term (see --mse_target).")
+flags.DEFINE_enum("mse_target", "input", ["input", "person"],
+                  "What the MSE pulls towards: input (the generator's input, every sample) "
+                  "or person (GeneFace's task: samples on the person's audio towards the "
+                  "person's tracked motion of the same frames).")
 flags.DEFINE_enum("disc_view", "landmarks", ["landmarks", "normalized"],
                   "What the discriminator sees: landmarks (motion x std / rms(std), "
                   "GeneFace's un-normalised geometry) or the normalised motion itself.")
@@ -131,7 +135,12 @@ def main(argv):
                                   disc_decay_steps=FLAGS.disc_decay_steps, b1=FLAGS.b1,
                                   ema_decay=FLAGS.ema_decay)
     losses = tp.PostNetLossConfig(adv=FLAGS.lambda_adv, mse=FLAGS.lambda_mse,
-                                  sync=FLAGS.lambda_sync if syncnet else 0.0)
+                                  sync=FLAGS.lambda_sync if syncnet else 0.0,
+                                  mse_target=FLAGS.mse_target)
+    if FLAGS.mse_target == "person" and (FLAGS.person_samples < 1
+                                         or FLAGS.person_fraction <= 0):
+        raise ShapeError("--mse_target=person needs samples on the person's audio "
+                         "(--person_samples >= 1, --person_fraction > 0)")
     mesh = train.make_mesh()
     n_dev = mesh.shape[train.DATA_AXIS]
     batch_size = FLAGS.batch_size - FLAGS.batch_size % n_dev or n_dev
@@ -185,7 +194,8 @@ def main(argv):
     gen, disc, state = tp.create_postnet_state(cfg, optim, FLAGS.seed, sync_vars, disc_scale)
     steps = tp.make_postnet_steps(gen, disc, losses, syncnet, num_frames=FLAGS.window)
     get_batch = tp.make_batch_fn(pool, real, batch_size=batch_size, window=FLAGS.window,
-                                 seed=FLAGS.seed, person_fraction=FLAGS.person_fraction)
+                                 seed=FLAGS.seed, person_fraction=FLAGS.person_fraction,
+                                 paired=real if FLAGS.mse_target == "person" else None)
     corpus_ids = pool.domain_samples(0)
     if not len(corpus_ids):
         corpus_ids = pool.domain_samples(1)

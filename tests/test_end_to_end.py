@@ -127,6 +127,12 @@ def test_nerf_train_and_eval_entry_points(tiny_demo, tmp_path):
     p = _run("experiments.train_nerf", "--part=head", f"--data={out / 'data' / 'person'}",
              f"--workdir={copy}", "--steps=20", "--config=paper", check=False)
     assert p.returncode == 2 and "different configuration" in p.stderr
+    # Size flags override the --config's sizes and are checked together.
+    p = _run("experiments.train_nerf", "--part=head", f"--data={out / 'data' / 'person'}",
+             f"--workdir={tmp_path / 'sizes'}", "--depth=4", "--skip=3", check=False)
+    assert p.returncode == 2 and "error: model size flags" in p.stderr
+    assert "[0, depth - 2] = [0, 2]" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "sizes").exists()
 
 
 def test_synthesize_is_deterministic_and_follows_the_reference_track(pipe, clip, tmp_path):
@@ -271,7 +277,7 @@ def test_ten_minute_audio_streams_in_bounded_memory(demo, clip, tmp_path):
             "try:\n    runpy.run_module('experiments.synthesize', run_name='__main__')\n"
             "finally:\n    print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF)"
             ".ru_maxrss, file=sys.stderr)\n")
-    env = dict(os.environ, XLA_FLAGS="")
+    env = dict(os.environ, XLA_FLAGS="")          # the product's compiler settings
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        env=env)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -9,12 +9,14 @@ import sys
 
 import pytest
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_nerf_benchmark_smoke():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     proc = subprocess.run([sys.executable, "-m", "experiments.bench.nerf", "--smoke"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"

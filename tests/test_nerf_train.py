@@ -20,6 +20,8 @@ from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.render import fields
 from geneface_jax.train import nerf as tn
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=3, skip=1,
                            color_width=16, color_depth=1, num_coarse=8, num_fine=8,
@@ -203,7 +205,7 @@ def test_psnr_and_ssim():
 # --------------------------------------------------------------------------- entry points
 
 def _run(module, *args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -215,6 +217,10 @@ NERF_ARGS = ("--config=small", "--batch_size=256", "--log_every=10", "--checkpoi
              "--eval_frames=1", "--chunk=1024")
 
 
+# Slow (~40 s): the default suite checks exact resume of the shared train loop with a
+# SIGKILL (test_train_infra.py), as for stages 1 and 2; this torso round trip (the frozen
+# head travels in the checkpoint) runs with `-m slow`, next to the CLI resume test.
+@pytest.mark.slow
 def test_torso_training_resumes_exactly_in_process(views, tmp_path):
     """train_loop stopped at step 3 and resumed to 6 equals an uninterrupted 6-step run
     (torso: the frozen head travels in the checkpoint)."""

@@ -406,6 +406,49 @@ def test_pool_batches_and_person_representation(tmp_path):
         np.testing.assert_array_equal(v, b[k])
     assert not np.array_equal(get(6)["real"], b["real"])
 
+    # GeneFace's MSE target: person-audio crops carry the person's real frames under them.
+    paired = rng.normal(size=(40, D)).astype(np.float32)
+    pb = tp.make_batch_fn(pool, real, batch_size=8, window=16, seed=3, person_fraction=0.25,
+                          paired=paired)(5)
+    for k, v in b.items():
+        np.testing.assert_array_equal(pb[k], v)          # the same draws otherwise
+    for i in range(8):
+        if i < 6:
+            assert not pb["target_mask"][i].any() and not pb["target"][i].any()
+            continue
+        start = next(s for s in range(40 - 16 + 1)
+                     if np.array_equal(pb["mel"][i], seqs[2][0][2 * s:2 * s + 32]))
+        np.testing.assert_array_equal(pb["target"][i], paired[start:start + 16])
+        assert pb["target_mask"][i].all()
+    with pytest.raises(ShapeError, match="paired motion"):
+        tp.make_batch_fn(pool, real, batch_size=8, window=16, seed=3, paired=paired[:39])
+    with pytest.raises(ShapeError, match="paired motion"):
+        tp.make_batch_fn(pool, real, batch_size=8, window=16, seed=3, person_fraction=0.0,
+                         paired=paired)
+
+
+def test_mse_term_pulls_towards_the_input_or_the_persons_frames():
+    gen, disc, _, state = _state()
+    state = state.replace(params=_perturb(state.params, 2))
+    batch = _batch(lengths=[16, 12, 16, 9, 16, 16, 7, 16], seed=4)
+    rng = np.random.default_rng(5)
+    batch["target"] = rng.normal(size=batch["motion"].shape).astype(np.float32)
+    batch["target_mask"] = np.zeros_like(batch["mask"])
+    batch["target_mask"][5:, :7] = 1.0
+    v = jax.device_get(state.generator_variables(ema=False))
+    refined = np.asarray(gen.apply(v, batch["motion"], batch["mask"]), np.float64)
+    for target, want in (
+            ("input", (np.square(refined - batch["motion"]) * batch["mask"]).sum()
+             / (batch["mask"].sum() * D)),
+            ("person", (np.square(refined - batch["target"]) * batch["target_mask"]).sum()
+             / (batch["target_mask"].sum() * D))):
+        steps = tp.make_postnet_steps(gen, disc, tp.PostNetLossConfig(sync=0.0,
+                                                                      mse_target=target))
+        _, m = _run(steps.eval_step, state, batch, jax.random.PRNGKey(0), ONE)
+        assert m["g_mse"] == pytest.approx(want, rel=1e-5), target
+    with pytest.raises(ValueError, match="mse_target"):
+        tp.PostNetLossConfig(mse_target="corpus")
+
 
 def test_person_motion_removes_the_train_mean():
     class FakePerson(dict):

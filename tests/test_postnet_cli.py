@@ -27,11 +27,13 @@ from geneface_jax.train import postnet as tp
 from geneface_jax.train.checkpoint import Checkpointer
 from geneface_jax.train.metrics import write_json_atomic
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(module, *args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

@@ -18,11 +18,13 @@ from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
 from geneface_jax.train import audio2motion as a2m
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(module, *args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

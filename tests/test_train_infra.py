@@ -18,6 +18,8 @@ import pytest
 from geneface_jax import train
 from geneface_jax.errors import CheckpointError, ShapeError
 
+from conftest import SUBPROCESS_XLA_FLAGS
+
 HERE = pathlib.Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("toy_train", HERE / "scripts" / "toy_train.py")
 toy = importlib.util.module_from_spec(_spec)
@@ -130,7 +132,7 @@ def test_metrics_writer_and_progress(tmp_path):
 
 
 def _toy(workdir, *extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
     return subprocess.Popen(
         [sys.executable, str(HERE / "scripts" / "toy_train.py"), f"--workdir={workdir}",
          "--steps=60", "--checkpoint_every=10", *extra],

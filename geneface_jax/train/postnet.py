@@ -32,8 +32,10 @@ world the raw generator's held-out Fréchet distance swings by +-30 % between ch
 the EMA's stays within a few %); one batch mixing stage-1 samples on corpus audio and
 on the person's audio that gets every loss (GeneFace sends corpus samples to the
 adversarial and sync losses and its person-audio samples to an MSE against the person's
-tracked landmarks), and the MSE against the generator's own input ("stay close to the
-input"). Optimizers: Adam 1e-4 each, discriminator halved every 40k updates (StepLR),
+tracked landmarks), and by default the MSE against the generator's own input ("stay close
+to the input", the issue's wording); `PostNetLossConfig(mse_target='person')` is
+GeneFace's MSE (person-audio samples against the person's tracked motion of the same
+frames, batch `target`/`target_mask`). Optimizers: Adam 1e-4 each, discriminator halved every 40k updates (StepLR),
 global-norm clipping at 1 (GeneFace's `clip_grad_norm`), a non-finite gradient skips that
 network's update.
 """
@@ -89,11 +91,26 @@ class PostNetOptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PostNetLossConfig:
-    """Generator loss weights (GeneFace: adversarial 0.85, sync 0.1, MSE 0.05)."""
+    """Generator loss weights (GeneFace: adversarial 0.85, sync 0.1, MSE 0.05).
+
+    mse_target: what the MSE pulls the refined motion towards. `input`: the generator's own
+    input, on every sample (the issue's "distance to the input landmarks"). `person`:
+    GeneFace's task: only the samples drawn on the target person's audio, towards the
+    person's tracked motion of the same frames (batch `target`, `target_mask`).
+    """
     adv: float = 0.85
     sync: float = 0.1
     mse: float = 0.05
     sync_hop: int = 2       # frames between the starts of the sync-loss windows
+    mse_target: str = "input"
+
+    def __post_init__(self):
+        if self.mse_target not in MSE_TARGETS:
+            raise ValueError(f"PostNetLossConfig: mse_target must be one of {MSE_TARGETS}, "
+                             f"got {self.mse_target!r}")
+
+
+MSE_TARGETS = ("input", "person")
 
 
 # --------------------------------------------------------------------------- state
@@ -264,7 +281,11 @@ def make_postnet_steps(gen, disc, losses: PostNetLossConfig = PostNetLossConfig(
         refined, new_stats = generate(g_params, state, batch, train)
         score = critic(state.params[DISCRIMINATOR], state, refined, key, train)
         adv = parallel.global_mean(jnp.square(score - 1.0)[..., None], mask)
-        mse = parallel.global_mean(jnp.square(refined - batch["motion"]), mask)
+        if losses.mse_target == "person":
+            mse = parallel.global_mean(jnp.square(refined - batch["target"]),
+                                       batch["target_mask"])
+        else:
+            mse = parallel.global_mean(jnp.square(refined - batch["motion"]), mask)
         total = losses.adv * adv + losses.mse * mse
         metrics = {"g_adv": adv, "g_mse": mse}
         if use_sync:
@@ -459,7 +480,7 @@ def _crop(seq, window, rng, scale=1):
 
 
 def make_batch_fn(pool: SamplePool, real_motion, *, batch_size, window, seed,
-                  person_fraction=0.25):
+                  person_fraction=0.25, paired=None):
     """`get_batch(step)` for `train_loop`: a pure function of (seed, step).
 
     Each batch holds `batch_size` random `window`-frame crops of stage-1 samples
@@ -467,6 +488,12 @@ def make_batch_fn(pool: SamplePool, real_motion, *, batch_size, window, seed,
     pool has any, the rest on corpus audio; samples are drawn with `epoch_indices`) and
     `batch_size` crops of the person's real motion `real_motion` ([n, D] or a list of
     such segments). Shorter sequences are padded and masked.
+
+    `paired`: the person's real motion `[n, D]` frame-aligned with the pool's person
+    sequence (the one its person-audio samples were drawn for): the batch then also holds
+    `target` `[B, T, D]`, the real frames under each person-audio crop, and `target_mask`
+    `[B, T, 1]` (1 on those frames, 0 on corpus samples and padding), for
+    `PostNetLossConfig(mse_target='person')`.
     """
     segments = [np.asarray(real_motion, np.float32)] if np.ndim(real_motion) == 2 \
         else [np.asarray(r, np.float32) for r in real_motion]
@@ -483,6 +510,14 @@ def make_batch_fn(pool: SamplePool, real_motion, *, batch_size, window, seed,
     c = pool.mel.shape[1]
     seg_weights = np.array([len(s) for s in segments], np.float64)
     seg_weights /= seg_weights.sum()
+    if paired is not None:
+        paired = np.asarray(paired, np.float32)
+        seqs = {int(pool.samples[i, 1]) for i in person_ids}
+        if not n_person or len(seqs) != 1 or paired.shape != (
+                int(pool.sequences[seqs.pop(), 1]), d):
+            raise ShapeError(f"make_batch_fn: paired motion {paired.shape} must be "
+                             "[frames, D] of the pool's one person sequence (and the batch "
+                             "must hold person-audio samples: person_fraction > 0)")
 
     def get_batch(step):
         rng = np.random.default_rng([seed, step, 17])
@@ -496,12 +531,18 @@ def make_batch_fn(pool: SamplePool, real_motion, *, batch_size, window, seed,
                    mask=np.zeros((batch_size, window, 1), np.float32),
                    real=np.zeros((batch_size, window, d), np.float32),
                    real_mask=np.zeros((batch_size, window, 1), np.float32))
+        if paired is not None:
+            out["target"] = np.zeros((batch_size, window, d), np.float32)
+            out["target_mask"] = np.zeros((batch_size, window, 1), np.float32)
         for slot, i in enumerate(ids):
-            motion, mel, _ = pool.sample(int(i))
+            motion, mel, domain = pool.sample(int(i))
             start, n = _crop(motion, window, rng)
             out["motion"][slot, :n] = motion[start:start + n]
             out["mel"][slot, :2 * n] = mel[2 * start:2 * (start + n)]
             out["mask"][slot, :n] = 1.0
+            if paired is not None and domain == 1:
+                out["target"][slot, :n] = paired[start:start + n]
+                out["target_mask"][slot, :n] = 1.0
         for slot in range(batch_size):
             seg = segments[int(rng.choice(len(segments), p=seg_weights))]
             start, n = _crop(seg, window, rng)
