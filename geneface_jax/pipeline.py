@@ -531,3 +531,52 @@ def lip_energy_correlation(video_path, landmarks, poses, intrinsics, energy):
     boxes = mouth_boxes(landmarks, poses, intrinsics, h, w)
     act = mouth_pixel_activity(read_video(video_path), boxes)
     return pearson(act, frame_energy_db(energy)[:len(act)])
+
+
+def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
+                       options: SynthesisOptions = SynthesisOptions(), own_frames=50):
+    """Where lip sync is lost: audio -> landmarks -> rendered mouth pixels.
+
+    Renders (no video file) the predicted landmarks of `wav` (16 kHz mono) and the
+    ground-truth `oracle_landmarks [N, 68, 3]` of the same audio (the synthetic person's,
+    `world.person_oracle`; eyes replaced by the reference track's, as in synthesis), and
+    the first `own_frames` frames of the person's own reference track.
+
+    Returns:
+      dict: for `predicted` and `oracle`: `pixels_energy` (r of the mouth-region darkening
+      with the loudness in dB: `lip_energy_corr`), `pixels_opening` (darkening vs the
+      rendered landmarks' mouth opening: how faithfully the NeRF draws the mouth),
+      `opening_energy` (opening vs loudness); `reference_pixels_opening` (the same NeRF
+      on the person's own landmarks and poses); `frames`.
+    """
+    wav = feat.pad_or_trim(np.asarray(wav, np.float32))
+    n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
+    if options.max_frames:
+        n = min(n, options.max_frames)
+        wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+    oracle = np.array(oracle_landmarks[:n], np.float32)
+    if oracle.shape != (n, 68, 3):
+        raise ShapeError(f"oracle landmarks must be [{n}, 68, 3], got {oracle.shape}")
+    ref = pipe.reference
+    energy = feat.frame_energy(wav)
+    loud = frame_energy_db(energy)[:n]
+    track = track_indices(n, len(ref), options.pose_mode)
+    res = pipe.landmarks(pipe.features(wav), energy, options=options, track=track)
+    oracle[:, EYES] = ref.landmarks[track][:, EYES]
+
+    def darkening(landmarks, frames_track):
+        frames = np.concatenate(list(pipe.render_frames(landmarks, frames_track,
+                                                        options=options)))
+        boxes = mouth_boxes(landmarks, ref.poses[frames_track], ref.intrinsics,
+                            ref.height, ref.width)
+        return mouth_pixel_activity(frames, boxes)
+
+    out = dict(frames=n)
+    for name, lms in (("predicted", res["landmarks"]), ("oracle", oracle)):
+        act, opening = darkening(lms, track), lm.mouth_opening(lms)
+        out[name] = dict(pixels_energy=pearson(act, loud), pixels_opening=pearson(act, opening),
+                         opening_energy=pearson(opening, loud))
+    own = np.arange(min(own_frames, len(ref)))
+    out["reference_pixels_opening"] = pearson(darkening(ref.landmarks[own], own),
+                                              lm.mouth_opening(ref.landmarks[own]))
+    return out

@@ -1,0 +1,60 @@
+r"""Where lip sync is lost between the audio and the rendered mouth (synthetic person).
+
+  python -m experiments.lip_breakdown --checkpoints=demo_out/checkpoints \
+      [--audio=../shared/data/speech/en_us_male.wav] [--temperature=1.0] [--seed=0]
+
+Renders (no video written) the predicted landmarks of the audio, the synthetic person's
+ground-truth landmarks of the same audio (`world.person_oracle`) and the person's own
+reference frames through the trained NeRF, and prints one JSON line
+(`pipeline.lip_sync_breakdown`): for `predicted` and `oracle`, `pixels_energy` (the demo's
+`lip_energy_corr`), `pixels_opening` (how faithfully the NeRF draws the landmarks' mouth
+opening) and `opening_energy`; `reference_pixels_opening` (the NeRF on the person's own
+landmarks). The oracle's `pixels_energy` is the most the renderer lets `lip_energy_corr`
+reach with perfect landmarks. Needs checkpoints trained on a synthetic person
+(`make_dataset --kind=person`, its seed is read from the dataset).
+"""
+
+import json
+import pathlib
+
+from absl import flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoints", None, "Directory of the trained stage runs.")
+flags.DEFINE_string("audio", str(pathlib.Path(__file__).resolve().parents[2] / "shared" /
+                                 "data" / "speech" / "en_us_male.wav"), "Input audio file.")
+flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("max_frames", 0, "Use only the first N frames (0: all).")
+flags.DEFINE_integer("own_frames", 50, "Reference frames rendered for the NeRF's own check.")
+
+
+def main(argv):
+    del argv
+    common.require("checkpoints")
+    from geneface_jax import pipeline as pl
+    from geneface_jax.audio import io as audio_io
+    from geneface_jax.data.synthetic import world
+    from geneface_jax.errors import DatasetError
+
+    samples = audio_io.load_audio(FLAGS.audio)
+    pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints)
+    data = pipe.head_run.get("data")
+    meta_path = pathlib.Path(data or "") / "meta.json"
+    meta = json.loads(meta_path.read_text()) if data and meta_path.is_file() else {}
+    if meta.get("source") != "synthetic" or "seed" not in meta:
+        raise DatasetError(f"{FLAGS.checkpoints}: the head run's person dataset ({data}) is "
+                           "not a synthetic person: no ground-truth landmarks to compare")
+    oracle = world.person_oracle(int(meta["seed"]), samples)["landmarks"]
+    out = pl.lip_sync_breakdown(
+        pipe, samples, oracle, own_frames=FLAGS.own_frames,
+        options=pl.SynthesisOptions(temperature=FLAGS.temperature, seed=FLAGS.seed,
+                                    max_frames=FLAGS.max_frames))
+    print(json.dumps(dict(out, audio=FLAGS.audio, temperature=FLAGS.temperature,
+                          seed=FLAGS.seed)))
+
+
+if __name__ == "__main__":
+    common.run(main)
