@@ -26,7 +26,7 @@ audio -> motion regression with the same capacity on the audio path.
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -41,9 +41,8 @@ a scalar keeps coordinates that never move in training from being blown up at in
 import dataclasses
 import json
 import pathlib
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Optional
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
