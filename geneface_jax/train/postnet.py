@@ -35,9 +35,9 @@ adversarial and sync losses and its person-audio samples to an MSE against the p
 tracked landmarks), and by default the MSE against the generator's own input ("stay close
 to the input", the issue's wording); `PostNetLossConfig(mse_target='person')` is
 GeneFace's MSE (person-audio samples against the person's tracked motion of the same
-frames, batch `target`/`target_mask`). Optimizers: Adam 1e-4 each, discriminator halved every 40k updates (StepLR),
-global-norm clipping at 1 (GeneFace's `clip_grad_norm`), a non-finite gradient skips that
-network's update.
+frames, batch `target`/`target_mask`). Optimizers: Adam 1e-4 each, discriminator halved
+every 40k updates (StepLR), global-norm clipping at 1 (GeneFace's `clip_grad_norm`), a
+non-finite gradient skips that network's update.
 """
 
 import dataclasses
