@@ -1,8 +1,9 @@
 """Shared pieces of the absl entry points: the common flag vocabulary and error handling.
 
 Every training entry point takes `--data`, `--workdir`, `--steps`, `--batch_size`,
-`--seed` and `--config=paper|small`; bad input (a `GenefaceError`) is printed as one line
-without a traceback and exits with status 2.
+`--seed`, `--config=paper|small` and the multi-host flags (`--distributed`, ...); bad
+input (a `GenefaceError`) is printed as one line without a traceback and exits with
+status 2.
 """
 
 import sys
@@ -28,6 +29,38 @@ def define_common_flags(*, steps, batch_size, data_help="Dataset directory."):
                       "paper: GeneFace's sizes; small: the documented CPU config.")
     flags.DEFINE_integer("log_every", 50, "Log/progress interval in steps.")
     flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint interval in steps.")
+    define_distributed_flags()
+
+
+def define_distributed_flags():
+    """Defines --distributed, --coordinator_address, --num_processes, --process_id."""
+    flags.DEFINE_bool("distributed", False,
+                      "Join a multi-host run (jax.distributed.initialize) before any JAX "
+                      "work: every host runs the same command. Without the three flags "
+                      "below the cluster is detected (SLURM, Open MPI, Cloud TPU pods).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "With --distributed: host:port of process 0, the same on every host.")
+    flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+    flags.DEFINE_integer("process_id", None,
+                         "With --distributed: this process' index in [0, num_processes).")
+
+
+def _maybe_initialize_distributed():
+    if "distributed" not in FLAGS:
+        return
+    explicit = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes",
+                                            "process_id") if FLAGS[k].value is not None}
+    if not FLAGS.distributed:
+        if explicit:
+            raise app.UsageError(f"--{sorted(explicit)[0]} needs --distributed")
+        return
+    n, pid = explicit.get("num_processes"), explicit.get("process_id")
+    if n is not None and n < 1:
+        raise app.UsageError(f"--num_processes must be >= 1, got {n}")
+    if pid is not None and (pid < 0 or n is not None and pid >= n):
+        raise app.UsageError(f"--process_id must be in [0, --num_processes), got {pid}")
+    from geneface_jax.train import parallel
+    parallel.initialize_distributed(**explicit)
 
 
 def require(*names):
@@ -43,6 +76,7 @@ def run(main):
         if not FLAGS["verbosity"].present:   # orbax logs every save at INFO
             logging.set_verbosity(logging.WARNING)
         try:
+            _maybe_initialize_distributed()
             return main(argv)
         except GenefaceError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -70,7 +104,9 @@ def prepare_workdir(workdir, run_cfg):
             raise CheckpointError(f"{workdir}: holds a run with a different configuration "
                                   f"(differs in {diff}); use another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, run_cfg)
+    import jax
+    if jax.process_index() == 0:          # several hosts: the main process writes
+        write_json_atomic(path, run_cfg)
     return workdir
 
 

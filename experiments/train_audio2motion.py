@@ -114,7 +114,8 @@ def main(argv):
                    syncnet=str(pathlib.Path(FLAGS.syncnet).absolute()) if syncnet else None,
                    syncnet_model=sync_cfg["model"] if syncnet else None)
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
-    np.save(workdir / "landmark_std.npy", std)   # motion = (landmarks - identity) / std
+    if train.is_main_process():
+        np.save(workdir / "landmark_std.npy", std)   # motion = (landmarks - identity) / std
     start_eval = evaluate(train.replicate(state, mesh), 0)
     start = common.Timer()
     state, last = train.train_loop(

@@ -148,7 +148,8 @@ def main(argv):
                    head=str(pathlib.Path(FLAGS.head).absolute()) if head_run else None,
                    head_model=head_run["model"] if head_run else None)
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
-    views.normalizer.save(workdir / "landmark_norm.npz")
+    if train.is_main_process():
+        views.normalizer.save(workdir / "landmark_norm.npz")
 
     lo, hi = views.split_range("valid") if "valid" in views.splits else views.split_range("train")
     eval_ts = np.unique(np.linspace(lo, hi - 1, max(1, FLAGS.eval_frames)).round().astype(int))

@@ -159,9 +159,10 @@ def main(argv):
                    syncnet_model=sync_cfg["model"] if syncnet else None)
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
     for name, arr in (("landmark_std", std), ("identity", identity)):
-        tmp = workdir / f".{name}.tmp.npy"
-        np.save(tmp, arr)
-        tmp.replace(workdir / f"{name}.npy")
+        if train.is_main_process():
+            tmp = workdir / f".{name}.tmp.npy"
+            np.save(tmp, arr)
+            tmp.replace(workdir / f"{name}.npy")
 
     # The stage-1 sample pool, drawn once per run directory.
     pool_path = workdir / "pool.npz"
@@ -187,7 +188,8 @@ def main(argv):
         pool = tp.build_pool(
             lambda mel, key: predictor.sample_motion(mel, key, FLAGS.temperature),
             sequences, seed=FLAGS.seed, progress=report)
-        pool.save(pool_path)
+        if train.is_main_process():        # every process drew the same pool
+            pool.save(pool_path)
 
     disc_scale = (tp.discriminator_scale(std, cfg.static_coords)
                   if FLAGS.disc_view == "landmarks" else None)

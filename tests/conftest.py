@@ -96,7 +96,7 @@ _FILE_WEIGHT = {"test_end_to_end.py": 550, "test_postnet.py": 240, "test_vae.py"
                 "test_nerf_train.py": 180, "test_stage1_cli.py": 130,
                 "test_preprocess.py": 110, "test_postnet_cli.py": 70, "test_fields.py": 65,
                 "test_wavenet_flows.py": 50, "test_hubert.py": 47, "test_render_core.py": 41,
-                "test_train_infra.py": 40, "test_pipeline.py": 30}
+                "test_multihost.py": 30, "test_train_infra.py": 40, "test_pipeline.py": 30}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,8 +16,9 @@
 Each ray's result depends only on that ray, so the output is the same on 1 or N devices and
 for any chunk size (up to float reassociation inside the field, ~1e-7). The compiled
 renderer is cached per `(render_rays_fn, mesh, chunk)` and per input shapes, so rendering
-frame after frame with the same function object compiles once. Single-host: `rays` are
-host or single-device arrays that jit reshards; for multi-host meshes build global arrays.
+frame after frame with the same function object compiles once. `rays` are host or
+single-device arrays that jit reshards; on a mesh spanning several hosts every process passes
+the same rays and gets the whole output back (it is replicated to every device).
 """
 
 import functools
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geneface_jax.errors import ShapeError
 from geneface_jax.train.parallel import DATA_AXIS, make_mesh
@@ -103,6 +104,9 @@ def _compiled(render_rays_fn: Callable, mesh, chunk: int):
         out = mapped(params, padded)
         return jax.tree.map(lambda y: y[:r], out)
 
+    if len({d.process_index for d in mesh.devices.flat}) > 1:
+        # Several hosts: each process can read back only what its own devices hold.
+        return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
     return jax.jit(run)
 
 

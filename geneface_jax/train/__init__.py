@@ -4,11 +4,15 @@ from geneface_jax.train.checkpoint import Checkpointer
 from geneface_jax.train.loop import epoch_indices, step_key, train_loop
 from geneface_jax.train.metrics import (MetricsWriter, Progress, write_final_metrics,
                                         write_json_atomic)
-from geneface_jax.train.parallel import (DATA_AXIS, data_parallel, device_rng, global_mean, global_normal, make_mesh,
-                                         pmean, replicate, shard_batch)
+from geneface_jax.train.parallel import (DATA_AXIS, data_parallel, device_rng, global_mean,
+                                         global_normal, initialize_distributed,
+                                         is_main_process, make_mesh, pmean, replicate,
+                                         shard_batch)
 from geneface_jax.train.state import TrainState, grads_finite, lr_schedule, make_optimizer
 
 __all__ = ["Checkpointer", "epoch_indices", "step_key", "train_loop", "MetricsWriter",
            "Progress", "write_final_metrics", "write_json_atomic", "DATA_AXIS",
-           "data_parallel", "device_rng", "global_mean", "global_normal", "make_mesh", "pmean", "replicate", "shard_batch",
+           "data_parallel", "device_rng", "global_mean", "global_normal",
+           "initialize_distributed", "is_main_process", "make_mesh", "pmean", "replicate",
+           "shard_batch",
            "TrainState", "grads_finite", "lr_schedule", "make_optimizer"]

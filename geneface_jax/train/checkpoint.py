@@ -38,11 +38,22 @@ class Checkpointer:
 
     def restore(self, template, step=None):
         """Restores the state at `step` (default latest) into `template`'s structure,
-        dtypes and shardings; returns None if there is no checkpoint."""
+        dtypes and shardings (a leaf without one goes to this process' first device);
+        returns None if there is no checkpoint."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        # Leaves without a sharding (a `jax.eval_shape` template) are restored on this
+        # process' first device, whatever topology (devices, hosts) saved them.
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target(x):
+            s = ocp.utils.to_shape_dtype_struct(x)
+            if getattr(s, "sharding", None) is None:
+                s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here)
+            return s
+
+        abstract = jax.tree.map(target, template)
         try:
             out = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

@@ -58,11 +58,15 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
         `extra` differs from the saved one raises CheckpointError.
       eval_fn: optional `eval_fn(state, step) -> dict` run every `eval_every` steps.
       replicated: top-level batch entries every device sees whole (`parallel.shard_batch`).
+    On several hosts (`parallel.initialize_distributed`) every process calls this with the
+    same arguments; metrics.jsonl / tb / progress come from the main process only.
     Returns:
       (final state, last logged metrics as floats).
     """
     workdir = pathlib.Path(workdir)
     mesh = mesh or parallel.make_mesh()
+    main = parallel.is_main_process()      # several hosts: one writes logs, all checkpoint
+    progress = progress and main
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=max_to_keep)
     state = parallel.replicate(state, mesh)
     if ckpt.latest_step() is not None:
@@ -79,7 +83,7 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
                   file=sys.stderr, flush=True)
     step = int(state.step)
     run_step = parallel.data_parallel(step_fn, mesh, replicated=replicated)
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir) if main else metrics_lib.NullWriter()
     prog = metrics_lib.Progress(num_steps, start_step=step, name=name)
     last = {}
     try:

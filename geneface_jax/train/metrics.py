@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 
@@ -47,8 +48,10 @@ def write_json_atomic(path, obj):
 
 
 def write_final_metrics(workdir, metrics):
-    """Writes the run's final figures to `WORKDIR/metrics.json` (atomically)."""
-    return write_json_atomic(pathlib.Path(workdir) / "metrics.json", metrics)
+    """Writes the run's final figures to `WORKDIR/metrics.json` (atomically; on several
+    hosts only the main process writes)."""
+    if jax.process_index() == 0:
+        write_json_atomic(pathlib.Path(workdir) / "metrics.json", metrics)
 
 
 class MetricsWriter:
@@ -78,6 +81,16 @@ class MetricsWriter:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullWriter:
+    """A MetricsWriter that writes nothing (the other processes of a multi-host run)."""
+
+    def write(self, step, scalars):
+        del step, scalars
+
+    def close(self):
+        pass
 
 
 def _duration(seconds):
@@ -120,7 +133,9 @@ class Progress:
         return " | ".join(parts)
 
     def report(self, step, scalars=None):
-        print(self.line(step, scalars), file=self.stream, flush=True)
+        """Prints the line (on the main process only: one line per step on several hosts)."""
+        if jax.process_index() == 0:
+            print(self.line(step, scalars), file=self.stream, flush=True)
 
 
 def pearson(a, b):

@@ -11,6 +11,13 @@ returns the global-batch gradient, identical on every device. Do not `pmean` the
 again (they would be correct only by accident). Metrics are `pmean`-ed; BatchNorm layers
 use `axis_name=DATA_AXIS` so their statistics are those of the global batch. With equal
 per-device shards, N-device results equal 1-device results up to float reassociation.
+
+Several hosts (multi-controller JAX): every process runs the same program after
+`initialize_distributed()`; `make_mesh()` then spans the devices of every host. Each process
+computes the step's *global* host batch (`get_batch(step)` is a pure function of the step)
+and `shard_batch` transfers only the rows of its own devices; replicated values (state,
+metrics) read back identically on every process. Files of a run are written by the main
+process only (`is_main_process`); orbax checkpoints are written by all together.
 """
 
 import jax
@@ -21,6 +28,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from geneface_jax.errors import ShapeError
 
 DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Joins a multi-host run (`jax.distributed.initialize`); call before any JAX work.
+
+    With no arguments the cluster is detected (SLURM, Open MPI, Cloud TPU pods, ...).
+    Otherwise every process passes the same `coordinator_address` ("host:port" of process
+    0) and `num_processes`, and its own `process_id` in [0, num_processes). On CPU the
+    cross-process collectives use gloo (JAX's default), so the multi-host path is testable
+    without accelerators.
+    """
+    kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address,
+                                     num_processes=num_processes,
+                                     process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kwargs)
+
+
+def is_main_process():
+    """True on process 0 (the only one that writes a run's files); always on one host."""
+    return jax.process_index() == 0
 
 
 def make_mesh(devices=None):
@@ -88,7 +115,9 @@ def _batch_spec(batch, replicated):
 
 def shard_batch(batch, mesh, replicated=()):
     """Puts a host batch (pytree, leading axis = global batch) sharded over `data`;
-    top-level dict entries named in `replicated` go whole to every device."""
+    top-level dict entries named in `replicated` go whole to every device. On several
+    hosts every process passes the same global batch and only its devices' rows are
+    transferred."""
     n = mesh.shape[DATA_AXIS]
     sharded = {k: v for k, v in batch.items() if k not in replicated} if replicated else batch
     for leaf in jax.tree.leaves(sharded):

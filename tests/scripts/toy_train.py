@@ -1,6 +1,7 @@
 """A toy regression trained with the project's training stack (used by the resume tests).
 
-  python tests/scripts/toy_train.py --workdir=DIR --steps=60 --checkpoint_every=10
+  python tests/scripts/toy_train.py --workdir=DIR --steps=60 --checkpoint_every=10 \
+      [--all_devices] [--distributed --coordinator_address=... --num_processes=N --process_id=I]
 
 Writes DIR/final_params.npz and DIR/metrics.json at the end.
 """
@@ -13,8 +14,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from experiments import common  # noqa: E402
 from geneface_jax import train  # noqa: E402
 
 NUM_EXAMPLES, DIM = 96, 8
@@ -79,6 +81,8 @@ flags.DEFINE_integer("steps", 60, "Total steps.")
 flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint interval.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 flags.DEFINE_float("sleep", 0.0, "Seconds to sleep per step (lets a test kill mid-run).")
+flags.DEFINE_bool("all_devices", False, "Mesh over every device (default: the first one).")
+common.define_distributed_flags()
 
 
 def main(argv):
@@ -93,14 +97,17 @@ def main(argv):
 
     state, last = train.train_loop(
         workdir=FLAGS.workdir, state=make_state(), step_fn=step_fn, get_batch=slow_get,
-        num_steps=FLAGS.steps, mesh=train.make_mesh(jax.devices()[:1]), log_every=5,
+        num_steps=FLAGS.steps,
+        mesh=train.make_mesh(None if FLAGS.all_devices else jax.devices()[:1]), log_every=5,
         checkpoint_every=FLAGS.checkpoint_every, extra={"model": "toy", "dim": DIM})
     params = jax.device_get(state.params)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(os.path.join(FLAGS.workdir, "final_params.npz"), **flat)
-    train.write_final_metrics(FLAGS.workdir, {"loss": last["loss"], "steps": FLAGS.steps})
+    if train.is_main_process():
+        np.savez(os.path.join(FLAGS.workdir, "final_params.npz"), **flat)
+    train.write_final_metrics(FLAGS.workdir, {"loss": last["loss"], "steps": FLAGS.steps,
+                                              "devices": jax.device_count()})
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)          # as the entry points: --distributed joins a multi-host run
