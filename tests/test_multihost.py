@@ -19,7 +19,7 @@ from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
 from geneface_jax.train import audio2motion as a2m
 
-from conftest import REPO, SUBPROCESS_XLA_FLAGS
+from conftest import REPO, SUBPROCESS_XLA_FLAGS, run_module
 
 SYNC_ARGS = ("--config=small", "--batch_size=16", "--eval_pairs=16", "--eval_every=0",
              "--log_every=2", "--checkpoint_every=4")
@@ -53,13 +53,6 @@ def _launch(argv_of, num_processes=2, devices=4, timeout=600):
             if p.poll() is None:
                 p.kill()
     return results
-
-
-def _run_one(module, *args, devices=8):
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(devices),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +118,8 @@ def test_toy_run_on_two_hosts_resumes_and_matches_one_host(tmp_path):
 def test_two_hosts_resume_and_match_one_host(corpus_dir, tmp_path):
     data = f"--data={corpus_dir}"
     ref, multi = tmp_path / "one_host", tmp_path / "two_hosts"
-    _run_one("experiments.train_syncnet", data, f"--workdir={ref}", "--steps=8", *SYNC_ARGS)
+    run_module("experiments.train_syncnet", data, f"--workdir={ref}", "--steps=8", *SYNC_ARGS,
+               devices=8)
     # Steps 4-7 on two hosts, resuming the one-host run's checkpoint of step 4 (copied
     # into a fresh run directory).
     (multi / "checkpoints").mkdir(parents=True)
