@@ -33,3 +33,7 @@ def test_nerf_benchmark_smoke():
     assert 0.0 <= out["equivalence_max_abs_err"] <= 1e-4
     assert 0.0 <= out["render_max_abs_err"] <= 1e-4
     assert out["config"] == "small" and out["rays"] > 0 and out["threads"] >= 1
+    # achieved FLOP/s against the measured matmul peak
+    peak = max(out["matmul_peak_gflops"].values())
+    assert peak > 0 and out["jax_step_gflops"] > 0
+    assert out["peak_fraction"] == pytest.approx(out["jax_step_gflops"] / peak, rel=0.02)

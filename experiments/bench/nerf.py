@@ -42,7 +42,11 @@ parameters after Adam; the deterministic full-frame renders must agree (<= 1e-4)
 
 Timed calls of the contenders are interleaved (one JAX step, one PyTorch step, ...) so
 that load from other processes hits both alike; rays/s is rays per call / the median call
-time. The last line printed is one JSON object.
+time. `peak_fraction`: XLA's FLOP count of the whole compiled training step per median
+step, over the machine's measured float32 matmul peak with the same cores (the best of
+512-2048 square products in JAX and in PyTorch, `matmul_peak_gflops`);
+`render_peak_fraction` likewise with the render's MLP FLOPs. The last line printed is one
+JSON object.
 """
 
 import dataclasses
@@ -612,6 +616,31 @@ def xla_flops(compiled):
     return float(cost["flops"])
 
 
+def matmul_peak(sizes, repeats, torch):
+    """The measured float32 matmul peak of this process' core budget, GFLOP/s: for each n
+    in `sizes`, the fastest of `repeats` n x n x n products, in JAX (jit of `jnp.dot`) and
+    in PyTorch (`torch.mm`). Returns {"jax": best GFLOP/s, "torch": best GFLOP/s}."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(0)
+    dot = jax.jit(jnp.dot)
+    best = {"jax": 0.0, "torch": 0.0}
+    for n in sizes:
+        a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+        ja, jb = jax.device_put(a), jax.device_put(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        calls = {"jax": lambda: dot(ja, jb).block_until_ready(),
+                 "torch": lambda: torch.mm(ta, tb)}
+        for name, call in calls.items():
+            call()                                          # compile / warm up
+            for _ in range(repeats):
+                t = time.perf_counter()
+                call()
+                best[name] = max(best[name], 2.0 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return {k: round(v, 1) for k, v in best.items()}
+
+
 def load_note(load, threads):
     """A warning when other processes loaded the machine during a multi-thread run."""
     cores = os.cpu_count() or 1
@@ -811,21 +840,33 @@ def main(argv):
             f"{frame_rays / r_med[name]:.0f} rays/s")
     r_ref = min(render_runners, key=lambda n: r_med[n])
 
+    # ---- FLOP counts and the machine's measured matmul peak
+    per_ray_evals = 2 * cfg.num_coarse + cfg.num_fine
+    samples = rays_per_step * per_ray_evals
+    # fwd + 2 matmuls in bwd. PyTorch multiplies the per-ray inputs per sample; the
+    # JAX side once per ray and pass (2 passes: coarse, fine).
+    mlp_flops = 3 * 2 * samples * mlp_macs_per_sample(cfg)
+    jax_mlp_flops = 3 * 2 * (samples * (mlp_macs_per_sample(cfg) - per_ray_macs(cfg))
+                             + rays_per_step * 2 * per_ray_macs(cfg))
+    step_flops = xla_flops(jax_step)
+    render_flops = 2 * frame_rays * per_ray_evals * mlp_macs_per_sample(cfg)
+    jax_render_flops = 2 * frame_rays * (per_ray_evals * (mlp_macs_per_sample(cfg)
+                                                          - per_ray_macs(cfg))
+                                         + 2 * per_ray_macs(cfg))
+    peak = matmul_peak((256,) if FLAGS.smoke else (512, 1024, 2048),
+                       2 if FLAGS.smoke else 5, torch)
+    peak_gflops = max(peak.values())
+    # Achieved: XLA's FLOP count of the whole compiled step (the analytic MLP count where
+    # the backend reports none) per median step; the render's MLP FLOPs per median frame.
+    jax_step_gflops = (step_flops or jax_mlp_flops) / med["jax"] / 1e9
+    jax_render_gflops = jax_render_flops / r_med["jax"] / 1e9
+    log(f"matmul peak {peak} GFLOP/s; JAX training step {jax_step_gflops:.1f} GFLOP/s "
+        f"({jax_step_gflops / peak_gflops:.0%} of peak), render "
+        f"{jax_render_gflops:.1f} GFLOP/s ({jax_render_gflops / peak_gflops:.0%})")
+
     # ---- profile
     profile = {}
     if do_profile:
-        per_ray_evals = 2 * cfg.num_coarse + cfg.num_fine
-        samples = rays_per_step * per_ray_evals
-        # fwd + 2 matmuls in bwd. PyTorch multiplies the per-ray inputs per sample; the
-        # JAX side once per ray and pass (2 passes: coarse, fine).
-        mlp_flops = 3 * 2 * samples * mlp_macs_per_sample(cfg)
-        jax_mlp_flops = 3 * 2 * (samples * (mlp_macs_per_sample(cfg) - per_ray_macs(cfg))
-                                 + rays_per_step * 2 * per_ray_macs(cfg))
-        step_flops = xla_flops(jax_step)
-        render_flops = 2 * frame_rays * per_ray_evals * mlp_macs_per_sample(cfg)
-        jax_render_flops = 2 * frame_rays * (per_ray_evals * (mlp_macs_per_sample(cfg)
-                                                              - per_ray_macs(cfg))
-                                             + 2 * per_ray_macs(cfg))
         top, matmul_share = torch_top_ops(eager)
         profile = {
             "field_evaluations_per_step": samples,
@@ -862,6 +903,12 @@ def main(argv):
         "torch_render_rays_per_s": round(torch_render_rps, 1),
         "render_speedup": round(jax_render_rps / torch_render_rps, 3),
         "torch_render_reference": r_ref,
+        "peak_fraction": round(jax_step_gflops / peak_gflops, 3),
+        "render_peak_fraction": round(jax_render_gflops / peak_gflops, 3),
+        "jax_step_gflops": round(jax_step_gflops, 2),
+        "jax_render_gflops": round(jax_render_gflops, 2),
+        "matmul_peak_gflops": peak,
+        "step_flops_source": "xla cost analysis" if step_flops else "analytic MLP count",
         "torch_compile": compile_note,
         "config": cfg_name, "rays": rays_per_step,
         "samples_per_ray": [cfg.num_coarse, cfg.num_coarse + cfg.num_fine],
