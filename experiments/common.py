@@ -91,6 +91,7 @@ def prepare_workdir(workdir, run_cfg):
     import pathlib
     from geneface_jax.errors import CheckpointError
     from geneface_jax.train.metrics import _plain, write_json_atomic
+    from geneface_jax.train.parallel import is_main_process
     workdir = pathlib.Path(workdir)
     path = workdir / "config.json"
     if path.is_file():
@@ -104,8 +105,7 @@ def prepare_workdir(workdir, run_cfg):
             raise CheckpointError(f"{workdir}: holds a run with a different configuration "
                                   f"(differs in {diff}); use another --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
-    import jax
-    if jax.process_index() == 0:          # several hosts: the main process writes
+    if is_main_process():                 # several hosts: the main process writes
         write_json_atomic(path, run_cfg)
     return workdir
 

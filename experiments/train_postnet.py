@@ -158,8 +158,8 @@ def main(argv):
                    syncnet=absolute(syncnet_dir) if syncnet else None,
                    syncnet_model=sync_cfg["model"] if syncnet else None)
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
-    for name, arr in (("landmark_std", std), ("identity", identity)):
-        if train.is_main_process():
+    if train.is_main_process():
+        for name, arr in (("landmark_std", std), ("identity", identity)):
             tmp = workdir / f".{name}.tmp.npy"
             np.save(tmp, arr)
             tmp.replace(workdir / f"{name}.npy")

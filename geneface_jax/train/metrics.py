@@ -8,8 +8,9 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
+
+from geneface_jax.train.parallel import is_main_process
 
 
 def _plain(value):
@@ -50,7 +51,7 @@ def write_json_atomic(path, obj):
 def write_final_metrics(workdir, metrics):
     """Writes the run's final figures to `WORKDIR/metrics.json` (atomically; on several
     hosts only the main process writes)."""
-    if jax.process_index() == 0:
+    if is_main_process():
         write_json_atomic(pathlib.Path(workdir) / "metrics.json", metrics)
 
 
@@ -134,7 +135,7 @@ class Progress:
 
     def report(self, step, scalars=None):
         """Prints the line (on the main process only: one line per step on several hosts)."""
-        if jax.process_index() == 0:
+        if is_main_process():
             print(self.line(step, scalars), file=self.stream, flush=True)
 
 
