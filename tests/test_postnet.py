@@ -219,11 +219,21 @@ def test_d_step_and_g_step_only_touch_their_own_network():
     _assert_tree_differs(after_g.params["generator"], host.params["generator"])
     _assert_tree_differs(after_g.batch_stats, host.batch_stats)
     assert int(after_g.step) == 1 and mg["g_adv"] > 0 and mg["g_mse"] > 0
-    # The EMA moved 10 % of the way to the new generator variables.
-    new_vars = after_g.generator_variables(ema=False)
-    for e, old, new in zip(jax.tree.leaves(after_g.ema), jax.tree.leaves(host.ema),
-                           jax.tree.leaves(new_vars)):
-        np.testing.assert_allclose(e, 0.9 * old + 0.1 * new, rtol=1e-5, atol=1e-7)
+    # The bias-corrected EMA: the first update copies the new generator variables (no
+    # weight left on the random initial ones), the second weighs the two updates
+    # 0.9 : 1 (decay 0.9 (1 - 0.9) / (1 - 0.81)).
+    first = jax.device_get(after_g.generator_variables(ema=False))
+    for e, new in zip(jax.tree.leaves(after_g.ema), jax.tree.leaves(first)):
+        np.testing.assert_allclose(e, new, rtol=1e-6, atol=1e-7)
+    twice, _ = _run(steps.g_step, after_g, batch,
+                    jax.random.PRNGKey(4), ONE)
+    second = twice.generator_variables(ema=False)
+    d2 = 0.9 * 0.1 / 0.19
+    assert abs(float(tp.ema_decay_at(0.9, 2)) - d2) < 1e-6
+    for e, a, b in zip(jax.tree.leaves(twice.ema), jax.tree.leaves(first),
+                       jax.tree.leaves(second)):
+        np.testing.assert_allclose(e, d2 * a + (1 - d2) * b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(e, (0.9 * a + b) / 1.9, rtol=1e-5, atol=1e-7)
 
     # The combined step = the generator half of g_step + the discriminator half of d_step.
     both, mb = _run(steps.train_step, state, batch, key, ONE)
