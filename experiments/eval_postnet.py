@@ -43,6 +43,9 @@ flags.DEFINE_list("splits", ["test"], "Corpus splits of held-out audio.")
 flags.DEFINE_string("person_split", "valid", "Person split of held-out audio ('' for none).")
 flags.DEFINE_enum("reference", "all", ["all", "train", "valid"],
                   "The person's frames forming the real landmark distribution.")
+flags.DEFINE_enum("generator", "selected", ["selected", "final"],
+                  "Which post-net to evaluate: the one inference uses (the run's selected "
+                  "generator, if any) or the EMA of its last checkpoint.")
 flags.DEFINE_integer("samples", 1, "Stage-1 samples per held-out sequence.")
 flags.DEFINE_float("temperature", 1.0, "Prior temperature of the stage-1 samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -110,7 +113,8 @@ def main(argv):
     from geneface_jax.train import postnet as tp
 
     timer = common.Timer()
-    config, g_vars, run_cfg, std, identity = tp.load_postnet(FLAGS.postnet)
+    config, g_vars, run_cfg, std, identity = tp.load_postnet(
+        FLAGS.postnet, selected=FLAGS.generator == "selected")
     person = fmt.load_person(FLAGS.data or run_cfg["data"])
     corpus = fmt.load_corpus(FLAGS.corpus or run_cfg["corpus"])
     mc, a2m_vars, _, a2m_std = a2m.load_audio2motion(FLAGS.audio2motion or
@@ -164,7 +168,8 @@ def main(argv):
                sync_drop=out["sync_before"] - out["sync_after"])
     out["bar_met"] = bool(out["fd_reduction"] >= FLAGS.bar_fd_reduction
                           and out["sync_drop"] <= FLAGS.bar_sync_drop)
-    out.update(per_source=per_source, reference=FLAGS.reference, splits=FLAGS.splits,
+    out.update(per_source=per_source, inference_generator=run_cfg["inference_generator"],
+               reference=FLAGS.reference, splits=FLAGS.splits,
                person_split=FLAGS.person_split, samples=FLAGS.samples,
                temperature=FLAGS.temperature, reference_frames=int(len(reference)),
                units="fd in squared landmark (head) units", minutes=timer.minutes())

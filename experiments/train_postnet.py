@@ -24,14 +24,22 @@ corpus (`--corpus`) and SyncNet (`--syncnet`) are the defaults for those flags.
    + 0.05 MSE to the input) and the frame-level discriminator (real = crops of the
    person's train motion). Adam 1e-4 each (beta1 0: no momentum, like GeneFace's
    RMSprop), discriminator lr halved every 40k steps. The post-net saved for inference is
-   the exponential moving average of the generator (`--ema_decay`).
+   the exponential moving average of the generator (`--ema_decay`); with `--select`
+   (default) it is the EMA of the pool check (below; every `--eval_every` steps) with
+   the lowest pool Fréchet distance, kept in `selected_generator.msgpack` (the last EMA
+   when no check ran). Checks fall on a fixed grid of steps, so a resumed or extended run
+   selects what an uninterrupted one does.
+   The adversarial game does not converge: after a few thousand steps the critic starts
+   to win (it sees the same few hundred real frames again and again) and the refined
+   motion drifts away from the person's again, so the last step is not the best one.
 
 Held out for `eval_postnet`: the person's `valid` frames and the corpus' `test` split.
 Writes WORKDIR/config.json, pool.npz, checkpoints, metrics.jsonl and metrics.json (the
 last logged losses as `train_*`, `pool_fd_before` / `pool_fd_after`: Fréchet distance
 between the identity-removed landmarks (head units) of `--eval_samples` corpus samples of
-the pool, before / after refinement, and the person's train frames; `steps_per_s`,
-`minutes`).
+the pool, before / after refinement, and the person's train frames; `pool_fd_selected`
+and `selected_step` of the generator inference uses; `steps_per_s`, `minutes`). The pool
+check sees only training data (train-speaker samples, the person's train frames).
 """
 
 import dataclasses
@@ -73,8 +81,12 @@ flags.DEFINE_enum("mse_target", "input", ["input", "person"],
 flags.DEFINE_enum("disc_view", "landmarks", ["landmarks", "normalized"],
                   "What the discriminator sees: landmarks (motion x std / rms(std), "
                   "GeneFace's un-normalised geometry) or the normalised motion itself.")
-flags.DEFINE_integer("eval_every", 0, "Interval of the pool Fréchet-distance check "
+flags.DEFINE_integer("eval_every", 1000, "Interval of the pool Fréchet-distance check "
                      "(0: only at the end).")
+flags.DEFINE_bool("select", True, "Inference uses the generator EMA of the pool check "
+                  "(every --eval_every steps) with the lowest pool Fréchet distance "
+                  "(selected_generator.msgpack), not necessarily the last; without any "
+                  "check, the last.")
 flags.DEFINE_integer("eval_samples", 128, "Corpus pool samples in the Fréchet check.")
 
 
@@ -205,9 +217,21 @@ def main(argv):
         len(corpus_ids))[:FLAGS.eval_samples]]
     pool_fd = pool_fd_fn(pool, real, cfg, eval_ids, std)
 
+    selected = [tp.read_selected_info(workdir)]
+
+    def consider(variables, step, fd):
+        """Keeps `variables` as the inference generator if they beat the selection."""
+        best = selected[0]
+        if FLAGS.select and (best is None or fd < best["pool_fd"]):
+            selected[0] = {"step": int(step), "pool_fd": float(fd)}
+            if train.is_main_process():
+                tp.save_selected_generator(workdir, variables, step, fd)
+
     def evaluate(st, step):
-        del step
-        return {"pool_fd": pool_fd(jax.device_get(st.generator_variables()))}
+        variables = jax.device_get(st.generator_variables())
+        fd = pool_fd(variables)
+        consider(variables, step, fd)
+        return {"pool_fd": fd}
 
     fd_before = pool_fd(None)
     start = common.Timer()
@@ -216,8 +240,11 @@ def main(argv):
         num_steps=FLAGS.steps, mesh=mesh, log_every=FLAGS.log_every,
         checkpoint_every=FLAGS.checkpoint_every, extra=run_cfg, eval_fn=evaluate,
         eval_every=FLAGS.eval_every, name="postnet ")
-    fd_after = pool_fd(jax.device_get(state.generator_variables()))
+    final = jax.device_get(state.generator_variables())
+    fd_after = pool_fd(final)
+    sel = selected[0] or {"step": FLAGS.steps, "pool_fd": fd_after}
     out = dict(pool_fd_before=fd_before, pool_fd_after=fd_after,
+               pool_fd_selected=sel["pool_fd"], selected_step=sel["step"],
                **{f"train_{k}": v for k, v in last.items() if not k.startswith("eval_")},
                steps=FLAGS.steps, steps_per_s=FLAGS.steps / max(start.minutes() * 60, 1e-9),
                minutes=timer.minutes(), devices=n_dev, pool_samples=int(len(pool.samples)),

@@ -143,6 +143,44 @@ def test_bad_inputs_give_one_clear_error(world_dirs, trained, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, trained, tmp_path):
+    """--select (default): every pool check (here every 2 steps) may replace the
+    generator inference uses; load_postnet returns the one with the lowest pool FD."""
+    # The default run (6 steps, a check every 1000) has none: inference uses its last EMA.
+    assert tp.read_selected_info(trained) is None
+    assert tp.load_postnet(trained)[2]["inference_generator"] == dict(source="final_ema",
+                                                                      step=6)
+    work = tmp_path / "sel"
+    _train(world_dirs, work, 6, "--eval_every=2")
+    checks = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    fds = {c["step"]: c["eval_pool_fd"] for c in checks if "eval_pool_fd" in c}
+    m = json.loads((work / "metrics.json").read_text())
+    assert sorted(fds) == [2, 4, 6] and abs(fds[6] - m["pool_fd_after"]) < 1e-12
+    best = min(fds, key=fds.get)
+    info = tp.read_selected_info(work)
+    assert info == {"step": best, "pool_fd": fds[best]}
+    assert (m["selected_step"], m["pool_fd_selected"]) == (best, fds[best])
+    _, g_vars, cfg, std, _ = tp.load_postnet(work)
+    assert cfg["inference_generator"] == dict(source="selected", **info)
+    assert tp.load_postnet(work, selected=False)[2]["inference_generator"] == dict(
+        source="final_ema", step=6)
+    # The selected variables give the selected pool FD (the check's own computation).
+    import experiments.train_postnet as cli
+    pool = tp.SamplePool.load(work / "pool.npz")
+    person = fmt.load_person(world_dirs / "person")
+    real, _ = tp.person_motion(person, std, "train")
+    ids = pool.domain_samples(0)
+    ids = ids[np.random.default_rng(0).permutation(len(ids))[:4]]
+    config = tp.load_postnet(work)[0]
+    assert abs(cli.pool_fd_fn(pool, real, config, ids, std)(g_vars) - fds[best]) \
+        <= 1e-6 * fds[best]
+    # --noselect: no selection file, inference uses the last checkpoint's EMA.
+    plain = tmp_path / "plain"
+    _train(world_dirs, plain, 4, "--eval_every=2", "--noselect")
+    assert tp.read_selected_info(plain) is None
+    assert tp.load_postnet(plain)[2]["inference_generator"] == dict(source="final_ema", step=4)
+
+
 @pytest.mark.slow
 def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
     part = tmp_path / "part"
@@ -152,6 +190,15 @@ def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
     a = jax.tree.leaves(tp.load_postnet(trained)[1])
     b = jax.tree.leaves(tp.load_postnet(part)[1])
     for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    # With pool checks every 2 steps the selection survives the interruption too.
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(world_dirs, whole, 6, "--eval_every=2")
+    _train(world_dirs, split, 3, "--eval_every=2")
+    _train(world_dirs, split, 6, "--eval_every=2")
+    assert tp.read_selected_info(split) == tp.read_selected_info(whole)
+    for x, y in zip(jax.tree.leaves(tp.load_postnet(whole)[1]),
+                    jax.tree.leaves(tp.load_postnet(split)[1])):
         np.testing.assert_array_equal(x, y)
 
 
