@@ -312,9 +312,6 @@ def test_ten_minute_audio_streams_in_bounded_memory(demo, clip, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 6 bar not met yet: the default demo measured "
-                   "lip_energy_corr 0.43 (bar 0.5), sync_corr 0.54; ground-truth landmarks "
-                   "through its NeRF give 0.51 (experiments.lip_breakdown)", strict=False)
 def test_default_demo_lip_motion_follows_the_audio(tmp_path):
     """The embedded default (`python -m experiments.demo`, ~30 min on 2 CPU cores): the
     rendered mouth region darkens with the speech energy (r >= 0.5)."""
