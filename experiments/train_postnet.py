@@ -90,23 +90,6 @@ flags.DEFINE_bool("select", True, "Inference uses the generator EMA of the pool 
 flags.DEFINE_integer("eval_samples", 128, "Corpus pool samples in the Fréchet check.")
 
 
-def pool_fd_fn(pool, real, config, ids, std):
-    """`fd(generator_variables or None) -> float`: Fréchet distance between the landmark
-    vectors (identity removed, head units) of the pool samples `ids` (refined when
-    variables are given) and of the real frames."""
-    import numpy as np
-    from geneface_jax.motion.postnet import refine_motion
-    from geneface_jax.train.postnet import frechet_distance
-    seqs = [pool.sample(int(i))[0] for i in ids]
-    scale = np.asarray(std, np.float32).reshape(-1)
-
-    def fd(variables=None):
-        out = [refine_motion(config, variables, m) if variables is not None else m
-               for m in seqs]
-        return frechet_distance(np.concatenate(out) * scale, real * scale)
-    return fd
-
-
 def main(argv):
     del argv
     common.require("data", "audio2motion", "workdir")
@@ -215,7 +198,7 @@ def main(argv):
         corpus_ids = pool.domain_samples(1)
     eval_ids = corpus_ids[np.random.default_rng(FLAGS.seed).permutation(
         len(corpus_ids))[:FLAGS.eval_samples]]
-    pool_fd = pool_fd_fn(pool, real, cfg, eval_ids, std)
+    pool_fd = tp.pool_fd_fn(pool, real, cfg, eval_ids, std)
 
     selected = [tp.read_selected_info(workdir)]
 

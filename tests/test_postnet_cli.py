@@ -165,14 +165,13 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     assert tp.load_postnet(work, selected=False)[2]["inference_generator"] == dict(
         source="final_ema", step=6)
     # The selected variables give the selected pool FD (the check's own computation).
-    import experiments.train_postnet as cli
     pool = tp.SamplePool.load(work / "pool.npz")
     person = fmt.load_person(world_dirs / "person")
     real, _ = tp.person_motion(person, std, "train")
     ids = pool.domain_samples(0)
     ids = ids[np.random.default_rng(0).permutation(len(ids))[:4]]
     config = tp.load_postnet(work)[0]
-    assert abs(cli.pool_fd_fn(pool, real, config, ids, std)(g_vars) - fds[best]) \
+    assert abs(tp.pool_fd_fn(pool, real, config, ids, std)(g_vars) - fds[best]) \
         <= 1e-6 * fds[best]
     # --noselect: no selection file, inference uses the last checkpoint's EMA.
     plain = tmp_path / "plain"

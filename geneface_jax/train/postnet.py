@@ -595,6 +595,20 @@ def frechet_distance(a, b, eps=0.0):
     return float(np.sum(np.square(mu_a - mu_b)) + np.trace(s_a) + np.trace(s_b) - 2.0 * cross)
 
 
+def pool_fd_fn(pool, real, config, ids, std):
+    """`fd(generator_variables or None) -> float`: Fréchet distance between the landmark
+    vectors (identity removed, head units) of the pool samples `ids` (refined by the
+    generator when variables are given) and of the real frames `real` `[n, D]`."""
+    seqs = [pool.sample(int(i))[0] for i in ids]
+    scale = np.asarray(std, np.float32).reshape(-1)
+
+    def fd(variables=None):
+        out = [pn.refine_motion(config, variables, m) if variables is not None else m
+               for m in seqs]
+        return frechet_distance(np.concatenate(out) * scale, np.asarray(real) * scale)
+    return fd
+
+
 # --------------------------------------------------------------------------- selection
 
 SELECTED_FILE = "selected_generator.msgpack"   # generator variables inference uses
