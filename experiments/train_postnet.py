@@ -223,8 +223,7 @@ def main(argv):
         num_steps=FLAGS.steps, mesh=mesh, log_every=FLAGS.log_every,
         checkpoint_every=FLAGS.checkpoint_every, extra=run_cfg, eval_fn=evaluate,
         eval_every=FLAGS.eval_every, name="postnet ")
-    final = jax.device_get(state.generator_variables())
-    fd_after = pool_fd(final)
+    fd_after = pool_fd(jax.device_get(state.generator_variables()))
     sel = selected[0] or {"step": FLAGS.steps, "pool_fd": fd_after}
     out = dict(pool_fd_before=fd_before, pool_fd_after=fd_after,
                pool_fd_selected=sel["pool_fd"], selected_step=sel["step"],

@@ -634,15 +634,13 @@ def save_selected_generator(workdir, variables, step, pool_fd):
     (`train_postnet` keeps the EMA with the lowest pool Fréchet distance) and their step
     and score; both files are replaced atomically (variables first, so the JSON never
     names variables that are not on disk)."""
-    import json
+    from geneface_jax.train.metrics import write_json_atomic
     w = pathlib.Path(workdir)
-    for name, data in ((SELECTED_FILE, flax.serialization.to_bytes(jax.device_get(variables))),
-                       (SELECTED_INFO, json.dumps({"step": int(step),
-                                                    "pool_fd": float(pool_fd)}).encode())):
-        fd, tmp = tempfile.mkstemp(dir=w, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, w / name)
+    fd, tmp = tempfile.mkstemp(dir=w, prefix=f".{SELECTED_FILE}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(flax.serialization.to_bytes(jax.device_get(variables)))
+    os.replace(tmp, w / SELECTED_FILE)
+    write_json_atomic(w / SELECTED_INFO, {"step": int(step), "pool_fd": float(pool_fd)})
 
 
 def load_selected_generator(workdir, template):
