@@ -176,3 +176,68 @@ def test_resume_with_other_config_is_refused(tmp_path):
     train.train_loop(state=state, extra={"config": "small"}, **kw)
     with pytest.raises(CheckpointError, match="different configuration"):
         train.train_loop(state=toy.make_state(), extra={"config": "paper"}, **kw)
+
+
+_MALLOC_PROBE = r"""
+import json, resource, sys, threading
+import numpy as np
+from experiments import common
+applied = common.tune_host_malloc() if sys.argv[1] == "tuned" else False
+faults = []
+
+
+def work():   # a 256 MB block freed and asked for again by a worker thread, as XLA:CPU does
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = np.ones(64 * 2 ** 20, np.float32)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        del a
+
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_tune_host_malloc_reuses_big_blocks_instead_of_faulting_them_in_again():
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("GENEFACE_SYSTEM_MALLOC", None)
+
+    def probe(mode, **extra):
+        proc = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], cwd=repo,
+                              env=dict(env, **extra), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    tuned, system = probe("tuned"), probe("system")
+    assert tuned["applied"] is True and system["applied"] is False
+    # glibc defaults: every block is a fresh mapping, faulted in again (how many faults a
+    # block costs depends on the kernel's page sizes; here ~130 to 100k)
+    assert min(system["faults"]) >= 16, system
+    # tuned: the first block is faulted in once, the next ones reuse it
+    assert tuned["faults"][0] >= 16, tuned
+    assert max(tuned["faults"][1:]) <= min(system["faults"]) // 8, (tuned, system)
+    # the opt-out leaves glibc alone
+    assert probe("tuned", GENEFACE_SYSTEM_MALLOC="1")["applied"] is False
+
+
+def test_xla_trace_summary_sorts_thunks_by_kind():
+    from experiments.bench import xla_trace
+    ev = [{"ph": "X", "name": "ynn_fusion.3", "dur": 4000},
+          {"ph": "X", "name": "dot.7", "dur": 1000},
+          {"ph": "X", "name": "convolution.2", "dur": 2000},
+          {"ph": "X", "name": "maximum_bitcast_fusion.4", "dur": 1500},
+          {"ph": "X", "name": "maximum_bitcast_fusion.5", "dur": 500},
+          {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 99000},   # runtime spans
+          {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 99000},
+          {"ph": "i", "name": "dot.9", "dur": 5000}]                      # not a span
+    s = xla_trace.summarize(ev, calls=2)
+    assert (s["matmul_ms"], s["conv_ms"], s["other_ms"], s["ops_ms"]) == (2.5, 1.0, 1.0, 4.5)
+    assert s["matmul_conv_share"] == pytest.approx(3.5 / 4.5, abs=1e-3)
+    assert s["top_ops_ms"][0] == ["ynn_fusion", 2.0]
+    assert ["maximum_bitcast_fusion", 1.0] in s["top_ops_ms"]

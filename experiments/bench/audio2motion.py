@@ -75,6 +75,10 @@ flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
                   "fails); off: eager only.")
 flags.DEFINE_bool("profile", True, "Time forward / backward / optimizer separately on both "
                   "sides and list PyTorch's top operators.")
+flags.DEFINE_bool("system_malloc", False, "Leave glibc malloc at its defaults. By default "
+                  "the process (both sides) runs with the allocator settings the entry points "
+                  "use (experiments.common.tune_host_malloc: big blocks reused, not re-mapped "
+                  "and page-faulted every step).")
 flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, batch 2 x 16, "
                   "2 steps, no warm-up, no torch.compile, no profile, 1 core unless "
                   "--threads is given.")
@@ -666,6 +670,9 @@ def main(argv):
     if steps < 1 or batch_size < 1:
         raise app.UsageError("--steps and --batch_size must be >= 1")
     threads = restrict_cores(threads_wanted)
+    from experiments import common
+    malloc = ("system" if FLAGS.system_malloc or not common.tune_host_malloc()
+              else "tuned (experiments.common.tune_host_malloc)")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -813,7 +820,7 @@ def main(argv):
         "torch_adam": "fused",
         "config": cfg_name, "batch": batch_size, "frames": frames,
         "feature_dim": FLAGS.feature_dim, "sync": bool(FLAGS.sync),
-        "steps": steps, "warmup": warmup, "threads": threads,
+        "steps": steps, "warmup": warmup, "threads": threads, "host_malloc": malloc,
         "devices": f"1 JAX {jax.devices()[0].platform} device; {cpu_name()}, "
                    f"{os.cpu_count()} cores on the machine",
         "params": jax_params,

@@ -76,6 +76,10 @@ flags.DEFINE_bool("torch_compile", False, "Also time torch.compile'd PyTorch (lo
                   "render); falls back to eager if compilation fails.")
 flags.DEFINE_bool("profile", True, "Report XLA's FLOP count of the step, the MLP matmuls' "
                   "share and achieved GFLOP/s, and PyTorch's top operators.")
+flags.DEFINE_bool("system_malloc", False, "Leave glibc malloc at its defaults. By default "
+                  "the process (both sides) runs with the allocator settings the entry points "
+                  "use (experiments.common.tune_host_malloc: big blocks reused, not re-mapped "
+                  "and page-faulted every step).")
 flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, 64 rays, "
                   "32 x 32 frames, 2 steps, no warm-up, no profile, no torch.compile, "
                   "1 core unless --threads is given.")
@@ -483,7 +487,8 @@ class TorchRunner:
 
 
 def torch_top_ops(runner, top=6):
-    """[(op, self CPU ms, share of the step)] of one eager step, from torch.profiler."""
+    """([(op, self CPU ms, share of the step)], matmul share, matmul ms) of one eager step,
+    from torch.profiler (matmul: aten::mm, addmm, bmm, matmul)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         runner.step()
@@ -494,7 +499,7 @@ def torch_top_ops(runner, top=6):
                  if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"))
     return ([(e.key, round(e.self_cpu_time_total / 1e3, 1),
               round(e.self_cpu_time_total / total, 3)) for e in events[:top]],
-            round(matmul / total, 3))
+            round(matmul / total, 3), round(matmul / 1e3, 1))
 
 
 # --------------------------------------------------------------------------- checks
@@ -603,6 +608,46 @@ def per_ray_macs(cfg):
     return macs + cfg.view_dim * cfg.color_width
 
 
+def host_faults(call, calls):
+    """Minor page faults and kernel (system) CPU seconds per `call()`, this process."""
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        call()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": round((r1.ru_minflt - r0.ru_minflt) / calls),
+            "system_s": round((r1.ru_stime - r0.ru_stime) / calls, 3)}
+
+
+def bare_mlp_gflops(cfg, rows, calls):
+    """GFLOP/s of a JAX gradient step of a bare `cfg.depth` x `cfg.width` ReLU MLP (no
+    bias, input = the encoded position, loss = mean square) on `rows` samples: the
+    matmul speed this CPU gives JAX on the network's shapes, with no other work."""
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.PRNGKey(0), cfg.depth + 1)
+    dims = [cfg.pos_dim] + [cfg.width] * cfg.depth
+    ws = [jax.random.normal(k, (a, b)) / jnp.sqrt(a) for k, a, b in
+          zip(keys[1:], dims[:-1], dims[1:])]
+    x = jax.random.normal(keys[0], (rows, cfg.pos_dim))
+
+    def loss(ws, x):
+        h = x
+        for w in ws:
+            h = jax.nn.relu(h @ w)
+        return jnp.mean(h * h)
+
+    grad = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+    jax.block_until_ready(grad(ws, x))
+    times = []
+    for _ in range(max(calls, 3)):
+        t = time.perf_counter()
+        jax.block_until_ready(grad(ws, x))
+        times.append(time.perf_counter() - t)
+    flops = 3 * 2 * rows * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return flops / median(times) / 1e9
+
+
 def xla_flops(compiled):
     """FLOPs of a compiled XLA executable from its cost analysis (None if unavailable)."""
     try:
@@ -683,6 +728,9 @@ def main(argv):
     if size < 16:
         raise app.UsageError(f"--size must be >= 16, got {size}")
     threads = restrict_cores(threads_wanted)
+    from experiments import common
+    malloc = ("system" if FLAGS.system_malloc or not common.tune_host_malloc()
+              else "tuned (experiments.common.tune_host_malloc)")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -692,6 +740,7 @@ def main(argv):
     from geneface_jax.data.synthetic import world
     from geneface_jax.render import fields
     from geneface_jax.train import loop, nerf, parallel
+    from experiments.bench import xla_trace
 
     torch.set_num_threads(threads)
     torch.manual_seed(FLAGS.seed)
@@ -811,7 +860,8 @@ def main(argv):
 
     def run_jax(timed):
         i = box["call"]
-        box["state"], _ = jax_step(box["state"], jbatches[i % NUM_BATCHES], keys[i])
+        box["state"], _ = jax_step(box["state"], jbatches[i % NUM_BATCHES],
+                                   keys[i % len(keys)])
         box["call"] += 1
         jax.block_until_ready(box["state"])
 
@@ -867,7 +917,14 @@ def main(argv):
     # ---- profile
     profile = {}
     if do_profile:
-        top, matmul_share = torch_top_ops(eager)
+        top, matmul_share, torch_mm_ms = torch_top_ops(eager)
+        xla_ops = xla_trace.thunk_breakdown(lambda: run_jax(False))
+        faults = host_faults(lambda: run_jax(False), 3)
+        try:
+            temp_mb = round(jax_step.memory_analysis().temp_size_in_bytes / 2 ** 20, 1)
+        except Exception:  # noqa: BLE001 - not every backend reports it
+            temp_mb = None
+        bare_gflops = bare_mlp_gflops(cfg, samples, steps)
         profile = {
             "field_evaluations_per_step": samples,
             "mlp_matmul_flops_per_step": mlp_flops,
@@ -880,8 +937,23 @@ def main(argv):
             "jax_render_mlp_gflops": round(jax_render_flops / r_med["jax"] / 1e9, 2),
             f"{r_ref}_render_mlp_gflops": round(render_flops / r_med[r_ref] / 1e9, 2),
             "torch_eager_matmul_share": matmul_share,
+            "torch_eager_matmul_ms": torch_mm_ms,
             "torch_eager_top_ops": top,
+            # the JAX step's ops by kind (experiments/bench/xla_trace.py)
+            "jax_thunks": xla_ops,
+            # host memory: the step's XLA temporaries and what fetching them costs
+            "jax_step_temp_mb": temp_mb,
+            "jax_page_faults_per_step": faults["minor_faults"],
+            "jax_kernel_s_per_step": faults["system_s"],
+            # calibration: a bare density trunk (depth x width, ReLU, no bias) fwd + bwd
+            # on the step's field evaluations, in JAX: what the matmuls alone reach
+            "jax_bare_mlp_gflops": round(bare_gflops, 1),
+            "jax_bare_mlp_peak_fraction": round(bare_gflops / peak_gflops, 3),
         }
+        if "matmul_ms" in xla_ops:
+            log(f"matmuls per step: JAX {xla_ops['matmul_ms']:.0f} ms of "
+                f"{xla_ops['ops_ms']:.0f} ms of ops; PyTorch eager "
+                f"{torch_mm_ms:.0f} ms")
         for name, tm in torch_timings.items():
             profile[name] = {f"{k}_s": round(v / steps, 4) for k, v in tm.items()}
         log("profile:", json.dumps(profile))
@@ -913,7 +985,7 @@ def main(argv):
         "config": cfg_name, "rays": rays_per_step,
         "samples_per_ray": [cfg.num_coarse, cfg.num_coarse + cfg.num_fine],
         "frame": [size, size], "chunk": FLAGS.chunk,
-        "steps": steps, "warmup": warmup, "threads": threads,
+        "steps": steps, "warmup": warmup, "threads": threads, "host_malloc": malloc,
         "devices": f"1 JAX {jax.devices()[0].platform} device; {cpu_name()}, "
                    f"{os.cpu_count()} cores on the machine",
         "params": jax_params,
