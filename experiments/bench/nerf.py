@@ -41,7 +41,9 @@ step must give the same losses and gradient norm (relative error <= 1e-4) and th
 parameters after Adam; the deterministic full-frame renders must agree (<= 1e-4).
 
 Timed calls of the contenders are interleaved (one JAX step, one PyTorch step, ...) so
-that load from other processes hits both alike; rays/s is rays per call / the median call
+that load from other processes hits both alike (`--timing=blocks`: each contender's calls
+in a row, so none runs right after the other's; the profile reports the page faults per
+timed call of each); rays/s is rays per call / the median call
 time. `peak_fraction`: XLA's FLOP count of the whole compiled training step per median
 step, over the machine's measured float32 matmul peak with the same cores (the best of
 512-2048 square products in JAX and in PyTorch, `matmul_peak_gflops`);
@@ -76,6 +78,10 @@ flags.DEFINE_bool("torch_compile", False, "Also time torch.compile'd PyTorch (lo
                   "render); falls back to eager if compilation fails.")
 flags.DEFINE_bool("profile", True, "Report XLA's FLOP count of the step, the MLP matmuls' "
                   "share and achieved GFLOP/s, and PyTorch's top operators.")
+flags.DEFINE_enum("timing", "interleaved", ["interleaved", "blocks"],
+                  "interleaved: one call of each contender in turn (load from other "
+                  "processes hits both alike); blocks: each contender's calls in a row "
+                  "(no contender runs right after another's, e.g. on cold caches).")
 flags.DEFINE_bool("system_malloc", False, "Leave glibc malloc at its defaults. By default "
                   "the process (both sides) runs with the allocator settings the entry points "
                   "use (experiments.common.tune_host_malloc: big blocks reused, not re-mapped "
@@ -699,17 +705,28 @@ def load_note(load, threads):
 
 # --------------------------------------------------------------------------- main
 
-def interleaved(contenders, warmup, steps):
+def interleaved(contenders, warmup, steps, faults=None):
     """Runs `contenders` [(name, fn(timed: bool))] `warmup + steps` times each, rotating
-    who goes first; returns {name: [seconds of the timed calls]}."""
+    who goes first (`--timing=blocks`: each contender's calls in a row instead); returns
+    {name: [seconds of the timed calls]}. `faults`, a dict, gets {name: minor page faults
+    per timed call}."""
+    import resource
     times = {name: [] for name, _ in contenders}
-    for i in range(warmup + steps):
-        k = i % len(contenders)
-        for name, fn in contenders[k:] + contenders[:k]:
-            t = time.perf_counter()
-            fn(i >= warmup)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
+    flt = {name: 0 for name, _ in contenders}
+    if FLAGS.timing == "blocks":
+        order = [(i, c) for c in contenders for i in range(warmup + steps)]
+    else:
+        order = [(i, c) for i in range(warmup + steps)
+                 for c in (contenders[i % len(contenders):] + contenders[:i % len(contenders)])]
+    for i, (name, fn) in order:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        fn(i >= warmup)
+        if i >= warmup:
+            times[name].append(time.perf_counter() - t)
+            flt[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    if faults is not None:
+        faults.update({name: round(v / steps) for name, v in flt.items()})
     return times
 
 
@@ -872,7 +889,8 @@ def main(argv):
 
     contenders = [("jax", run_jax)] + [
         (name, lambda timed, n=name, r=r: torch_step(n, r, timed)) for name, r in runners.items()]
-    times = interleaved(contenders, warmup, steps)
+    train_faults = {}
+    times = interleaved(contenders, warmup, steps, train_faults)
     med = {name: median(ts) for name, ts in times.items()}
     for name, ts in times.items():
         log(f"train {name}: median step {med[name] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, "
@@ -945,6 +963,8 @@ def main(argv):
             "jax_step_temp_mb": temp_mb,
             "jax_page_faults_per_step": faults["minor_faults"],
             "jax_kernel_s_per_step": faults["system_s"],
+            # page faults per timed training call of each contender (--timing order)
+            "timed_page_faults_per_step": train_faults,
             # calibration: a bare density trunk (depth x width, ReLU, no bias) fwd + bwd
             # on the step's field evaluations, in JAX: what the matmuls alone reach
             "jax_bare_mlp_gflops": round(bare_gflops, 1),
@@ -986,6 +1006,7 @@ def main(argv):
         "samples_per_ray": [cfg.num_coarse, cfg.num_coarse + cfg.num_fine],
         "frame": [size, size], "chunk": FLAGS.chunk,
         "steps": steps, "warmup": warmup, "threads": threads, "host_malloc": malloc,
+        "timing": FLAGS.timing,
         "devices": f"1 JAX {jax.devices()[0].platform} device; {cpu_name()}, "
                    f"{os.cpu_count()} cores on the machine",
         "params": jax_params,
