@@ -75,8 +75,8 @@ def tune_host_malloc():
     XLA:CPU allocates a step's temporaries (hundreds of MB for a NeRF step) with
     `posix_memalign` from its worker threads. glibc serves those threads from per-thread
     arenas, which cannot hold such blocks, so every step maps fresh pages and unmaps them
-    again: ~100k page faults and ~0.3 s of kernel time per 1024-ray head-NeRF step on this
-    CPU (`experiments/bench/nerf.py` measures it). One arena (`M_ARENA_MAX` 1), no
+    again: ~100k page faults and ~0.3 s of kernel time per 1024-ray head-NeRF step on a
+    2-core VM (`python -m experiments.bench.nerf --system_malloc` reports them). One arena (`M_ARENA_MAX` 1), no
     `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming (`M_TRIM_THRESHOLD` -1) let
     the freed block be reused by the next step: the process keeps its peak heap instead
     of returning it to the system. Must run before the threads exist (before the first
