@@ -614,17 +614,6 @@ def per_ray_macs(cfg):
     return macs + cfg.view_dim * cfg.color_width
 
 
-def host_faults(call, calls):
-    """Minor page faults and kernel (system) CPU seconds per `call()`, this process."""
-    import resource
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(calls):
-        call()
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"minor_faults": round((r1.ru_minflt - r0.ru_minflt) / calls),
-            "system_s": round((r1.ru_stime - r0.ru_stime) / calls, 3)}
-
-
 def bare_mlp_gflops(cfg, rows, calls):
     """GFLOP/s of a JAX gradient step of a bare `cfg.depth` x `cfg.width` ReLU MLP (no
     bias, input = the encoded position, loss = mean square) on `rows` samples: the
@@ -705,29 +694,33 @@ def load_note(load, threads):
 
 # --------------------------------------------------------------------------- main
 
-def interleaved(contenders, warmup, steps, faults=None):
-    """Runs `contenders` [(name, fn(timed: bool))] `warmup + steps` times each, rotating
-    who goes first (`--timing=blocks`: each contender's calls in a row instead); returns
-    {name: [seconds of the timed calls]}. `faults`, a dict, gets {name: minor page faults
-    per timed call}."""
+def timed_calls(contenders, warmup, steps, blocks=False):
+    """Runs `contenders` [(name, fn(timed: bool))] `warmup + steps` times each: in turn,
+    rotating who goes first, or with `blocks` each contender's calls in a row. Returns
+    ({name: [seconds of the timed calls]}, {name: {"minor_faults": per timed call,
+    "system_s": kernel CPU seconds per timed call}}) (this process' rusage over the call)."""
     import resource
     times = {name: [] for name, _ in contenders}
-    flt = {name: 0 for name, _ in contenders}
-    if FLAGS.timing == "blocks":
+    faults = {name: 0 for name, _ in contenders}
+    system = {name: 0.0 for name, _ in contenders}
+    n = len(contenders)
+    if blocks:
         order = [(i, c) for c in contenders for i in range(warmup + steps)]
     else:
         order = [(i, c) for i in range(warmup + steps)
-                 for c in (contenders[i % len(contenders):] + contenders[:i % len(contenders)])]
+                 for c in contenders[i % n:] + contenders[:i % n]]
     for i, (name, fn) in order:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         fn(i >= warmup)
         if i >= warmup:
             times[name].append(time.perf_counter() - t)
-            flt[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-    if faults is not None:
-        faults.update({name: round(v / steps) for name, v in flt.items()})
-    return times
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name] += r1.ru_minflt - r0.ru_minflt
+            system[name] += r1.ru_stime - r0.ru_stime
+    usage = {name: {"minor_faults": round(faults[name] / steps),
+                    "system_s": round(system[name] / steps, 3)} for name in times}
+    return times, usage
 
 
 def main(argv):
@@ -872,7 +865,7 @@ def main(argv):
             compile_note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             log(f"torch.compile {compile_note}; using eager")
 
-    # ---- interleaved timing: training steps
+    # ---- timing (--timing order): training steps
     box = {"state": state, "call": 1}
 
     def run_jax(timed):
@@ -889,19 +882,18 @@ def main(argv):
 
     contenders = [("jax", run_jax)] + [
         (name, lambda timed, n=name, r=r: torch_step(n, r, timed)) for name, r in runners.items()]
-    train_faults = {}
-    times = interleaved(contenders, warmup, steps, train_faults)
+    times, train_usage = timed_calls(contenders, warmup, steps, FLAGS.timing == "blocks")
     med = {name: median(ts) for name, ts in times.items()}
     for name, ts in times.items():
         log(f"train {name}: median step {med[name] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, "
             f"max {max(ts) * 1e3:.1f}) = {rays_per_step / med[name]:.0f} rays/s")
     ref = min(runners, key=lambda n: med[n])
 
-    # ---- interleaved timing: full-frame renders
+    # ---- timing (--timing order): full-frame renders
     r_contenders = [("jax", lambda timed: renderer.render(frame_inputs["pose"],
                                                           frame_inputs["window"]))] + [
         (name, lambda timed, r=r: r.render_frame()) for name, r in render_runners.items()]
-    r_times = interleaved(r_contenders, warmup, steps)
+    r_times, _ = timed_calls(r_contenders, warmup, steps, FLAGS.timing == "blocks")
     r_med = {name: median(ts) for name, ts in r_times.items()}
     for name, ts in r_times.items():
         log(f"render {name}: median frame {r_med[name] * 1e3:.1f} ms = "
@@ -937,7 +929,6 @@ def main(argv):
     if do_profile:
         top, matmul_share, torch_mm_ms = torch_top_ops(eager)
         xla_ops = xla_trace.thunk_breakdown(lambda: run_jax(False))
-        faults = host_faults(lambda: run_jax(False), 3)
         try:
             temp_mb = round(jax_step.memory_analysis().temp_size_in_bytes / 2 ** 20, 1)
         except Exception:  # noqa: BLE001 - not every backend reports it
@@ -959,12 +950,10 @@ def main(argv):
             "torch_eager_top_ops": top,
             # the JAX step's ops by kind (experiments/bench/xla_trace.py)
             "jax_thunks": xla_ops,
-            # host memory: the step's XLA temporaries and what fetching them costs
+            # host memory: the step's XLA temporaries, and the page faults and kernel
+            # seconds per timed training call of each contender
             "jax_step_temp_mb": temp_mb,
-            "jax_page_faults_per_step": faults["minor_faults"],
-            "jax_kernel_s_per_step": faults["system_s"],
-            # page faults per timed training call of each contender (--timing order)
-            "timed_page_faults_per_step": train_faults,
+            "host_usage_per_step": train_usage,
             # calibration: a bare density trunk (depth x width, ReLU, no bias) fwd + bwd
             # on the step's field evaluations, in JAX: what the matmuls alone reach
             "jax_bare_mlp_gflops": round(bare_gflops, 1),
