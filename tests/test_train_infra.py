@@ -241,3 +241,7 @@ def test_xla_trace_summary_sorts_thunks_by_kind():
     assert s["matmul_conv_share"] == pytest.approx(3.5 / 4.5, abs=1e-3)
     assert s["top_ops_ms"][0] == ["ynn_fusion", 2.0]
     assert ["maximum_bitcast_fusion", 1.0] in s["top_ops_ms"]
+    # a trace with no op spans (e.g. a step the profiler did not see): zeros, no share
+    empty = xla_trace.summarize([{"ph": "X", "name": "ThunkExecutor::Execute", "dur": 5}], 1)
+    assert (empty["ops_ms"], empty["matmul_ms"], empty["matmul_conv_share"]) == (0.0, 0.0, None)
+    assert empty["top_ops_ms"] == []
