@@ -35,6 +35,10 @@ flags.DEFINE_float("lambda_l1", 1.0, "L1 reconstruction weight.")
 flags.DEFINE_float("lambda_l2", 1.0, "L2 reconstruction weight.")
 flags.DEFINE_float("lambda_continuity", 3.0, "Continuity (frame-difference) loss weight.")
 flags.DEFINE_float("lambda_sync", 0.01, "SyncNet loss weight (needs --syncnet).")
+flags.DEFINE_enum("conv_algorithm", "auto", ["auto", "winograd", "direct"],
+                  "How the encoder/decoder WaveNets' 5-tap convs are computed (same parameters, "
+                  "same function): auto = Winograd F(4, 5) on CPU (~2x faster convs), direct "
+                  "(lax.conv) elsewhere.")
 flags.DEFINE_integer("eval_every", 1000, "Validation interval in steps (0: only at the end).")
 
 
@@ -58,7 +62,8 @@ def main(argv):
     valid_set = batching.UtteranceSet.from_corpus(corpus, "valid", std, identities)
     cfg = Audio2MotionConfig.named(FLAGS.config, feature_dim=int(corpus.meta["feature_dim"]),
                                    motion_dim=train_set.motion[0].shape[1],
-                                   use_latent=FLAGS.model == "vae")
+                                   use_latent=FLAGS.model == "vae",
+                                   conv_algorithm=FLAGS.conv_algorithm)
     optim = a2m.OptimConfig(lr=FLAGS.lr, warmup_steps=FLAGS.warmup)
     losses = a2m.VAELossConfig(kl=FLAGS.lambda_kl, l1=FLAGS.lambda_l1, l2=FLAGS.lambda_l2,
                                continuity=FLAGS.lambda_continuity,

@@ -18,7 +18,9 @@ import pytest
 from geneface_jax.convert import vits as cv
 from geneface_jax.errors import CheckpointError, ShapeError
 from geneface_jax.motion.flows import Flip, ResidualCouplingBlock, ResidualCouplingLayer
-from geneface_jax.motion.wavenet import PosteriorEncoder, WaveNet, WNConv1d, weight_norm_kernel
+from geneface_jax.motion.wavenet import (PosteriorEncoder, WaveNet, WNConv1d, use_winograd,
+                                         weight_norm_kernel)
+from geneface_jax.motion.winograd import winograd_conv1d, winograd_matrices
 
 B, T = 3, 17
 LENGTHS = (17, 11, 5)
@@ -176,6 +178,86 @@ def test_wnconv_matches_torch_conv(vits):
         with torch.no_grad():
             ref = _from_torch(tmod(xt))
         _assert_close(fmod.apply({"params": params}, x), ref, f"conv {what}")
+
+
+# --------------------------------------------------------------------------- Winograd conv
+
+@pytest.mark.parametrize("m,k", [(4, 5), (4, 3), (2, 5), (6, 5), (4, 7), (3, 1)])
+def test_winograd_matrices_compute_the_correlation(m, k):
+    """A^T ((G w) * (B^T x)) = [sum_j x[i + j] w[j]] for random x, w (float64, exact up to
+    round-off)."""
+    a_t, g, b_t = winograd_matrices(m, k)
+    n = m + k - 1
+    assert a_t.shape == (m, n) and g.shape == (n, k) and b_t.shape == (n, n)
+    rng = np.random.default_rng(m * 10 + k)
+    for _ in range(5):
+        x, w = rng.normal(size=n), rng.normal(size=k)
+        direct = np.array([x[i:i + k] @ w for i in range(m)])
+        np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ x)), direct, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("t,k,tile", [(200, 5, 4), (50, 5, 4), (17, 5, 4), (3, 5, 4),
+                                      (1, 3, 4), (23, 3, 4), (19, 7, 4), (30, 5, 6)])
+def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
+    """Forward against a float64 NumPy correlation; dx, dw (custom VJP) against autodiff of
+    `lax.conv_general_dilated`. Lengths not a multiple of the tile and shorter than the
+    kernel included. Errors relative to the output / gradient scale."""
+    rng = np.random.default_rng(t * 100 + k)
+    c_in, c_out = 24, 40
+    x = rng.normal(size=(3, t, c_in)).astype(np.float32)
+    w = (rng.normal(size=(k, c_in, c_out)) / np.sqrt(k * c_in)).astype(np.float32)
+    r = rng.normal(size=(3, t, c_out)).astype(np.float32)
+    pad = (k - 1) // 2
+    ref = _np_conv1d(x.astype(np.float64), w.astype(np.float64), 0.0, 1, 1, pad)
+    y = np.asarray(jax.jit(lambda x, w: winograd_conv1d(x, w, tile))(x, w))
+    tol = 2e-5 if tile <= 4 else 2e-4
+    assert y.shape == ref.shape
+    assert np.max(np.abs(y - ref)) <= tol * np.max(np.abs(ref))
+
+    def direct(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1,), [(pad, pad)],
+                                            dimension_numbers=("NWC", "WIO", "NWC"))
+    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1))(x, w)
+             for f in (direct, lambda x, w: winograd_conv1d(x, w, tile))]
+    for name, d, wg in zip(("dx", "dw"), *grads):
+        d, wg = np.asarray(d), np.asarray(wg)
+        err = np.max(np.abs(wg - d)) / np.max(np.abs(d))
+        assert err <= tol, f"{name}: relative error {err:.2e}"
+
+
+def test_winograd_conv_rejects_bad_input():
+    x = np.zeros((2, 9, 4), np.float32)
+    for bad in [lambda: winograd_conv1d(x, np.zeros((4, 4, 3), np.float32)),   # even kernel
+                lambda: winograd_conv1d(x, np.zeros((3, 5, 3), np.float32)),   # C_in mismatch
+                lambda: winograd_conv1d(x[0], np.zeros((3, 4, 3), np.float32)),  # rank 2
+                lambda: winograd_conv1d(x[:, :0], np.zeros((3, 4, 3), np.float32))]:  # T = 0
+        with pytest.raises(ShapeError):
+            bad()
+    with pytest.raises(ValueError, match="dilation 1"):
+        WNConv1d(4, 3, dilation=2, algorithm="winograd").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="one of"):
+        WNConv1d(4, 3, algorithm="fft").init(jax.random.PRNGKey(0), x)
+    assert use_winograd("auto", 5) == (jax.default_backend() == "cpu")
+    assert not use_winograd("winograd", 1) and not use_winograd("direct", 5)
+
+
+def test_wavenet_winograd_equals_direct_on_a_masked_batch():
+    """Same parameters, both algorithms: outputs and parameter gradients agree."""
+    x, mask, g = _inputs(HIDDEN, GIN, T, 21)
+    nets = [WaveNet(HIDDEN, 5, 1, POST_LAYERS, gin_channels=GIN, conv_algorithm=a)
+            for a in ("direct", "winograd")]
+    params = _random_like(nets[0].init(jax.random.PRNGKey(0), x, mask, g)["params"], 4)
+    outs, grads = [], []
+    for net in nets:
+        f = lambda p: net.apply({"params": p}, x, mask, g)  # noqa: E731
+        outs.append(np.asarray(f(params)))
+        grads.append(jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params))
+    _assert_close(outs[1], outs[0], "WaveNet winograd vs direct")
+    assert np.max(np.abs(outs[0])) > 0.1
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),
+                          jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        _assert_close(b, a, f"grad {jax.tree_util.keystr(path[0])}",
+                      atol=1e-5 * max(1.0, float(np.max(np.abs(a)))))
 
 
 # --------------------------------------------------------------------------- VITS equivalence

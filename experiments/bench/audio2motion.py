@@ -56,6 +56,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments.bench import xla_trace
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "paper", ["paper", "small"],
                   "paper: GeneFace's sizes; small: the documented CPU config.")
@@ -68,6 +70,9 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps per contender after the first (
 flags.DEFINE_integer("threads", 0, "CPU cores for both sides (0: every core this process "
                      "may use). JAX is restricted by CPU affinity, PyTorch by "
                      "torch.set_num_threads.")
+flags.DEFINE_enum("conv_algorithm", "auto", ["auto", "winograd", "direct"],
+                  "JAX side: how the encoder/decoder WaveNets' K-tap convs are computed "
+                  "(Audio2MotionConfig.conv_algorithm; auto = Winograd F(4, K) on CPU).")
 flags.DEFINE_bool("sync", False, "Include the SyncNet sync loss term (frozen SyncNet) in "
                   "both steps.")
 flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
@@ -686,7 +691,8 @@ def main(argv):
 
     torch.set_num_threads(threads)
     torch.manual_seed(FLAGS.seed)
-    config = vae_lib.Audio2MotionConfig.named(cfg_name, feature_dim=FLAGS.feature_dim)
+    config = vae_lib.Audio2MotionConfig.named(cfg_name, feature_dim=FLAGS.feature_dim,
+                                              conv_algorithm=FLAGS.conv_algorithm)
     losses = a2m.VAELossConfig()
     optim = a2m.OptimConfig()
     sync_config = (sync_lib.SyncNetConfig.named(cfg_name, feature_dim=FLAGS.feature_dim)
@@ -704,7 +710,7 @@ def main(argv):
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = parallel.replicate(state, mesh)
     jbatch = parallel.shard_batch(batch, mesh)
-    n_calls = 1 + warmup + steps + 1
+    n_calls = 1 + warmup + steps + 2   # + the 2 profiled steps
     keys = [loop.step_key(state, i) for i in range(n_calls)]
     # host copies: the step donates the state (and with it the frozen SyncNet variables)
     init_vars = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
@@ -799,7 +805,9 @@ def main(argv):
             jax.block_until_ready(box["state"])
         opt_s = time_calls(run_apply, reps)
         profile["jax"] = {"forward_s": round(fwd_s, 3), "backward_s": round(grad_s - fwd_s, 3),
-                          "optimizer_s": round(opt_s, 3), "hlo_ops": hlo_counts}
+                          "optimizer_s": round(opt_s, 3), "hlo_ops": hlo_counts,
+                          # the whole step's ops by kind (experiments/bench/xla_trace.py)
+                          "thunks": xla_trace.thunk_breakdown(run_jax)}
         for name, tm in torch_timings.items():
             profile[name] = {f"{k}_s": round(v / steps, 3) for k, v in tm.items()}
         profile["torch_eager"]["top_ops"] = torch_top_ops(eager)
@@ -820,6 +828,7 @@ def main(argv):
         "torch_adam": "fused",
         "config": cfg_name, "batch": batch_size, "frames": frames,
         "feature_dim": FLAGS.feature_dim, "sync": bool(FLAGS.sync),
+        "jax_conv_algorithm": FLAGS.conv_algorithm,
         "steps": steps, "warmup": warmup, "threads": threads, "host_malloc": malloc,
         "devices": f"1 JAX {jax.devices()[0].platform} device; {cpu_name()}, "
                    f"{os.cpu_count()} cores on the machine",

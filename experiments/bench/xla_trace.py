@@ -8,7 +8,7 @@ each one spread over the allowed cores) by kind:
   matmul  dot thunks: `dot.*`, and the library fusions XLA hands to YNNPACK / XNNPACK /
           oneDNN (`ynn_fusion.*`, `xnn_fusion.*`, `onednn_*`) - in these steps those
           fusions are dots (their HLO shows a `dot` root), optionally with fused epilogues
-  conv    `convolution.*` thunks
+  conv    `convolution.*` thunks and convolution fusions (`conv_general_dilated.*`)
   other   every other fusion, copy, sort, reduce, collective ... (XLA's own loops: the
           element-wise work, the transposes layout assignment inserts, sampling)
 
@@ -27,7 +27,7 @@ import re
 import tempfile
 
 MATMUL_PREFIXES = ("ynn_fusion", "xnn_fusion", "onednn", "dot")
-CONV_PREFIXES = ("convolution",)
+CONV_PREFIXES = ("convolution", "conv_general_dilated")  # the latter: fused convs
 # runtime spans, not ops: executor scopes, host callbacks, waits
 _RUNTIME = re.compile(r"^(\$|ThunkExecutor|PjitFunction|SlinkyThreadPool|ParseArguments|"
                       r"CommonPjRt|Allocate|Handle inputs|end: )")
