@@ -31,21 +31,27 @@ that load from other processes on a shared machine hits both alike; steps/s is 1
 median step time. The last line printed is one JSON object. A default run (paper config,
 JAX compile ~25 s, torch.compile ~85-100 s) takes ~4-5 minutes on an idle 2-core machine.
 
-What limits the speed (2-core AMD EPYC Zen 4, jax 0.10.2, torch 2.13, measured while other
-jobs kept the load average near 5; per core, --threads=1, paper config 32 x 200): the step
-is compute-bound in the WaveNet convolutions (86% of PyTorch eager's self time), and both
-frameworks run those at roughly the core's fp32 peak (~80 GFLOP/s: a 5-tap 256->512 conv
-on 32 x 200 frames takes ~0.1 s for the forward, the input gradient and the weight
-gradient alike in XLA and oneDNN). JAX's fusion of the elementwise rest therefore buys
-only ~2-15% over PyTorch eager and nothing over torch.compile (JAX 3.75 s, eager 3.83 s,
-compiled 3.52 s). JAX's remaining deficits: XLA's input-gradient convolution at the
-encoder's 50-frame latent rate (~20% slower than oneDNN, ~+100 ms for the 8-layer encoder
-WaveNet), Adam + clipping + the non-finite guard (~0.10 s vs 0.02 s for PyTorch's fused
-Adam; the guard's `where` on donated buffers makes XLA copy every Adam moment, 434 copies),
-and ~0.5 GB per step of activation transposes around the weight-gradient convolutions.
-With 2 threads on a loaded machine PyTorch's OpenMP barriers suffer far more from
-descheduled threads than XLA's work-stealing pool, so 2-thread figures taken under load
-overstate the speedup.
+What limits the speed (2-core AMD EPYC Zen 4, jax 0.10.2, torch 2.13, --threads=1, paper
+config 32 x 200; the runs quoted in README): the step is
+compute-bound in the WaveNets' 5-tap convolutions (88-89% of PyTorch eager's self time).
+Computed directly, XLA and oneDNN run them at about the same speed, and JAX is at parity
+(`--conv_algorithm=direct --torch_compile=off`: 4.43 s vs 4.36 s eager, 0.99x; fusing the
+element-wise rest buys nothing measurable). The library's model computes them with the
+Winograd F(4, 5) algorithm instead (`geneface_jax/motion/winograd.py`, the default
+`conv_algorithm='auto'` on CPU): 8 GEMMs `[B T/4, C] x [C, O]` per conv instead of 20 taps'
+worth, 0.4x the multiply-adds in the forward pass and in both gradients; for one 256 -> 512
+conv on 32 x 200 frames (`profile.jax_one_conv`) the forward takes ~75 ms instead of ~160
+and the gradients ~140 ms instead of ~280. Whole step: 2.52-2.66 s vs 3.69-4.02 s for torch.compile (1.47-1.51x).
+Where the JAX step's ops then go (`profile.jax.thunks`, idle run): GEMMs ~1.8 s of ~2.95 s
+(the Winograd products run in YNNPACK, except their weight-gradient GEMMs, which contract
+the major axis and which XLA hands to Eigen, slower per FLOP), 1x1-conv weight gradients
+~0.4 s (still convolutions), the rest ~0.7 s (transforms, gating, transposes). Adam + clipping + the
+non-finite guard take ~0.06 s vs ~0.02 s for PyTorch's fused Adam (the guard's `where` on
+donated buffers makes XLA copy every Adam moment, 434 copies). Thunk sums can exceed the
+step time when XLA runs independent thunks concurrently on a shared core; compare them
+within one run only. With 2 threads on a loaded machine PyTorch's OpenMP barriers suffer
+far more from descheduled threads than XLA's work-stealing pool, so 2-thread figures taken
+under load overstate the speedup.
 """
 
 import json
@@ -632,6 +638,39 @@ def time_calls(fn, repeats):
     return median(out)
 
 
+def conv_algorithms_ms(batch, frames, hidden, kernel, repeats=5):
+    """One WaveNet in_layer conv (`hidden` -> 2 `hidden`, `kernel` taps, 'same') on
+    `[batch, frames, hidden]`, direct (`lax.conv_general_dilated`) vs Winograd
+    (`geneface_jax.motion.winograd`): median ms of the forward and of the input + weight
+    gradients (the loss is linear in the output, so the forward is not recomputed), and
+    the largest difference of the two outputs relative to the output's scale."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from geneface_jax.motion.winograd import winograd_conv1d
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, frames, hidden)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, hidden, 2 * hidden)) / np.sqrt(kernel * hidden),
+                    jnp.float32)
+    r = jnp.asarray(rng.standard_normal((batch, frames, 2 * hidden)), jnp.float32)
+    pad = (kernel - 1) // 2
+    convs = {"direct": lambda x, w: jax.lax.conv_general_dilated(
+                 x, w, (1,), [(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC")),
+             "winograd": winograd_conv1d}
+    y_direct = np.asarray(jax.jit(convs["direct"])(x, w))
+    y_wino = np.asarray(jax.jit(winograd_conv1d)(x, w))
+    out = {"winograd_max_err_over_output_scale": float(
+        f"{np.abs(y_wino - y_direct).max() / np.abs(y_direct).max():.2e}")}
+    for name, conv in convs.items():
+        fwd = jax.jit(conv)
+        grad = jax.jit(jax.grad(lambda x, w, c=conv: jnp.sum(c(x, w) * r), argnums=(0, 1)))
+        for label, fn in (("forward", fwd), ("gradients", grad)):
+            jax.block_until_ready(fn(x, w))
+            out[f"{name}_{label}_ms"] = round(
+                1e3 * time_calls(lambda fn=fn: jax.block_until_ready(fn(x, w)), repeats), 1)
+    return out
+
+
 def hlo_op_counts(hlo_text):
     """Instruction counts of an optimized HLO module: convolutions, dots, fusions, and the
     layout/aliasing copies (`copy`, `transpose`; `state_copies` = copies of a donated
@@ -811,6 +850,10 @@ def main(argv):
         for name, tm in torch_timings.items():
             profile[name] = {f"{k}_s": round(v / steps, 3) for k, v in tm.items()}
         profile["torch_eager"]["top_ops"] = torch_top_ops(eager)
+        profile["jax_one_conv"] = {"shape": f"[{batch_size}, {frames}, {config.hidden}] -> "
+                                            f"{2 * config.hidden}, {config.kernel_size} taps",
+                                   **conv_algorithms_ms(batch_size, frames, config.hidden,
+                                                        config.kernel_size)}
         log("profile:", json.dumps(profile))
 
     load = (load_start, os.getloadavg()[0])
@@ -840,25 +883,32 @@ def main(argv):
         "python": platform.python_version(),
         "profile": profile,
         "loadavg_1min": [round(x, 2) for x in load],
-        "limits": limits_note(profile, med, ref, load, threads) if profile else
+        "limits": limits_note(profile, med, ref, load, threads, FLAGS.conv_algorithm)
+        if profile else
         "not profiled (--noprofile / --smoke)",
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     print(json.dumps(result), flush=True)
 
 
-def limits_note(profile, med, ref, load, threads):
+def limits_note(profile, med, ref, load, threads, conv_algorithm):
     """1-3 sentences on what bounds the step, from this run's profile."""
     j, t = profile["jax"], profile[ref]
     top = profile["torch_eager"]["top_ops"]
     conv = sum(share for name, _, share in top if "conv" in name)
+    th = j.get("thunks", {})
     note = (f"JAX step {med['jax']:.2f} s = forward {j['forward_s']:.2f} + backward "
             f"{j['backward_s']:.2f} + Adam/clip/non-finite guard {j['optimizer_s']:.2f} "
             f"({j['hlo_ops'].get('state_copies', 0)} copies of donated optimizer-state "
             f"buffers in the step's HLO); PyTorch ({ref}) {med[ref]:.2f} s = forward "
             f"{t['forward_s']:.2f} + backward {t['backward_s']:.2f} + clip/Adam "
-            f"{t['optimizer_s']:.2f}. Both are compute-bound in the WaveNet convolutions "
-            f"(conv forward + backward ops are {conv:.0%} of PyTorch eager's self time).")
+            f"{t['optimizer_s']:.2f}. PyTorch is compute-bound in the WaveNet convolutions "
+            f"(conv forward + backward ops are {conv:.0%} of its eager self time). JAX "
+            f"(5-tap convs: {conv_algorithm}; 'auto' = Winograd F(4, 5) on CPU) spends its "
+            f"ops' {th.get('ops_ms', float('nan')):.0f} ms in GEMMs "
+            f"{th.get('matmul_ms', float('nan')):.0f}, convolutions "
+            f"{th.get('conv_ms', float('nan')):.0f} (direct and 1x1 convs) and the rest "
+            f"{th.get('other_ms', float('nan')):.0f}.")
     if max(load) > os.cpu_count() and threads > 1:
         note += (f" Measured under load from other processes (load average {max(load):.1f} "
                  f"on {os.cpu_count()} cores): PyTorch's OpenMP barriers lose more to "

@@ -127,8 +127,8 @@ class WNConv1d(nn.Module):
     `algorithm` chooses how a K > 1 tap conv is computed (the parameters and the function
     are the same): 'direct' (`lax.conv_general_dilated`), 'winograd' (F(4, K) Winograd,
     `geneface_jax.motion.winograd`: 0.4x the multiply-adds for K = 5, ~2x faster on CPU,
-    float32 round-off ~3e-6 of the output scale instead of ~3e-7; stride 1, dilation 1 and
-    'same' padding only) or 'auto' (winograd on the CPU backend, direct elsewhere, where
+    more float32 round-off (tested within 2e-5 of the output scale); stride 1, dilation 1
+    and 'same' padding only) or 'auto' (winograd on the CPU backend, direct elsewhere, where
     it has not been measured). 1x1 convs are always direct.
     """
 
