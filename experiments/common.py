@@ -93,6 +93,14 @@ def tune_host_malloc():
                 mallopt(_M_TRIM_THRESHOLD, -1) == 1])
 
 
+def host_malloc_setting(system_malloc: bool) -> str:
+    """For benchmarks: tunes the allocator unless `system_malloc` (or the
+    GENEFACE_SYSTEM_MALLOC opt-out) says not to; returns the label the bench reports."""
+    if system_malloc or not tune_host_malloc():
+        return "system"
+    return "tuned (experiments.common.tune_host_malloc)"
+
+
 def require(*names):
     for name in names:
         if not getattr(FLAGS, name):

@@ -683,18 +683,6 @@ def hlo_op_counts(hlo_text):
     return dict(counts)
 
 
-def torch_top_ops(runner, top=6):
-    """[(op, self CPU ms, share of the step)] of one eager step, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.step()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, round(e.self_cpu_time_total / 1e3, 1),
-             round(e.self_cpu_time_total / total, 3)) for e in events[:top]]
-
-
 # --------------------------------------------------------------------------- main
 
 def main(argv):
@@ -715,8 +703,7 @@ def main(argv):
         raise app.UsageError("--steps and --batch_size must be >= 1")
     threads = restrict_cores(threads_wanted)
     from experiments import common
-    malloc = ("system" if FLAGS.system_malloc or not common.tune_host_malloc()
-              else "tuned (experiments.common.tune_host_malloc)")
+    malloc = common.host_malloc_setting(FLAGS.system_malloc)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -849,7 +836,7 @@ def main(argv):
                           "thunks": xla_trace.thunk_breakdown(run_jax)}
         for name, tm in torch_timings.items():
             profile[name] = {f"{k}_s": round(v / steps, 3) for k, v in tm.items()}
-        profile["torch_eager"]["top_ops"] = torch_top_ops(eager)
+        profile["torch_eager"]["top_ops"] = xla_trace.torch_top_ops(eager.step)[0]
         profile["jax_one_conv"] = {"shape": f"[{batch_size}, {frames}, {config.hidden}] -> "
                                             f"{2 * config.hidden}, {config.kernel_size} taps",
                                    **conv_algorithms_ms(batch_size, frames, config.hidden,

@@ -492,22 +492,6 @@ class TorchRunner:
             return torch.cat(out).reshape(h, w, 3).numpy()
 
 
-def torch_top_ops(runner, top=6):
-    """([(op, self CPU ms, share of the step)], matmul share, matmul ms) of one eager step,
-    from torch.profiler (matmul: aten::mm, addmm, bmm, matmul)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.step()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    events.sort(key=lambda e: -e.self_cpu_time_total)
-    matmul = sum(e.self_cpu_time_total for e in events
-                 if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"))
-    return ([(e.key, round(e.self_cpu_time_total / 1e3, 1),
-              round(e.self_cpu_time_total / total, 3)) for e in events[:top]],
-            round(matmul / total, 3), round(matmul / 1e3, 1))
-
-
 # --------------------------------------------------------------------------- checks
 
 def rel_err(a, b):
@@ -739,8 +723,7 @@ def main(argv):
         raise app.UsageError(f"--size must be >= 16, got {size}")
     threads = restrict_cores(threads_wanted)
     from experiments import common
-    malloc = ("system" if FLAGS.system_malloc or not common.tune_host_malloc()
-              else "tuned (experiments.common.tune_host_malloc)")
+    malloc = common.host_malloc_setting(FLAGS.system_malloc)
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 
@@ -927,7 +910,7 @@ def main(argv):
     # ---- profile
     profile = {}
     if do_profile:
-        top, matmul_share, torch_mm_ms = torch_top_ops(eager)
+        top, matmul_share, torch_mm_ms = xla_trace.torch_top_ops(eager.step)
         xla_ops = xla_trace.thunk_breakdown(lambda: run_jax(False))
         try:
             temp_mb = round(jax_step.memory_analysis().temp_size_in_bytes / 2 ** 20, 1)

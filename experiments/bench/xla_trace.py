@@ -1,4 +1,5 @@
-"""Where a compiled JAX step spends its time on the CPU: matmuls, convolutions, the rest.
+"""Where a benchmark step spends its time on the CPU: JAX's compiled step by op kind
+(matmuls, convolutions, the rest) and PyTorch's eager step by operator (`torch_top_ops`).
 
 `thunk_breakdown(call, calls)` runs `call()` (which must block until its result is ready)
 `calls` times under `jax.profiler` and sums the durations of the XLA:CPU runtime's thunks
@@ -79,3 +80,20 @@ def thunk_breakdown(call, calls: int = 2):
         with gzip.open(files[0]) as f:
             events = json.load(f).get("traceEvents", [])
     return summarize(events, calls)
+
+
+def torch_top_ops(step, top=6):
+    """Of one call of `step()` (an eager PyTorch training step), from torch.profiler:
+    ([(op, self CPU ms, share of the step)] of the `top` operators, matmul share, matmul
+    ms), matmul being aten::mm, addmm, bmm and matmul."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    matmul = sum(e.self_cpu_time_total for e in events
+                 if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul"))
+    return ([(e.key, round(e.self_cpu_time_total / 1e3, 1),
+              round(e.self_cpu_time_total / total, 3)) for e in events[:top]],
+            round(matmul / total, 3), round(matmul / 1e3, 1))
