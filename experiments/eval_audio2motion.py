@@ -5,7 +5,9 @@ r"""Evaluates stage 1 on held-out speakers and utterances, with the mean-face te
 
 For every utterance of the evaluated splits (default: `test`, whole speakers never seen
 in training, and `valid`, held-out utterances of training speakers) landmarks are sampled
-from the VAE (prior noise x temperature, chunked inference) and predicted by the
+from the VAE (prior noise x temperature, chunked inference; `--samples` independent samples,
+the VAE's figures are their means and metrics.json keeps each sample's sync correlation and
+std ratio under per_split/vae/all) and predicted by the
 regression baseline, and the speaker's identity (its mean landmarks, as the target
 person's identity is at inference) is added back; then they are compared with the tracked
 landmarks:
@@ -25,6 +27,7 @@ metrics.json: `lmd`, `lmd_mouth`, `sync_corr`, `std_ratio_vae` (the VAE's figure
 import json
 import pathlib
 
+from absl import app
 from absl import flags
 
 from experiments import common
@@ -38,32 +41,49 @@ flags.DEFINE_string("workdir", None, "Where metrics.json goes.")
 flags.DEFINE_list("splits", ["test", "valid"], "Corpus splits to evaluate.")
 flags.DEFINE_float("temperature", 1.0, "Prior temperature of the VAE samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("samples", 4, "Prior samples per utterance for the VAE; its figures are "
+                     "the means over samples (one sample's sync correlation moves by ~0.02 "
+                     "with the seed). The regression baseline is deterministic: 1.")
 
 
-def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature):
-    """Figures of one model over the utterances `indices`."""
+def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature, samples=1):
+    """Figures of one model over the utterances `indices`, averaged over `samples`
+    independent prior samples per utterance (`*_per_sample` lists keep each sample's).
+    Sample 0 of utterance i uses key `PRNGKey(seed * 100003 + i)`, sample s > 0 that key
+    folded with s, so `samples=1` reproduces single-sample evaluations."""
     import jax
     import numpy as np
     from geneface_jax.data import landmarks as lm
-    lmd, lmd_m, corr, weights, pred_open, true_open = [], [], [], [], [], []
-    for i in indices:
-        u = corpus.utterance(int(i))
-        pred = predictor.predict_landmarks(u["mel"], jax.random.PRNGKey(seed * 100003 + int(i)),
-                                           temperature, identity=identities[u["speaker"]], std=std)
-        dist = np.linalg.norm(pred - u["landmarks"], axis=-1)        # [T, 68]
-        lmd.append(dist.mean(1))
-        lmd_m.append(dist[:, lm.MOUTH].mean(1))
-        po = lm.mouth_opening(pred)
-        pred_open.append(po)
-        true_open.append(lm.mouth_opening(u["landmarks"]))
-        if "oracle_open" in u and np.std(u["oracle_open"]) > 1e-6:
-            corr.append(pearson(po, u["oracle_open"]))
-            weights.append(len(po))
-    pred_open, true_open = np.concatenate(pred_open), np.concatenate(true_open)
-    return dict(lmd=float(np.concatenate(lmd).mean()), lmd_mouth=float(np.concatenate(lmd_m).mean()),
-                sync_corr=float(np.average(corr, weights=weights)) if corr else float("nan"),
-                std_ratio=float(pred_open.std() / max(true_open.std(), 1e-12)),
-                frames=int(len(pred_open)), utterances=int(len(indices)))
+    figures = []
+    for s in range(samples):
+        lmd, lmd_m, corr, weights, pred_open, true_open = [], [], [], [], [], []
+        for i in indices:
+            u = corpus.utterance(int(i))
+            key = jax.random.PRNGKey(seed * 100003 + int(i))
+            if s:
+                key = jax.random.fold_in(key, s)
+            pred = predictor.predict_landmarks(u["mel"], key, temperature,
+                                               identity=identities[u["speaker"]], std=std)
+            dist = np.linalg.norm(pred - u["landmarks"], axis=-1)        # [T, 68]
+            lmd.append(dist.mean(1))
+            lmd_m.append(dist[:, lm.MOUTH].mean(1))
+            po = lm.mouth_opening(pred)
+            pred_open.append(po)
+            true_open.append(lm.mouth_opening(u["landmarks"]))
+            if "oracle_open" in u and np.std(u["oracle_open"]) > 1e-6:
+                corr.append(pearson(po, u["oracle_open"]))
+                weights.append(len(po))
+        pred_open, true_open = np.concatenate(pred_open), np.concatenate(true_open)
+        figures.append(dict(
+            lmd=float(np.concatenate(lmd).mean()), lmd_mouth=float(np.concatenate(lmd_m).mean()),
+            sync_corr=float(np.average(corr, weights=weights)) if corr else float("nan"),
+            std_ratio=float(pred_open.std() / max(true_open.std(), 1e-12))))
+    out = {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
+    if samples > 1:
+        out.update({f"{k}_per_sample": [f[k] for f in figures]
+                    for k in ("sync_corr", "std_ratio")})
+    return dict(out, samples=samples, frames=int(len(pred_open)),
+                utterances=int(len(indices)))
 
 
 def main(argv):
@@ -81,6 +101,9 @@ def main(argv):
     models = {"vae": FLAGS.vae}
     if FLAGS.regression:
         models["regression"] = FLAGS.regression
+    if FLAGS.samples < 1:
+        raise app.UsageError(f"--samples must be >= 1, got {FLAGS.samples}")
+    samples = {"vae": FLAGS.samples, "regression": 1}
     results = {}
     for name, workdir in models.items():
         mc, variables, _, std = a2m.load_audio2motion(workdir)
@@ -90,15 +113,17 @@ def main(argv):
             idx = corpus.split(split)
             if len(idx):
                 per_split[split] = evaluate_model(predictor, corpus, idx, identities, std,
-                                                  FLAGS.seed, FLAGS.temperature)
+                                                  FLAGS.seed, FLAGS.temperature,
+                                                  samples[name])
                 all_idx.extend(idx)
         per_split["all"] = evaluate_model(predictor, corpus, np.asarray(all_idx), identities, std,
-                                          FLAGS.seed, FLAGS.temperature)
+                                          FLAGS.seed, FLAGS.temperature, samples[name])
         results[name] = per_split
         print(f"{name}: " + json.dumps(per_split["all"]))
     vae = results["vae"]["all"]
     out = dict(lmd=vae["lmd"], lmd_mouth=vae["lmd_mouth"], sync_corr=vae["sync_corr"],
                std_ratio_vae=vae["std_ratio"], temperature=FLAGS.temperature,
+               samples=FLAGS.samples,
                splits=FLAGS.splits, per_split=results, minutes=timer.minutes())
     if "regression" in results:
         reg = results["regression"]["all"]

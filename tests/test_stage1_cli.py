@@ -82,11 +82,18 @@ def test_vae_learns_and_evaluates(corpus_dir, vae_dir, tmp_path):
 
     ev = tmp_path / "eval"
     _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={full}",
-         f"--regression={full}", f"--workdir={ev}")
+         f"--regression={full}", f"--workdir={ev}", "--samples=2")
     e = json.loads((ev / "metrics.json").read_text())
     for key in ("lmd", "lmd_mouth", "sync_corr", "std_ratio_vae", "std_ratio_regression"):
         assert np.isfinite(e[key]), key
     assert 0 < e["lmd_mouth"] < 0.05 and e["per_split"]["vae"]["test"]["utterances"] > 0
+    # two prior samples per utterance: the figures are their means, and they differ
+    vae, reg = e["per_split"]["vae"]["all"], e["per_split"]["regression"]["all"]
+    assert e["samples"] == vae["samples"] == 2 and reg["samples"] == 1
+    per = vae["sync_corr_per_sample"]
+    assert len(per) == 2 and per[0] != per[1]
+    assert abs(e["sync_corr"] - np.mean(per)) < 1e-9
+    assert abs(e["std_ratio_vae"] - np.mean(vae["std_ratio_per_sample"])) < 1e-9
 
 
 @pytest.mark.slow

@@ -196,8 +196,8 @@ def test_winograd_matrices_compute_the_correlation(m, k):
         np.testing.assert_allclose(a_t @ ((g @ w) * (b_t @ x)), direct, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("t,k,tile", [(200, 5, 4), (50, 5, 4), (17, 5, 4), (3, 5, 4),
-                                      (1, 3, 4), (23, 3, 4), (19, 7, 4), (30, 5, 6)])
+@pytest.mark.parametrize("t,k,tile", [(200, 5, 4), (17, 5, 4), (3, 5, 4), (23, 3, 4),
+                                      (19, 7, 4), (30, 5, 6)])
 def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
     """Forward against a float64 NumPy correlation; dx, dw (custom VJP) against autodiff of
     `lax.conv_general_dilated`. Lengths not a multiple of the tile and shorter than the
@@ -217,7 +217,7 @@ def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
     def direct(x, w):
         return jax.lax.conv_general_dilated(x, w, (1,), [(pad, pad)],
                                             dimension_numbers=("NWC", "WIO", "NWC"))
-    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1))(x, w)
+    grads = [jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1)))(x, w)
              for f in (direct, lambda x, w: winograd_conv1d(x, w, tile))]
     for name, d, wg in zip(("dx", "dw"), *grads):
         d, wg = np.asarray(d), np.asarray(wg)
@@ -244,14 +244,15 @@ def test_winograd_conv_rejects_bad_input():
 def test_wavenet_winograd_equals_direct_on_a_masked_batch():
     """Same parameters, both algorithms: outputs and parameter gradients agree."""
     x, mask, g = _inputs(HIDDEN, GIN, T, 21)
-    nets = [WaveNet(HIDDEN, 5, 1, POST_LAYERS, gin_channels=GIN, conv_algorithm=a)
+    nets = [WaveNet(HIDDEN, 5, 1, 2, gin_channels=GIN, conv_algorithm=a)
             for a in ("direct", "winograd")]
     params = _random_like(nets[0].init(jax.random.PRNGKey(0), x, mask, g)["params"], 4)
     outs, grads = [], []
     for net in nets:
         f = lambda p: net.apply({"params": p}, x, mask, g)  # noqa: E731
-        outs.append(np.asarray(f(params)))
-        grads.append(jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params))
+        out, vjp = jax.vjp(f, params)
+        outs.append(np.asarray(out))
+        grads.append(vjp(jnp.cos(out))[0])   # the gradient of sum(sin(out))
     _assert_close(outs[1], outs[0], "WaveNet winograd vs direct")
     assert np.max(np.abs(outs[0])) > 0.1
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads[0]),

@@ -105,18 +105,19 @@ def _output_transform(mats, m, k, shape):
     return y.reshape(b, -1, o)[:, :t]
 
 
-def _filter_transform(w, m):
-    """w `[K, C, O]` -> G w `[n, C, O]`."""
-    k = w.shape[0]
+def _filter_transform(w, m, precision=None):
+    """w `[K, C, O]` -> G w `[n, C, O]` (one small GEMM: fewer ops for XLA to compile than
+    n element-wise sums, and the weights are small)."""
+    k, c, o = w.shape
     _, g, _ = winograd_matrices(m, k)
-    taps = [w[j] for j in range(k)]
-    return jnp.stack([_combine(g[i], taps) for i in range(g.shape[0])])
+    gw = jnp.dot(jnp.asarray(g, w.dtype), w.reshape(k, c * o), precision=precision)
+    return gw.reshape(g.shape[0], c, o)
 
 
 def _forward(x, w, m, precision):
     k = w.shape[0]
     u = _input_transform(x, m, k, precision)                    # [n, P, C]
-    v = _filter_transform(w, m)                                 # [n, C, O]
+    v = _filter_transform(w, m, precision)                      # [n, C, O]
     prods = lax.dot_general(u, v, (((2,), (1,)), ((0,), (0,))),  # [n, P, O]
                             precision=precision)
     return _output_transform(prods, m, k, x.shape[:2] + (w.shape[-1],))
