@@ -76,12 +76,12 @@ def tune_host_malloc():
     `posix_memalign` from its worker threads. glibc serves those threads from per-thread
     arenas, which cannot hold such blocks, so every step maps fresh pages and unmaps them
     again: ~100k page faults and ~0.3 s of kernel time per 1024-ray head-NeRF step on a
-    2-core VM (`python -m experiments.bench.nerf --system_malloc` reports them). One arena (`M_ARENA_MAX` 1), no
-    `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming (`M_TRIM_THRESHOLD` -1) let
-    the freed block be reused by the next step: the process keeps its peak heap instead
-    of returning it to the system. Must run before the threads exist (before the first
-    JAX computation). No-op off glibc Linux or when `GENEFACE_SYSTEM_MALLOC=1`; returns
-    whether the settings were applied."""
+    2-core VM (`python -m experiments.bench.nerf --system_malloc` reports them). One arena
+    (`M_ARENA_MAX` 1), no `mmap` for large blocks (`M_MMAP_MAX` 0) and no trimming
+    (`M_TRIM_THRESHOLD` -1) let the freed block be reused by the next step: the process
+    keeps its peak heap instead of returning it to the system. Must run before the threads
+    exist (before the first JAX computation). No-op off glibc Linux or when
+    `GENEFACE_SYSTEM_MALLOC=1`; returns whether the settings were applied."""
     if os.environ.get("GENEFACE_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False
     try:

@@ -41,7 +41,8 @@ Winograd F(4, 5) algorithm instead (`geneface_jax/motion/winograd.py`, the defau
 `conv_algorithm='auto'` on CPU): 8 GEMMs `[B T/4, C] x [C, O]` per conv instead of 20 taps'
 worth, 0.4x the multiply-adds in the forward pass and in both gradients; for one 256 -> 512
 conv on 32 x 200 frames (`profile.jax_one_conv`) the forward takes ~75 ms instead of ~160
-and the gradients ~140 ms instead of ~280. Whole step: 2.52-2.66 s vs 3.69-4.02 s for torch.compile (1.47-1.51x).
+and the gradients ~140 ms instead of ~280. Whole step: 2.52-2.66 s vs 3.40-4.02 s for
+torch.compile (1.30-1.51x, three runs).
 Where the JAX step's ops then go (`profile.jax.thunks`, idle run): GEMMs ~1.8 s of ~2.95 s
 (the Winograd products run in YNNPACK, except their weight-gradient GEMMs, which contract
 the major axis and which XLA hands to Eigen, slower per FLOP), 1x1-conv weight gradients

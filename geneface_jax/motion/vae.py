@@ -187,7 +187,8 @@ class FVAEEncoder(nn.Module):
         h = WNConv1d(c.hidden, 2 * s, stride=s, padding=s // 2, use_weight_norm=False,
                      name="pre_net")(x) * latent_mask
         h = WaveNet(c.hidden, c.kernel_size, 1, c.enc_layers, c.cond_dim, c.dropout,
-                    dropout_before_gate=True, conv_algorithm=c.conv_algorithm, name="wn")(h, latent_mask, g, deterministic)
+                    dropout_before_gate=True, conv_algorithm=c.conv_algorithm,
+                    name="wn")(h, latent_mask, g, deterministic)
         stats = WNConv1d(2 * c.latent, 1, use_weight_norm=False, name="out_proj")(h * latent_mask)
         return stats[..., :c.latent], stats[..., c.latent:]
 
@@ -202,7 +203,8 @@ class FVAEDecoder(nn.Module):
         c = self.config
         h = ConvTranspose1dStrided(c.hidden, c.stride, name="pre_net")(z) * mask
         h = WaveNet(c.hidden, c.kernel_size, 1, c.dec_layers, c.cond_dim, c.dropout,
-                    dropout_before_gate=True, conv_algorithm=c.conv_algorithm, name="wn")(h, mask, g, deterministic)
+                    dropout_before_gate=True, conv_algorithm=c.conv_algorithm,
+                    name="wn")(h, mask, g, deterministic)
         return WNConv1d(c.motion_dim, 1, use_weight_norm=False, name="out_proj")(h * mask)
 
 
