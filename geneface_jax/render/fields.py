@@ -264,7 +264,22 @@ class Linear(nn.Module):
                             jnp.float32)
         bias = self.param("bias", torch_default_bias_init(fan_in), (self.features,),
                           jnp.float32)
-        return jnp.matmul(x, kernel) + bias
+        return _matmul_2d(x, kernel) + bias
+
+
+def _matmul_2d(x, kernel):
+    """`x [..., k] @ kernel [k, f]` as one 2-D GEMM on `x` flattened to `[prod(...), k]`.
+
+    The result is the same as `jnp.matmul`; the point is the gradient. Autodiff of a
+    matmul over `[R, S, k]` gives a weight gradient that contracts two axes (R and S),
+    which XLA:CPU lowers by first transposing the output gradient to `[f, R S]` and then
+    running a transposed-operand dot in Eigen, outside YNNPACK. On 2-D operands the weight
+    gradient is a plain `[R S, k]^T [R S, f]` product with one contracting axis, which
+    Eigen reads in place (no transpose pass)."""
+    if x.ndim == 2:
+        return jnp.matmul(x, kernel)
+    lead = x.shape[:-1]
+    return jnp.matmul(x.reshape(-1, x.shape[-1]), kernel).reshape(lead + (kernel.shape[-1],))
 
 
 def _leaky(x):
@@ -291,7 +306,7 @@ class PartsLinear(nn.Module):
                           jnp.float32)
         out_samples, out_rays, start = None, None, 0
         for p, k in zip(parts, sizes):
-            y = jnp.matmul(p, kernel[start:start + k])
+            y = _matmul_2d(p, kernel[start:start + k])
             start += k
             if p.ndim == 3:
                 out_samples = y if out_samples is None else out_samples + y
