@@ -286,19 +286,48 @@ def _leaky(x):
     return nn.leaky_relu(x, LEAKY_SLOPE)
 
 
+@flax.struct.dataclass
+class SampleFeatures:
+    """A per-sample input stored feature-major: `values` `[k, R S]`, column `r S + s` for
+    ray r and sample s (see `position_features`). `PartsLinear` multiplies it by
+    contracting axis 0, so it is never transposed."""
+    values: Array
+    samples: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def size(self) -> int:
+        return self.values.shape[0]
+
+
+def position_features(x, num_freqs: int) -> SampleFeatures:
+    """Encoded points `[R, S, 3]` as feature-major `SampleFeatures` `[3 (1 + 2L), R S]`
+    (`encodings.positional_encoding_features` on the points viewed as `[3, R, S]`): the
+    encoding vectorises along the samples, and XLA computes the points o + t d inside the
+    same loop."""
+    r, s = x.shape[:2]
+    xt = jnp.transpose(jnp.asarray(x, jnp.float32), (2, 0, 1))                 # [3, R, S]
+    enc = encodings.positional_encoding_features(xt, num_freqs)               # [P, R, S]
+    return SampleFeatures(enc.reshape(enc.shape[0], r * s), s)
+
+
+def _part_size(p):
+    return p.size if isinstance(p, SampleFeatures) else p.shape[-1]
+
+
 class PartsLinear(nn.Module):
     """`Linear` on the concatenation of `parts` without materialising it: each part is
-    either per sample `[R, S, k]` or per ray `[R, k]` (constant along the samples, e.g. the
-    landmark condition or the view encoding), and a per-ray part is multiplied by its
-    kernel rows once per ray instead of once per sample. Same parameters (`kernel` [sum k,
-    features], `bias`) and, up to float reassociation, the same result as
-    `Linear(features)(concatenate(broadcast(parts)))`."""
+    per sample (`[R, S, k]`, or `SampleFeatures` `[k, R S]`) or per ray `[R, k]`
+    (constant along the samples, e.g. the landmark condition or the view encoding), and a
+    per-ray part is multiplied by its kernel rows once per ray instead of once per sample.
+    Same parameters (`kernel` [sum k, features], `bias`) and, up to float reassociation,
+    the same result as `Linear(features)(concatenate(broadcast(parts)))`: `[R, S,
+    features]` (at least one part must be per sample)."""
 
     features: int
 
     @nn.compact
     def __call__(self, parts):
-        sizes = [p.shape[-1] for p in parts]
+        sizes = [_part_size(p) for p in parts]
         fan_in = sum(sizes)
         kernel = self.param("kernel", torch_default_kernel_init(), (fan_in, self.features),
                             jnp.float32)
@@ -306,12 +335,19 @@ class PartsLinear(nn.Module):
                           jnp.float32)
         out_samples, out_rays, start = None, None, 0
         for p, k in zip(parts, sizes):
-            y = _matmul_2d(p, kernel[start:start + k])
+            w = kernel[start:start + k]
             start += k
-            if p.ndim == 3:
+            if isinstance(p, SampleFeatures):
+                y = jax.lax.dot_general(p.values, w, (((0,), (0,)), ((), ())))
+                y = y.reshape(-1, p.samples, self.features)
+            else:
+                y = _matmul_2d(p, w)
+            if isinstance(p, SampleFeatures) or p.ndim == 3:
                 out_samples = y if out_samples is None else out_samples + y
             else:
                 out_rays = y if out_rays is None else out_rays + y
+        if out_samples is None:
+            raise ShapeError("PartsLinear: at least one part must be per sample")
         if out_rays is None:
             return out_samples + bias
         return out_samples + (out_rays + bias)[:, None, :]
@@ -320,8 +356,9 @@ class PartsLinear(nn.Module):
 class NeRFMLP(nn.Module):
     """GeneFace's `NeRFBackbone` on encoded inputs (layout in the module doc).
 
-    Call: `(pos_enc [R, S, P], cond [R, C], view_enc [R, V]) -> (raw_sigma [R, S],
-    raw_rgb [R, S, 3])` before activations. Submodules: `density_linears_{0..depth-1}`
+    Call: `(pos_enc [R, S, P] or SampleFeatures [P, R S], cond [R, C], view_enc [R, V])
+    -> (raw_sigma [R, S], raw_rgb [R, S, 3])` before activations (the fields pass
+    `position_features`). Submodules: `density_linears_{0..depth-1}`
     (`density_linears_{skip+1}` takes width + P + C inputs), `density_out_linear`,
     `color_linears_{0..color_depth-1}`, `color_out_linear`. The per-ray inputs (condition,
     view encoding) go through `PartsLinear`, so their share of the first, skip and first
@@ -439,7 +476,7 @@ class HeadField(nn.Module):
         cfg = self.config
         r, _ = check_points(x, view_dirs, "HeadField")
         cond = check_per_ray(cond, r, cfg.cond_dim, "HeadField condition")
-        pos_enc = encodings.positional_encoding(jnp.asarray(x, jnp.float32), cfg.pos_freqs)
+        pos_enc = position_features(x, cfg.pos_freqs)
         view_enc = encodings.positional_encoding(jnp.asarray(view_dirs, jnp.float32),
                                                  cfg.view_freqs)
         raw_sigma, raw_rgb = NeRFMLP(cfg, name="mlp")(pos_enc, cond, view_enc)
@@ -511,7 +548,7 @@ class TorsoField(nn.Module):
         elif head_rgb is not None:
             raise ShapeError("TorsoField: got head_rgb but the config has torso_color_dim = 0")
         full_cond = jnp.concatenate(parts, axis=-1)
-        pos_enc = encodings.positional_encoding(jnp.asarray(x, jnp.float32), cfg.pos_freqs)
+        pos_enc = position_features(x, cfg.pos_freqs)
         view_enc = encodings.positional_encoding(jnp.asarray(view_dirs, jnp.float32),
                                                  cfg.view_freqs)
         raw_sigma, raw_rgb = NeRFMLP(cfg, name="mlp")(pos_enc, full_cond, view_enc)
