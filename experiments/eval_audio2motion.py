@@ -46,33 +46,52 @@ flags.DEFINE_integer("samples", 4, "Prior samples per utterance for the VAE; its
                      "with the seed). The regression baseline is deterministic: 1.")
 
 
-def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature, samples=1):
-    """Figures of one model over the utterances `indices`, averaged over `samples`
-    independent prior samples per utterance (`*_per_sample` lists keep each sample's).
-    Sample 0 of utterance i uses key `PRNGKey(seed * 100003 + i)`, sample s > 0 that key
-    folded with s, so `samples=1` reproduces single-sample evaluations."""
+def utterance_stats(predictor, corpus, i, identities, std, seed, temperature, s):
+    """One prior sample `s` of utterance `i`: (per-frame mean landmark distance [T], its
+    mouth part [T], predicted and tracked mouth opening [T], (pearson with the oracle
+    opening, T) or None). Sample 0 uses key `PRNGKey(seed * 100003 + i)`, sample s > 0 that
+    key folded with s, so one sample reproduces single-sample evaluations."""
     import jax
     import numpy as np
     from geneface_jax.data import landmarks as lm
+    u = corpus.utterance(int(i))
+    key = jax.random.PRNGKey(seed * 100003 + int(i))
+    if s:
+        key = jax.random.fold_in(key, s)
+    pred = predictor.predict_landmarks(u["mel"], key, temperature,
+                                       identity=identities[u["speaker"]], std=std)
+    dist = np.linalg.norm(pred - u["landmarks"], axis=-1)        # [T, 68]
+    po = lm.mouth_opening(pred)
+    corr = None
+    if "oracle_open" in u and np.std(u["oracle_open"]) > 1e-6:
+        corr = (pearson(po, u["oracle_open"]), len(po))
+    return dist.mean(1), dist[:, lm.MOUTH].mean(1), po, lm.mouth_opening(u["landmarks"]), corr
+
+
+def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature, samples=1,
+                   cache=None):
+    """Figures of one model over the utterances `indices`, averaged over `samples`
+    independent prior samples per utterance (`*_per_sample` lists keep each sample's).
+    `cache` (a dict, shared between calls for the same model and settings) keeps each
+    utterance's `utterance_stats`, so an utterance evaluated for its split is not
+    predicted again for "all"."""
+    import numpy as np
+    cache = {} if cache is None else cache
     figures = []
     for s in range(samples):
         lmd, lmd_m, corr, weights, pred_open, true_open = [], [], [], [], [], []
         for i in indices:
-            u = corpus.utterance(int(i))
-            key = jax.random.PRNGKey(seed * 100003 + int(i))
-            if s:
-                key = jax.random.fold_in(key, s)
-            pred = predictor.predict_landmarks(u["mel"], key, temperature,
-                                               identity=identities[u["speaker"]], std=std)
-            dist = np.linalg.norm(pred - u["landmarks"], axis=-1)        # [T, 68]
-            lmd.append(dist.mean(1))
-            lmd_m.append(dist[:, lm.MOUTH].mean(1))
-            po = lm.mouth_opening(pred)
+            if (int(i), s) not in cache:
+                cache[int(i), s] = utterance_stats(predictor, corpus, i, identities, std,
+                                                   seed, temperature, s)
+            d, dm, po, to, c = cache[int(i), s]
+            lmd.append(d)
+            lmd_m.append(dm)
             pred_open.append(po)
-            true_open.append(lm.mouth_opening(u["landmarks"]))
-            if "oracle_open" in u and np.std(u["oracle_open"]) > 1e-6:
-                corr.append(pearson(po, u["oracle_open"]))
-                weights.append(len(po))
+            true_open.append(to)
+            if c is not None:
+                corr.append(c[0])
+                weights.append(c[1])
         pred_open, true_open = np.concatenate(pred_open), np.concatenate(true_open)
         figures.append(dict(
             lmd=float(np.concatenate(lmd).mean()), lmd_mouth=float(np.concatenate(lmd_m).mean()),
@@ -108,16 +127,16 @@ def main(argv):
     for name, workdir in models.items():
         mc, variables, _, std = a2m.load_audio2motion(workdir)
         predictor = MotionPredictor(mc, variables, chunk=256)
-        per_split, all_idx = {}, []
+        per_split, all_idx, cache = {}, [], {}
         for split in FLAGS.splits:
             idx = corpus.split(split)
             if len(idx):
                 per_split[split] = evaluate_model(predictor, corpus, idx, identities, std,
                                                   FLAGS.seed, FLAGS.temperature,
-                                                  samples[name])
+                                                  samples[name], cache)
                 all_idx.extend(idx)
         per_split["all"] = evaluate_model(predictor, corpus, np.asarray(all_idx), identities, std,
-                                          FLAGS.seed, FLAGS.temperature, samples[name])
+                                          FLAGS.seed, FLAGS.temperature, samples[name], cache)
         results[name] = per_split
         print(f"{name}: " + json.dumps(per_split["all"]))
     vae = results["vae"]["all"]

@@ -199,8 +199,8 @@ def test_winograd_matrices_compute_the_correlation(m, k):
 @pytest.mark.parametrize("t,k,tile", [(200, 5, 4), (17, 5, 4), (3, 5, 4), (23, 3, 4),
                                       (19, 7, 4), (30, 5, 6)])
 def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
-    """Forward against a float64 NumPy correlation; dx, dw (custom VJP) against autodiff of
-    `lax.conv_general_dilated`. Lengths not a multiple of the tile and shorter than the
+    """Forward against a float64 NumPy correlation; dx, dw (autodiff of the Winograd
+    form) against autodiff of `lax.conv_general_dilated`. Lengths not a multiple of the tile and shorter than the
     kernel included. Errors relative to the output / gradient scale."""
     rng = np.random.default_rng(t * 100 + k)
     c_in, c_out = 24, 40
