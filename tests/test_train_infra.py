@@ -245,3 +245,29 @@ def test_xla_trace_summary_sorts_thunks_by_kind():
     empty = xla_trace.summarize([{"ph": "X", "name": "ThunkExecutor::Execute", "dur": 5}], 1)
     assert (empty["ops_ms"], empty["matmul_ms"], empty["matmul_conv_share"]) == (0.0, 0.0, None)
     assert empty["top_ops_ms"] == []
+
+
+def test_model_inits_compile_one_program_each():
+    """Every stage's init is one jitted program: op by op, each initializer and forward op
+    is lowered and compiled on its own (hundreds of small programs), which every entry
+    point paid at start-up. Checked on the traced init: its top level holds the jitted
+    init and a few key/shape ops, not the network's hundreds of operations (same
+    random bits and initializer formulas as Flax's op-by-op init, so the same weights).
+    Tracing only: nothing is compiled here."""
+    import dataclasses
+    from geneface_jax.motion import postnet, syncnet, vae
+    from geneface_jax.render import fields
+    from geneface_jax.train import nerf
+
+    inits = {
+        "syncnet": lambda: syncnet.init_syncnet(
+            syncnet.SyncNetConfig.named("small", feature_dim=13), 0)[1],
+        "audio2motion": lambda: vae.init_audio2motion(vae.Audio2MotionConfig.small(), 0)[1],
+        "postnet": lambda: postnet.init_postnet(postnet.PostNetConfig.named("small"), 0)[2],
+        "nerf": lambda: nerf.create_nerf_state(fields.NeRFConfig.small(),
+                                               nerf.NeRFOptimConfig(), nerf.HEAD, 0)[1].params,
+    }
+    for name, init in inits.items():
+        eqns = jax.make_jaxpr(init)().jaxpr.eqns
+        jitted = [e for e in eqns if e.primitive.name in ("pjit", "jit")]
+        assert len(eqns) <= 24 and jitted, (name, len(eqns))    # op by op: 758 and up

@@ -223,8 +223,8 @@ def init_postnet(config: PostNetConfig, rng, axis_name=None):
     gen = CNNPostNet(config, axis_name=axis_name)
     disc = MLPDiscriminator(config, axis_name=axis_name)
     x = jnp.zeros((1, 4, config.motion_dim), jnp.float32)
-    g_vars = gen.init(k_g, x)
-    d_vars = disc.init(k_d, x)
+    g_vars = jax.jit(gen.init)(k_g, x)         # one program each, not op by op
+    d_vars = jax.jit(disc.init)(k_d, x)
     return gen, disc, {"generator": {"params": g_vars["params"],
                                      "batch_stats": g_vars["batch_stats"]},
                        "discriminator": {"params": d_vars["params"]}}

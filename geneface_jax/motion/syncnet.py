@@ -151,8 +151,8 @@ def init_syncnet(config: SyncNetConfig, rng, axis_name=None):
     """(model, variables) with `params` and `batch_stats`."""
     model = SyncNet(config, axis_name=axis_name)
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    variables = model.init(key, jnp.zeros((2, 2 * config.window, config.feature_dim)),
-                           jnp.zeros((2, config.window, config.mouth_dim)))
+    variables = jax.jit(model.init)(key, jnp.zeros((2, 2 * config.window, config.feature_dim)),
+                                    jnp.zeros((2, config.window, config.mouth_dim)))
     return model, variables
 
 

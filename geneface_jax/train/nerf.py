@@ -269,15 +269,15 @@ def create_nerf_state(config: fields.NeRFConfig, optim: NeRFOptimConfig, part: s
     if part == HEAD:
         model = fields.HeadNeRF(config)
         win = jnp.zeros((config.smooth_window, 68, 3))
-        params = model.init(k_init, o, d, win, bg)["params"]
+        params = jax.jit(model.init)(k_init, o, d, win, bg)["params"]   # one program
         frozen = None
     elif part == TORSO:
         if head_variables is None:
             raise ValueError("create_nerf_state: the torso needs the trained head variables")
         model = fields.TorsoNeRF(config)
         rgb = jnp.zeros((2, 3)) if config.torso_color_dim else None
-        params = model.init(k_init, o, d, jnp.zeros((config.cond_dim,)), jnp.zeros((6,)), bg,
-                            rgb)["params"]
+        params = jax.jit(model.init)(k_init, o, d, jnp.zeros((config.cond_dim,)),
+                                     jnp.zeros((6,)), bg, rgb)["params"]
         frozen = {"head": head_variables}
     else:
         raise ValueError(f"part must be 'head' or 'torso', got {part!r}")

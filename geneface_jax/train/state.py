@@ -41,7 +41,7 @@ class TrainState(flax.struct.PyTreeNode):
             rng = jax.random.key_data(rng)
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    batch_stats={} if batch_stats is None else batch_stats,
-                   opt_state=tx.init(params), rng=jnp.asarray(rng, jnp.uint32),
+                   opt_state=jax.jit(tx.init)(params), rng=jnp.asarray(rng, jnp.uint32),
                    apply_fn=apply_fn, tx=tx,
                    # A copy: steps donate the state, which must not delete the caller's arrays.
                    frozen={} if frozen is None else jax.tree.map(jnp.array, frozen))
