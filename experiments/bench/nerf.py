@@ -45,10 +45,14 @@ that load from other processes hits both alike (`--timing=blocks`: each contende
 in a row, so none runs right after the other's; the profile reports the page faults per
 timed call of each); rays/s is rays per call / the median call
 time. `peak_fraction`: XLA's FLOP count of the whole compiled training step per median
-step, over the machine's measured float32 matmul peak with the same cores (the best of
-512-2048 square products in JAX and in PyTorch, `matmul_peak_gflops`);
-`render_peak_fraction` likewise with the render's MLP FLOPs. The last line printed is one
-JSON object.
+step, over the machine's float32 matmul peak with the same cores, measured in the same
+minutes: the size of the fastest of 512-2048 square products (JAX and PyTorch, best of
+5 each, `matmul_peak_gflops`) is multiplied once in each framework between the timed
+calls, as one more contender, and the median of those rates is the peak
+(`matmul_peak_during_training_gflops`: min, median, max; this shared VM's matmul rate
+drifts by 30 % between runs). `render_peak_fraction` likewise with the render's MLP FLOPs
+and the products between the renders. `peak_fraction_vs_best` divides by the best rate
+seen anywhere in the run instead (stricter). The last line printed is one JSON object.
 """
 
 import dataclasses
@@ -641,28 +645,65 @@ def xla_flops(compiled):
 
 
 def matmul_peak(sizes, repeats, torch):
-    """The measured float32 matmul peak of this process' core budget, GFLOP/s: for each n
-    in `sizes`, the fastest of `repeats` n x n x n products, in JAX (jit of `jnp.dot`) and
-    in PyTorch (`torch.mm`). Returns {"jax": best GFLOP/s, "torch": best GFLOP/s}."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    rng = np.random.default_rng(0)
-    dot = jax.jit(jnp.dot)
+    """The best float32 matmul rate of this process' core budget, GFLOP/s: for each n in
+    `sizes`, the fastest of `repeats` n x n x n products, in JAX (jit of `jnp.dot`) and in
+    PyTorch (`torch.mm`). Returns {"jax": best GFLOP/s, "torch": best GFLOP/s, "n": the
+    size of the fastest product}."""
     best = {"jax": 0.0, "torch": 0.0}
+    best_n, best_rate = sizes[0], 0.0
     for n in sizes:
+        probe = PeakProbe(n, torch)
+        for _ in range(repeats):
+            rates = probe.measure()
+            for name, rate in rates.items():
+                best[name] = max(best[name], rate)
+            if max(rates.values()) > best_rate:
+                best_n, best_rate = n, max(rates.values())
+    return {**{k: round(v, 1) for k, v in best.items()}, "n": best_n}
+
+
+class PeakProbe:
+    """The machine's matmul rate now: one n x n x n float32 product in JAX and one in
+    PyTorch per `measure()` (inputs made and the JAX product compiled up front).
+
+    As a contender of `timed_calls` it runs between the timed steps, so the peak that
+    `peak_fraction` divides by is measured in the same minutes as the step (this shared
+    VM's matmul rate drifts between and within runs); `rates` keeps the faster of the
+    two products of each timed call, GFLOP/s."""
+
+    def __init__(self, n, torch):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        rng = np.random.default_rng(0)
         a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
-        ja, jb = jax.device_put(a), jax.device_put(b)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        calls = {"jax": lambda: dot(ja, jb).block_until_ready(),
-                 "torch": lambda: torch.mm(ta, tb)}
-        for name, call in calls.items():
-            call()                                          # compile / warm up
-            for _ in range(repeats):
-                t = time.perf_counter()
-                call()
-                best[name] = max(best[name], 2.0 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return {k: round(v, 1) for k, v in best.items()}
+        self.n, self.torch, self.rates = n, torch, []
+        self._jax = (jax.jit(jnp.dot), jax.device_put(a), jax.device_put(b))
+        self._torch = (torch.from_numpy(a), torch.from_numpy(b))
+        self._jax[0](*self._jax[1:]).block_until_ready()        # compile
+        torch.mm(*self._torch)
+
+    def measure(self):
+        """{"jax": GFLOP/s, "torch": GFLOP/s} of one product each."""
+        dot, ja, jb = self._jax
+        flop = 2.0 * self.n ** 3
+        t = time.perf_counter()
+        dot(ja, jb).block_until_ready()
+        t_jax = time.perf_counter() - t
+        t = time.perf_counter()
+        self.torch.mm(*self._torch)
+        t_torch = time.perf_counter() - t
+        return {"jax": flop / t_jax / 1e9, "torch": flop / t_torch / 1e9}
+
+    def __call__(self, timed):
+        rates = self.measure()
+        if timed:
+            self.rates.append(max(rates.values()))
+
+    def spread(self):
+        """[min, median, max] of the timed calls' rates, GFLOP/s."""
+        return [round(min(self.rates), 1), round(median(self.rates), 1),
+                round(max(self.rates), 1)]
 
 
 def load_note(load, threads):
@@ -848,6 +889,12 @@ def main(argv):
             compile_note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             log(f"torch.compile {compile_note}; using eager")
 
+    # ---- the machine's matmul peak: the best product size first, then one product of
+    # that size per framework between the timed calls (a contender of `timed_calls`)
+    peak = matmul_peak((256,) if FLAGS.smoke else (512, 1024, 2048),
+                       2 if FLAGS.smoke else 5, torch)
+    train_probe, render_probe = PeakProbe(peak["n"], torch), PeakProbe(peak["n"], torch)
+
     # ---- timing (--timing order): training steps
     box = {"state": state, "call": 1}
 
@@ -865,7 +912,9 @@ def main(argv):
 
     contenders = [("jax", run_jax)] + [
         (name, lambda timed, n=name, r=r: torch_step(n, r, timed)) for name, r in runners.items()]
-    times, train_usage = timed_calls(contenders, warmup, steps, FLAGS.timing == "blocks")
+    times, train_usage = timed_calls(contenders + [("matmul_peak", train_probe)], warmup,
+                                     steps, FLAGS.timing == "blocks")
+    del times["matmul_peak"], train_usage["matmul_peak"]
     med = {name: median(ts) for name, ts in times.items()}
     for name, ts in times.items():
         log(f"train {name}: median step {med[name] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, "
@@ -876,7 +925,9 @@ def main(argv):
     r_contenders = [("jax", lambda timed: renderer.render(frame_inputs["pose"],
                                                           frame_inputs["window"]))] + [
         (name, lambda timed, r=r: r.render_frame()) for name, r in render_runners.items()]
-    r_times, _ = timed_calls(r_contenders, warmup, steps, FLAGS.timing == "blocks")
+    r_times, _ = timed_calls(r_contenders + [("matmul_peak", render_probe)], warmup, steps,
+                             FLAGS.timing == "blocks")
+    del r_times["matmul_peak"]
     r_med = {name: median(ts) for name, ts in r_times.items()}
     for name, ts in r_times.items():
         log(f"render {name}: median frame {r_med[name] * 1e3:.1f} ms = "
@@ -896,16 +947,21 @@ def main(argv):
     jax_render_flops = 2 * frame_rays * (per_ray_evals * (mlp_macs_per_sample(cfg)
                                                           - per_ray_macs(cfg))
                                          + 2 * per_ray_macs(cfg))
-    peak = matmul_peak((256,) if FLAGS.smoke else (512, 1024, 2048),
-                       2 if FLAGS.smoke else 5, torch)
-    peak_gflops = max(peak.values())
+    # The peak of each fraction: the median matmul rate measured between its timed calls
+    # (the step's time is a median too); the best rate seen anywhere in the run is the
+    # stricter denominator of the `*_vs_best` fractions.
+    peak_gflops = median(train_probe.rates)
+    render_peak_gflops = median(render_probe.rates)
+    best_gflops = max(peak["jax"], peak["torch"], *train_probe.rates, *render_probe.rates)
     # Achieved: XLA's FLOP count of the whole compiled step (the analytic MLP count where
     # the backend reports none) per median step; the render's MLP FLOPs per median frame.
     jax_step_gflops = (step_flops or jax_mlp_flops) / med["jax"] / 1e9
     jax_render_gflops = jax_render_flops / r_med["jax"] / 1e9
-    log(f"matmul peak {peak} GFLOP/s; JAX training step {jax_step_gflops:.1f} GFLOP/s "
-        f"({jax_step_gflops / peak_gflops:.0%} of peak), render "
-        f"{jax_render_gflops:.1f} GFLOP/s ({jax_render_gflops / peak_gflops:.0%})")
+    log(f"matmul peak: best {best_gflops:.1f} GFLOP/s ({peak['n']}^3 products), between "
+        f"the training steps {train_probe.spread()}, between the renders "
+        f"{render_probe.spread()} (min, median, max); JAX training step "
+        f"{jax_step_gflops:.1f} GFLOP/s ({jax_step_gflops / peak_gflops:.0%} of peak), "
+        f"render {jax_render_gflops:.1f} GFLOP/s ({jax_render_gflops / render_peak_gflops:.0%})")
 
     # ---- profile
     profile = {}
@@ -968,10 +1024,17 @@ def main(argv):
         "render_speedup": round(jax_render_rps / torch_render_rps, 3),
         "torch_render_reference": r_ref,
         "peak_fraction": round(jax_step_gflops / peak_gflops, 3),
-        "render_peak_fraction": round(jax_render_gflops / peak_gflops, 3),
+        "render_peak_fraction": round(jax_render_gflops / render_peak_gflops, 3),
+        "peak_fraction_vs_best": round(jax_step_gflops / best_gflops, 3),
+        "render_peak_fraction_vs_best": round(jax_render_gflops / best_gflops, 3),
         "jax_step_gflops": round(jax_step_gflops, 2),
         "jax_render_gflops": round(jax_render_gflops, 2),
+        # best of 5 products per size before the timing, per framework, and the size used
+        # by the probes between the timed calls ([min, median, max] of their rates)
         "matmul_peak_gflops": peak,
+        "matmul_peak_during_training_gflops": train_probe.spread(),
+        "matmul_peak_during_render_gflops": render_probe.spread(),
+        "matmul_peak_best_gflops": round(best_gflops, 1),
         "step_flops_source": "xla cost analysis" if step_flops else "analytic MLP count",
         "torch_compile": compile_note,
         "config": cfg_name, "rays": rays_per_step,
