@@ -144,11 +144,10 @@ def test_synthesize_is_deterministic_and_follows_the_reference_track(pipe, clip,
     # Another seed draws another stage-1 sample (stages 1-2 only: what synthesize renders
     # from them is checked above).
     wav = feat.pad_or_trim(audio_io.load_audio(clip))
-    c = pipe.landmarks(pipe.features(wav), feat.frame_energy(wav),
-                       options=pl.SynthesisOptions(seed=4), track=a["track"])
+    feats, energy = pipe.features(wav), feat.frame_energy(wav)
+    c = pipe.landmarks(feats, energy, options=pl.SynthesisOptions(seed=4), track=a["track"])
     assert not np.array_equal(a["stage1"], c["stage1"])
-    d = pipe.landmarks(pipe.features(wav), feat.frame_energy(wav),
-                       options=pl.SynthesisOptions(seed=3), track=a["track"])
+    d = pipe.landmarks(feats, energy, options=pl.SynthesisOptions(seed=3), track=a["track"])
     np.testing.assert_array_equal(a["landmarks"], d["landmarks"])
     n, ref = a["frames"], pipe.reference
     np.testing.assert_array_equal(a["track"], pl.track_indices(n, len(ref), "loop"))

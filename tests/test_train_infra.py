@@ -254,7 +254,6 @@ def test_model_inits_compile_one_program_each():
     init and a few key/shape ops, not the network's hundreds of operations (same
     random bits and initializer formulas as Flax's op-by-op init, so the same weights).
     Tracing only: nothing is compiled here."""
-    import dataclasses
     from geneface_jax.motion import postnet, syncnet, vae
     from geneface_jax.render import fields
     from geneface_jax.train import nerf

@@ -52,7 +52,8 @@ contender, and the median of the faster one's rates is the peak
 drifts by 30 % between runs). `render_peak_fraction` likewise with the render's MLP FLOPs
 and the products between the renders. `peak_fraction_vs_best` divides by the best rate
 seen anywhere in the run instead (stricter), including the best of 5 512-2048 square
-products per framework before the timing (`matmul_peak_gflops`). The last line printed is one JSON object.
+products per framework before the timing (`matmul_peak_gflops`). The last line printed is
+one JSON object.
 """
 
 import dataclasses

@@ -346,8 +346,7 @@ def init_audio2motion(config: Audio2MotionConfig, rng, frames=16, axis_name=None
     motion = jnp.zeros((1, t, config.motion_dim))
     mask = jnp.ones((1, t, 1))
     k1, k2 = jax.random.split(jax.random.PRNGKey(rng) if isinstance(rng, int) else rng)
-    # One compiled program: op-by-op, every initializer and shape is compiled on its own
-    # (~200 small programs, ~10 s of start-up on a 2-core CPU).
+    # One compiled program, not one per initializer and forward op (op by op).
     variables = jax.jit(functools.partial(model.init, train=False))(
         {"params": k1, "sample": k2}, feats, motion, mask)
     return model, variables
