@@ -56,6 +56,12 @@ flags.DEFINE_integer("postnet_steps", 1000, "Stage-2 training steps.")
 flags.DEFINE_integer("head_steps", 700, "Head NeRF training steps.")
 flags.DEFINE_integer("torso_steps", 120, "Torso NeRF training steps.")
 flags.DEFINE_integer("rays", 1024, "Rays per NeRF training step.")
+flags.DEFINE_integer("nerf_width", None, "Head and torso density MLP width (default: the "
+                     "small config's, 128).")
+flags.DEFINE_integer("nerf_depth", None, "Density MLP layers (default 6); the skip "
+                     "connection goes after layer depth // 2.")
+flags.DEFINE_integer("nerf_samples", None, "Coarse and fine samples per ray, each (default "
+                     "24).")
 flags.DEFINE_float("mouth_percent", 0.25, "Share of the head's rays drawn in the mouth box.")
 flags.DEFINE_integer("eval_frames", 4, "Held-out frames scored by eval_nerf.")
 flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature at synthesis.")
@@ -71,11 +77,35 @@ def settings():
     """The effective sizes: the flags, or QUICK for flags left at their defaults."""
     names = ("size", "frames", "utterances", "speakers", "syncnet_steps", "a2m_steps",
              "postnet_steps", "head_steps", "torso_steps", "rays", "mouth_percent",
-             "eval_frames")
+             "eval_frames", "nerf_width", "nerf_depth", "nerf_samples")
     out = {n: getattr(FLAGS, n) for n in names}
     if FLAGS.quick:
         out.update({n: v for n, v in QUICK.items() if not FLAGS[n].present})
     return out
+
+
+def nerf_size_flags(s):
+    """`train_nerf` size flags from the demo's `--nerf_*` settings (None: the small
+    config's value)."""
+    depth = s["nerf_depth"]
+    return dict(width=s["nerf_width"], depth=depth, num_coarse=s["nerf_samples"],
+                num_fine=s["nerf_samples"],
+                skip=None if depth is None else max(0, min(depth // 2, depth - 2)))
+
+
+def check_nerf_sizes(s):
+    """UsageError unless the `--nerf_*` sizes make a valid NeRF configuration."""
+    import dataclasses
+    from absl import app
+    from geneface_jax.render import fields
+    if s["nerf_depth"] is not None and s["nerf_depth"] < 2:
+        raise app.UsageError(f"--nerf_depth must be >= 2 (the skip connection goes after "
+                             f"layer depth // 2), got {s['nerf_depth']}")
+    sizes = {k: v for k, v in nerf_size_flags(s).items() if v is not None}
+    try:
+        dataclasses.replace(fields.NeRFConfig.small(), **sizes)
+    except (TypeError, ValueError) as e:
+        raise app.UsageError(f"--nerf_width/--nerf_depth/--nerf_samples: {e}") from e
 
 
 def check_settings(out, settings):
@@ -87,8 +117,9 @@ def check_settings(out, settings):
     path = out / "demo_settings.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old != settings:
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        # A key missing from an older record is a flag left at its default (None).
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
             raise CheckpointError(f"{out}: holds a demo made with other settings (differs "
                                   f"in {diff}); use another --out or the same flags")
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +164,8 @@ def main(argv):
     out = pathlib.Path(FLAGS.out).absolute()
     audio = pathlib.Path(FLAGS.audio) if FLAGS.audio else (
         pathlib.Path(speech.default_speech_dir()) / "en_us_male.wav")
-    audio_io.load_audio(audio)                 # bad audio fails now, not after training
+    check_nerf_sizes(s)                        # bad sizes and bad audio fail now, not
+    audio_io.load_audio(audio)                 # after training
     data, ck, ev = out / "data", out / "checkpoints", out / "eval"
     seed = FLAGS.seed
     check_settings(out, dict(s, seed=seed))
@@ -155,13 +187,15 @@ def main(argv):
     st.run("postnet", ck / "postnet" / "metrics.json", "train_postnet", data=data / "person",
            audio2motion=ck / "audio2motion", workdir=ck / "postnet", config="small",
            steps=s["postnet_steps"], seed=seed)
+    sizes = nerf_size_flags(s)
     st.run("head", ck / "head" / "metrics.json", "train_nerf", part="head",
            data=data / "person", workdir=ck / "head", config="small", steps=s["head_steps"],
            batch_size=s["rays"], lr=1e-3, lr_decay_steps=s["head_steps"], seed=seed,
-           mouth_percent=s["mouth_percent"])
+           mouth_percent=s["mouth_percent"], **sizes)
     st.run("torso", ck / "torso" / "metrics.json", "train_nerf", part="torso",
            head=ck / "head", workdir=ck / "torso", config="small", steps=s["torso_steps"],
-           batch_size=s["rays"], lr=1e-3, lr_decay_steps=max(1, s["torso_steps"]), seed=seed)
+           batch_size=s["rays"], lr=1e-3, lr_decay_steps=max(1, s["torso_steps"]), seed=seed,
+           **sizes)
     st.run("eval_nerf", ev / "nerf" / "metrics.json", "eval_nerf", head=ck / "head",
            torso=ck / "torso", workdir=ev / "nerf", max_frames=s["eval_frames"])
 

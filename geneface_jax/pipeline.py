@@ -378,10 +378,14 @@ class TalkingFacePipeline:
             chunk = np.empty((len(ts), ref.height, ref.width, 3), np.uint8)
             for i in range(0, len(ts), per_call):
                 sl = slice(i, min(len(ts), i + per_call))
-                out = self.renderer.render_many(ref.poses[track[ts[sl]]], cond[sl],
-                                                ref.torso_pose, pixels=pixels,
-                                                regions=regions)
-                chunk[sl] = np.round(np.clip(out["rgb"], 0.0, 1.0) * 255.0)
+                # A short last call renders a power-of-two number of frames (the last one
+                # repeated), so clips of other lengths reuse the compiled renderers.
+                k = sl.stop - sl.start
+                take = np.minimum(np.arange(min(per_call, 1 << (k - 1).bit_length())), k - 1)
+                out = self.renderer.render_many(ref.poses[track[ts[sl]][take]],
+                                                cond[sl][take], ref.torso_pose,
+                                                pixels=pixels, regions=regions)
+                chunk[sl] = np.round(np.clip(out["rgb"][:k], 0.0, 1.0) * 255.0)
             yield chunk
 
     def synthesize(self, audio_path, out_path, options: SynthesisOptions = SynthesisOptions(),

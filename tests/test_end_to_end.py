@@ -21,6 +21,7 @@ from geneface_jax.audio import io as audio_io
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.video import probe_video, read_audio_track, read_video
 from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.render import sharded
 
 from conftest import REPO, TINY_DEMO as TINY, run_module as _run
 
@@ -81,7 +82,7 @@ def test_demo_writes_video_checkpoints_plot_and_metrics(demo, clip):
     assert not [f for f in os.listdir(out) if f.startswith(".")]
 
 
-def test_second_demo_run_skips_finished_stages(demo, clip):
+def test_second_demo_run_skips_finished_stages(demo, clip, tmp_path):
     out, _ = demo
     before = (out / "checkpoints" / "head" / "metrics.json").stat().st_mtime_ns
     p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY)
@@ -93,6 +94,10 @@ def test_second_demo_run_skips_finished_stages(demo, clip):
              "--torso_steps=5", check=False)
     assert p.returncode == 2 and "other settings" in p.stderr and "torso_steps" in p.stderr
     assert "Traceback" not in p.stderr
+    # NeRF sizes that make no model are refused before anything is written.
+    p = _run("experiments.demo", f"--out={tmp_path / 'x'}", "--nerf_depth=1", check=False)
+    assert p.returncode == 2 and "--nerf_depth must be >= 2" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
 
 
 def test_nerf_train_and_eval_entry_points(tiny_demo, tmp_path):
@@ -102,6 +107,10 @@ def test_nerf_train_and_eval_entry_points(tiny_demo, tmp_path):
     m = json.loads((head / "metrics.json").read_text())
     cfg = json.loads((head / "config.json").read_text())
     assert (cfg["model"]["near"], cfg["model"]["far"]) == (0.4, 0.8)   # from the dataset
+    for part in (head, torso):            # the demo's --nerf_* sizes reach both models
+        model = json.loads((part / "config.json").read_text())["model"]
+        assert [model[k] for k in ("width", "depth", "skip", "num_coarse", "num_fine")] == [
+            32, 3, 1, 8, 8], part
     assert m["steps"] == 10 and m["rays_per_s"] > 0 and np.isfinite(m["eval_psnr"])
     assert (head / "landmark_norm.npz").is_file()
     tcfg = json.loads((torso / "config.json").read_text())
@@ -165,10 +174,12 @@ def test_awkward_but_valid_audio(pipe, clip, tmp_path):
                   wav, orig_sr=16000, target_sr=44100)] * 2, -1) * [1.0, 0.5], 44100,
                   "PCM_16"),
               "speech.mp3": (wav, 16000, None)}
+    programs = []
     for name, (data, rate, subtype) in inputs.items():
         path = tmp_path / name
         sf.write(path, data, rate, **({"subtype": subtype} if subtype else {}))
         res = pipe.synthesize(path, tmp_path / f"{name}.mp4")
+        programs.append(_render_programs(pipe))
         _check_video(tmp_path / f"{name}.mp4", path)
         assert res["frames"] == feat.num_video_frames(len(audio_io.load_audio(path))), name
         if name == "silence.wav":
@@ -177,6 +188,16 @@ def test_awkward_but_valid_audio(pipe, clip, tmp_path):
             np.testing.assert_allclose(res["landmarks"][:, lm.MOUTH],
                                        np.broadcast_to(pipe.reference.rest_mouth,
                                                        (res["frames"], 20, 3)), atol=1e-7)
+    # 31, 30 and 30 frames: each clip's last render call (6 or 5 frames) is padded to 8
+    # frames, so only the first clip compiled renderers.
+    assert programs[0] == programs[-1], programs
+
+
+def _render_programs(pipe):
+    """Compiled renderer programs of the pipeline's frame renderer (all shapes)."""
+    r = pipe.renderer
+    return sum(sharded._compiled(fn, r.mesh, r.chunk)._cache_size()
+               for fn in (r._full_fn, r._head_fn, r._torso_fn) if fn is not None)
 
 
 def test_lip_sync_breakdown(pipe, demo, clip):

@@ -432,6 +432,27 @@ def test_render_image_same_on_1_and_8_devices_any_chunk():
     np.testing.assert_allclose(out["rgb"], reference["rgb"][:5], atol=1e-6)
 
 
+def test_render_image_ray_counts_share_compiled_programs():
+    """Ray counts are padded (on the host) to `padded_layout`'s size: small counts to a
+    power of two, larger ones to whole chunks per device, so counts that pad alike run one
+    compiled program, with the same rays' results as rendering them alone."""
+    assert sharded.padded_layout(100, 1, 4096) == (128, 128)
+    assert sharded.padded_layout(5000, 1, 4096) == (4096, 8192)
+    assert sharded.padded_layout(156, 8, 7) == (7, 168)        # 20 per device: 3 chunks
+    assert sharded.padded_layout(1, 8, 64) == (1, 8)
+    ray_tree = _image_rays(12, 13)
+    reference = jax.jit(sphere_render)(SPHERE, ray_tree)
+    one = make_mesh(jax.devices()[:1])
+    program = sharded._compiled(sphere_render, one, 64)
+    before = program._cache_size()
+    for r in (65, 100, 128):                                    # all pad to 2 chunks of 64
+        few = jax.tree.map(lambda x: np.asarray(x)[:r], ray_tree)
+        out = sharded.render_image(sphere_render, few, params=SPHERE, mesh=one, chunk=64)
+        assert isinstance(out["rgb"], np.ndarray) and out["rgb"].shape == (r, 3)
+        np.testing.assert_allclose(out["rgb"], reference["rgb"][:r], atol=1e-6)
+    assert program._cache_size() == before + 1
+
+
 def test_render_image_shape_errors():
     ray_tree = _image_rays(4, 4)
     bad = dict(ray_tree, background=ray_tree["background"][:7])

@@ -3,30 +3,34 @@
 `render_image(render_rays_fn, rays, params=..., mesh=..., chunk=...)` evaluates
 `render_rays_fn(params, rays_chunk) -> pytree of [chunk, ...]` on all R rays:
 
-1. the per-device chunk is `c = min(chunk, ceil(R / n_devices))` (a chunk larger than the
-   rays does not multiply the work);
-2. the rays (a pytree whose leaves all have the leading ray axis `[R, ...]`) are padded to
-   `R_pad = n_devices * n_chunks * c` by repeating the last ray (so padding never feeds a
-   degenerate ray, e.g. a zero direction, into the field);
+1. the per-device chunk is `c = min(chunk, 2^ceil(log2(ceil(R / n_devices))))`: a chunk
+   larger than the rays does not multiply the work, and small ray counts are rounded up to
+   a power of two;
+2. the rays (a pytree whose leaves all have the leading ray axis `[R, ...]`) are padded
+   (before the compiled program) to `R_pad = n_devices * n_chunks * c` by repeating the
+   last ray (so padding never feeds a degenerate ray, e.g. a zero direction, into the
+   field);
 3. `jax.shard_map` splits the padded rays over the devices (params are replicated), and on
    each device `jax.lax.map` runs the chunks one after another, bounding memory to one
    chunk's activations;
-4. the outputs are concatenated and the padding is removed: every leaf is `[R, ...]`.
+4. the outputs are concatenated, copied to the host and the padding is removed: every
+   leaf is a numpy array `[R, ...]`.
 
 Each ray's result depends only on that ray, so the output is the same on 1 or N devices and
 for any chunk size (up to float reassociation inside the field, ~1e-7). The compiled
-renderer is cached per `(render_rays_fn, mesh, chunk)` and per input shapes, so rendering
-frame after frame with the same function object compiles once. `rays` are host or
-single-device arrays that jit reshards; on a mesh spanning several hosts every process passes
+renderer is cached per `(render_rays_fn, mesh, chunk)` and per padded shapes: ray counts
+that pad to the same `R_pad` share one program, so rendering clips of other lengths (whose
+last call renders fewer frames) compiles no new renderer for most of them. `rays` are host
+or single-device arrays; on a mesh spanning several hosts every process passes
 the same rays and gets the whole output back (it is replicated to every device).
 """
 
 import functools
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geneface_jax.errors import ShapeError
@@ -62,18 +66,28 @@ def _shapes(tree):
     return jax.tree.map(lambda x: tuple(jnp.shape(x)), tree)
 
 
+def padded_layout(r: int, n_dev: int, chunk: int):
+    """`(c, r_pad)`: the per-device chunk and the padded ray count for `r` rays on `n_dev`
+    devices with at most `chunk` rays per device at once (module docstring, steps 1-2)."""
+    per_device = -(-r // n_dev)
+    c = min(chunk, 1 << (per_device - 1).bit_length())
+    return c, n_dev * c * -(-per_device // c)
+
+
 def _pad_rows(x, total):
+    """`x [R, ...]` padded to `[total, ...]` by repeating its last row (numpy stays numpy)."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = xp.asarray(x)
     extra = total - x.shape[0]
     if extra == 0:
         return x
-    tail = jnp.broadcast_to(x[-1:], (extra,) + x.shape[1:])
-    return jnp.concatenate([x, tail], axis=0)
+    return xp.concatenate([x, xp.broadcast_to(x[-1:], (extra,) + x.shape[1:])], axis=0)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(render_rays_fn: Callable, mesh, chunk: int):
-    """Jitted `(params, rays) -> outputs` for one function, mesh and (requested) chunk."""
-    n_dev = mesh.shape[DATA_AXIS]
+    """Jitted `(params, padded rays) -> padded outputs` for one function, mesh and
+    (requested) chunk; the per-device chunk is `padded_layout`'s, read from the shapes."""
 
     def per_device(params, rays_local):
         n_local = jax.tree.leaves(rays_local)[0].shape[0]
@@ -96,18 +110,10 @@ def _compiled(render_rays_fn: Callable, mesh, chunk: int):
     mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                            out_specs=P(DATA_AXIS))
 
-    def run(params, rays):
-        r = num_rays_of(rays)
-        c = min(chunk, math.ceil(r / n_dev))
-        total = n_dev * c * math.ceil(r / (n_dev * c))
-        padded = jax.tree.map(lambda x: _pad_rows(jnp.asarray(x), total), rays)
-        out = mapped(params, padded)
-        return jax.tree.map(lambda y: y[:r], out)
-
     if len({d.process_index for d in mesh.devices.flat}) > 1:
         # Several hosts: each process can read back only what its own devices hold.
-        return jax.jit(run, out_shardings=NamedSharding(mesh, P()))
-    return jax.jit(run)
+        return jax.jit(mapped, out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(mapped)
 
 
 def render_image(render_rays_fn: Callable, rays, *, params=None, mesh=None,
@@ -125,14 +131,18 @@ def render_image(render_rays_fn: Callable, rays, *, params=None, mesh=None,
       chunk: rays evaluated at once on one device (bounds memory).
 
     Returns:
-      the pytree of `render_rays_fn` with every leaf `[R, ...]` (padding removed).
+      the pytree of `render_rays_fn` with every leaf a host (numpy) array `[R, ...]`:
+      the padding is cut on the host, which compiles nothing per ray count.
     """
     chunk = int(chunk)
     if chunk <= 0:
         raise ValueError(f"render_image: chunk must be positive, got {chunk}")
-    num_rays_of(rays)                       # fail early, outside jit, on bad shapes
     mesh = make_mesh() if mesh is None else mesh
     if DATA_AXIS not in mesh.shape or len(mesh.shape) != 1:
         raise ShapeError(f"render_image: expected a 1-D mesh with axis '{DATA_AXIS}', "
                          f"got axes {dict(mesh.shape)}")
-    return _compiled(render_rays_fn, mesh, chunk)(params, rays)
+    r = num_rays_of(rays)
+    _, total = padded_layout(r, mesh.shape[DATA_AXIS], chunk)
+    padded = jax.tree.map(lambda x: _pad_rows(x, total), rays)
+    out = jax.device_get(_compiled(render_rays_fn, mesh, chunk)(params, padded))
+    return jax.tree.map(lambda y: y[:r], out)
