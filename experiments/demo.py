@@ -24,7 +24,8 @@ opening over time, under the waveform) and `metrics.json`:
   frames, seconds, render_fps, minutes (whole demo), stage_minutes
 
 Every stage checkpoints into its directory and is skipped when finished, so a second run
-(or a run after an interruption) only does what is left. Changing the training flags
+(or a run after an interruption) only does what is left; the synthesis too is skipped when
+`metrics.json` records the same audio (path and content), temperature, pose mode and seed. Changing the training flags
 between runs on one `--out` is refused (`demo_settings.json` records them); `--audio`,
 `--temperature` and `--pose_mode` only change the synthesis. `--quick` is a tiny configuration (64 px,
 a few hundred steps) for smoke runs; it does not make a good video.
@@ -94,18 +95,18 @@ def nerf_size_flags(s):
 
 
 def check_nerf_sizes(s):
-    """UsageError unless the `--nerf_*` sizes make a valid NeRF configuration."""
+    """InputError unless the `--nerf_*` sizes make a valid NeRF configuration."""
     import dataclasses
-    from absl import app
+    from geneface_jax.errors import InputError
     from geneface_jax.render import fields
     if s["nerf_depth"] is not None and s["nerf_depth"] < 2:
-        raise app.UsageError(f"--nerf_depth must be >= 2 (the skip connection goes after "
+        raise InputError(f"--nerf_depth must be >= 2 (the skip connection goes after "
                              f"layer depth // 2), got {s['nerf_depth']}")
     sizes = {k: v for k, v in nerf_size_flags(s).items() if v is not None}
     try:
         dataclasses.replace(fields.NeRFConfig.small(), **sizes)
     except (TypeError, ValueError) as e:
-        raise app.UsageError(f"--nerf_width/--nerf_depth/--nerf_samples: {e}") from e
+        raise InputError(f"--nerf_width/--nerf_depth/--nerf_samples: {e}") from e
 
 
 def check_settings(out, settings):
@@ -202,6 +203,14 @@ def main(argv):
     person = fmt.load_person(data / "person")
     pl.ReferenceTrack.from_person(person).save(ck / pl.REFERENCE_FILE)
 
+    synthesis = dict(audio=str(audio), audio_sha256=file_sha256(audio),
+                     temperature=FLAGS.temperature, pose_mode=FLAGS.pose_mode, seed=seed)
+    if (out / "video.mp4").is_file() and (out / "metrics.json").is_file():
+        done = json.loads((out / "metrics.json").read_text())
+        if done.get("synthesis") == synthesis:
+            print(f"[demo] synthesize: done ({out / 'metrics.json'}), skipped", flush=True)
+            print_metrics(done)
+            return
     print(f"[demo] synthesize: {audio} -> {out / 'video.mp4'}", flush=True)
     t_syn = time.time()
     pipe = pl.TalkingFacePipeline.load(ck)
@@ -227,10 +236,24 @@ def main(argv):
         ssim_full=nerf["ssim_full"], mouth_control_ratio=nerf["mouth_control_ratio"],
         frames=res["frames"], seconds=res["seconds"], render_fps=res["render_fps"],
         minutes=(time.time() - t0) / 60.0, stage_minutes=st.minutes,
-        audio=str(audio), settings=s, quick=FLAGS.quick)
+        audio=str(audio), settings=s, quick=FLAGS.quick, synthesis=synthesis)
     metrics_lib.write_final_metrics(out, metrics)
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                      for k, v in metrics.items() if k not in ("stage_minutes", "settings")}))
+    print_metrics(metrics)
+
+
+def print_metrics(metrics):
+    """The demo's last line: its figures as one JSON object."""
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in
+                      metrics.items() if k not in ("stage_minutes", "settings", "synthesis")}))
+
+
+def file_sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def plot_landmarks(path, wav, res, truth):

@@ -48,14 +48,18 @@ def main(argv):
     common.require("audio", "checkpoints", "out")
     import numpy as np
 
-    from geneface_jax import pipeline as pl
     from geneface_jax.audio import io as audio_io
-    from geneface_jax.errors import VideoError
+    from geneface_jax.errors import CheckpointError, VideoError
 
+    # Bad paths and bad audio are refused before JAX and the models load.
     out = pathlib.Path(FLAGS.out)
     if not out.parent.is_dir():
         raise VideoError(f"{out}: its directory {out.parent} does not exist")
-    samples = audio_io.load_audio(FLAGS.audio)    # refuse bad audio before loading models
+    if not pathlib.Path(FLAGS.checkpoints).is_dir():
+        raise CheckpointError(f"{FLAGS.checkpoints}: checkpoint directory does not exist")
+    samples = audio_io.load_audio(FLAGS.audio)
+
+    from geneface_jax import pipeline as pl
     options = pl.SynthesisOptions(
         temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
         silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,

@@ -71,9 +71,6 @@ def main(argv):
     syncnet, sync_vars, sync_cfg = None, None, None
     if FLAGS.syncnet and losses.sync > 0:
         syncnet, sync_vars, sync_cfg = a2m.load_syncnet(FLAGS.syncnet)
-    model, state = a2m.create_vae_state(cfg, optim, FLAGS.seed, sync_vars)
-    train_step, eval_step = a2m.make_vae_steps(model, losses, syncnet, num_frames=FLAGS.window)
-    _, eval_step_nosync = a2m.make_vae_steps(model, dataclasses.replace(losses, sync=0.0))
 
     mesh = train.make_mesh()
     n_dev = mesh.shape[train.DATA_AXIS]
@@ -100,7 +97,6 @@ def main(argv):
             for k in keys:
                 b[k] = np.concatenate([b[k], np.zeros((n_dev - rows % n_dev,) + b[k].shape[1:],
                                                       b[k].dtype)])
-    run_eval = train.data_parallel(eval_step_nosync, mesh, donate_state=False)
 
     def evaluate(st, step):
         tot, weight = {}, 0.0
@@ -121,6 +117,11 @@ def main(argv):
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
     if train.is_main_process():
         np.save(workdir / "landmark_std.npy", std)   # motion = (landmarks - identity) / std
+    # The model is built (and compiled) once the workdir has accepted this configuration.
+    model, state = a2m.create_vae_state(cfg, optim, FLAGS.seed, sync_vars)
+    train_step, eval_step = a2m.make_vae_steps(model, losses, syncnet, num_frames=FLAGS.window)
+    _, eval_step_nosync = a2m.make_vae_steps(model, dataclasses.replace(losses, sync=0.0))
+    run_eval = train.data_parallel(eval_step_nosync, mesh, donate_state=False)
     start_eval = evaluate(train.replicate(state, mesh), 0)
     start = common.Timer()
     state, last = train.train_loop(

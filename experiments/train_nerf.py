@@ -130,14 +130,6 @@ def main(argv):
                                     else 0.0)
     optim = tn.NeRFOptimConfig(lr=FLAGS.lr, decay_rate=FLAGS.lr_decay,
                                decay_steps=FLAGS.lr_decay_steps)
-    if FLAGS.part == "head":
-        model, state = tn.create_nerf_state(cfg, optim, "head", FLAGS.seed)
-        step_fn = tn.make_head_step(model, views.intrinsics)
-    else:
-        model, state = tn.create_nerf_state(cfg, optim, "torso", FLAGS.seed, head_vars)
-        head_smooth = tn.head_smooth_enabled(head_cfg, head_run["trained_steps"])
-        step_fn = tn.make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
-                                     head_smooth)
     get_batch = tn.make_batch_fn(views, FLAGS.part, sampling, window=cfg.smooth_window,
                                  seed=FLAGS.seed)
 
@@ -150,6 +142,14 @@ def main(argv):
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
     if train.is_main_process():
         views.normalizer.save(workdir / "landmark_norm.npz")
+    if FLAGS.part == "head":
+        model, state = tn.create_nerf_state(cfg, optim, "head", FLAGS.seed)
+        step_fn = tn.make_head_step(model, views.intrinsics)
+    else:
+        model, state = tn.create_nerf_state(cfg, optim, "torso", FLAGS.seed, head_vars)
+        head_smooth = tn.head_smooth_enabled(head_cfg, head_run["trained_steps"])
+        step_fn = tn.make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
+                                     head_smooth)
 
     lo, hi = views.split_range("valid") if "valid" in views.splits else views.split_range("train")
     eval_ts = np.unique(np.linspace(lo, hi - 1, max(1, FLAGS.eval_frames)).round().astype(int))

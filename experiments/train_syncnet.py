@@ -43,8 +43,6 @@ def main(argv):
     valid_set = batching.UtteranceSet.from_corpus(corpus, "valid", std, identities)
     cfg = SyncNetConfig.named(FLAGS.config, feature_dim=int(corpus.meta["feature_dim"]))
     optim = a2m.OptimConfig(lr=FLAGS.lr, warmup_steps=0, decay_rate=1.0, decay_steps=1)
-    model, state = a2m.create_syncnet_state(cfg, optim, FLAGS.seed)
-    train_step, eval_step = a2m.make_syncnet_steps(model)
 
     mesh = train.make_mesh()
     n_dev = mesh.shape[train.DATA_AXIS]
@@ -53,7 +51,6 @@ def main(argv):
     n_eval = max(n_dev, FLAGS.eval_pairs - FLAGS.eval_pairs % n_dev)
     eval_batch = batching.sync_pairs(valid_set, np.arange(n_eval) % len(valid_set), cfg.window,
                                      np.random.default_rng([FLAGS.seed, 99]))
-    run_eval = train.data_parallel(eval_step, mesh, donate_state=False)
 
     def evaluate(st, step):
         _, m = run_eval(st, train.shard_batch(eval_batch, mesh), train.step_key(st, step))
@@ -63,6 +60,9 @@ def main(argv):
                    data=str(pathlib.Path(FLAGS.data).absolute()), seed=FLAGS.seed,
                    batch_size=batch_size, lr=FLAGS.lr, optim=dataclasses.asdict(optim))
     workdir = common.prepare_workdir(FLAGS.workdir, run_cfg)
+    model, state = a2m.create_syncnet_state(cfg, optim, FLAGS.seed)
+    train_step, eval_step = a2m.make_syncnet_steps(model)
+    run_eval = train.data_parallel(eval_step, mesh, donate_state=False)
     start = common.Timer()
     state, last = train.train_loop(
         workdir=workdir, state=state, step_fn=train_step, get_batch=get_batch,

@@ -55,6 +55,18 @@ def test_chunked_equals_unchunked(clip):
         np.testing.assert_allclose(audio.log_mel(clip, chunk_frames=chunk), full, atol=1e-5)
 
 
+def test_resample_equals_librosa_soxr_hq():
+    """`io.resample` gives librosa's soxr_hq samples (length ceil(n * target / rate))."""
+    import librosa
+    from geneface_jax.audio import io as audio_io
+    rng = np.random.default_rng(0)
+    for n, rate in ((44100, 44100), (12345, 8000), (96007, 48000), (999, 22050)):
+        x = 0.1 * rng.standard_normal(n).astype(np.float32)
+        np.testing.assert_array_equal(
+            audio_io.resample(x, rate, 16000),
+            librosa.resample(x, orig_sr=rate, target_sr=16000, res_type="soxr_hq"))
+
+
 def test_formats_rates_and_channels_agree(clip, tmp_path):
     ref = audio.log_mel(clip)
     stereo = soxr.resample(clip, 16000, 44100, "VHQ")

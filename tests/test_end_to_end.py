@@ -2,6 +2,7 @@
 `experiments.synthesize` takes awkward-but-valid audio and refuses bad input cleanly; the
 quickstart notebook runs."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -85,10 +86,17 @@ def test_demo_writes_video_checkpoints_plot_and_metrics(demo, clip):
 def test_second_demo_run_skips_finished_stages(demo, clip, tmp_path):
     out, _ = demo
     before = (out / "checkpoints" / "head" / "metrics.json").stat().st_mtime_ns
+    metrics_before = (out / "metrics.json").stat().st_mtime_ns
     p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY)
     skipped = [line for line in p.stdout.splitlines() if line.endswith("skipped")]
-    assert len(skipped) == 8, p.stdout                # 2 datasets, 5 trainings, 1 eval
+    assert len(skipped) == 9, p.stdout       # 2 datasets, 5 trainings, 1 eval, synthesis
     assert (out / "checkpoints" / "head" / "metrics.json").stat().st_mtime_ns == before
+    assert (out / "metrics.json").stat().st_mtime_ns == metrics_before
+    assert json.loads(p.stdout.strip().splitlines()[-1])["frames"] == 30
+    # The synthesis is skipped only for the same audio content and synthesis flags.
+    assert json.loads((out / "metrics.json").read_text())["synthesis"] == dict(
+        audio=str(clip), audio_sha256=hashlib.sha256(clip.read_bytes()).hexdigest(),
+        temperature=1.0, pose_mode="loop", seed=0)
     # Changed training flags are refused, not silently mixed with the finished stages.
     p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY,
              "--torso_steps=5", check=False)
