@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -87,7 +88,7 @@ def _train(root, workdir, steps, *extra, check=True):
 @pytest.fixture(scope="module")
 def trained(world_dirs):
     work = world_dirs / "postnet"
-    _train(world_dirs, work, 6)
+    _train(world_dirs, work, 6, "--eval_every=2")
     return work
 
 
@@ -146,12 +147,15 @@ def test_bad_inputs_give_one_clear_error(world_dirs, trained, tmp_path):
 def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, trained, tmp_path):
     """--select (default): every pool check (here every 2 steps) may replace the
     generator inference uses; load_postnet returns the one with the lowest pool FD."""
-    # The default run (6 steps, a check every 1000) has none: inference uses its last EMA.
-    assert tp.read_selected_info(trained) is None
-    assert tp.load_postnet(trained)[2]["inference_generator"] == dict(source="final_ema",
-                                                                      step=6)
-    work = tmp_path / "sel"
-    _train(world_dirs, work, 6, "--eval_every=2")
+    # A run without a selected generator (no pool check ran; here its record removed):
+    # inference uses the last EMA.
+    unselected = tmp_path / "unselected"
+    shutil.copytree(trained, unselected)
+    (unselected / tp.SELECTED_INFO).unlink()
+    assert tp.read_selected_info(unselected) is None
+    assert tp.load_postnet(unselected)[2]["inference_generator"] == dict(source="final_ema",
+                                                                         step=6)
+    work = trained
     checks = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     fds = {c["step"]: c["eval_pool_fd"] for c in checks if "eval_pool_fd" in c}
     m = json.loads((work / "metrics.json").read_text())
@@ -182,21 +186,22 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
 
 @pytest.mark.slow
 def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
-    part = tmp_path / "part"
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _train(world_dirs, whole, 6)
     _train(world_dirs, part, 3)
     resumed = _train(world_dirs, part, 6)
     assert "resumed from step 3" in resumed.stderr
-    a = jax.tree.leaves(tp.load_postnet(trained)[1])
+    a = jax.tree.leaves(tp.load_postnet(whole)[1])
     b = jax.tree.leaves(tp.load_postnet(part)[1])
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-    # With pool checks every 2 steps the selection survives the interruption too.
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _train(world_dirs, whole, 6, "--eval_every=2")
+    # With pool checks every 2 steps (the `trained` run) the selection survives the
+    # interruption too.
+    split = tmp_path / "split"
     _train(world_dirs, split, 3, "--eval_every=2")
     _train(world_dirs, split, 6, "--eval_every=2")
-    assert tp.read_selected_info(split) == tp.read_selected_info(whole)
-    for x, y in zip(jax.tree.leaves(tp.load_postnet(whole)[1]),
+    assert tp.read_selected_info(split) == tp.read_selected_info(trained)
+    for x, y in zip(jax.tree.leaves(tp.load_postnet(trained)[1]),
                     jax.tree.leaves(tp.load_postnet(split)[1])):
         np.testing.assert_array_equal(x, y)
 

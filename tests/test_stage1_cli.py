@@ -68,7 +68,8 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def vae_dir(corpus_dir, syncnet_dir):
     full = corpus_dir.parent / "vae"
-    _run("experiments.train_audio2motion", f"--workdir={full}", "--steps=120",
+    # 60 steps: the validation L2 is at ~0.30 of its start (0.35 at 40, 0.24 at 120).
+    _run("experiments.train_audio2motion", f"--workdir={full}", "--steps=60",
          f"--data={corpus_dir}", f"--syncnet={syncnet_dir}", *A2M_ARGS)
     return full
 
@@ -100,10 +101,10 @@ def test_vae_learns_and_evaluates(corpus_dir, vae_dir, tmp_path):
 def test_cli_resume_is_exact(corpus_dir, syncnet_dir, vae_dir, tmp_path):
     part = tmp_path / "part"
     common = (f"--data={corpus_dir}", f"--syncnet={syncnet_dir}", *A2M_ARGS)
-    # Interrupted at step 80 (a checkpoint), then resumed to 120: the same parameters.
-    _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=80", *common)
-    resumed = _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=120", *common)
-    assert "resumed from step 80" in resumed.stderr
+    # Interrupted at step 40 (a checkpoint), then resumed to 60: the same parameters.
+    _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=40", *common)
+    resumed = _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=60", *common)
+    assert "resumed from step 40" in resumed.stderr
     for a, b in zip(_params(vae_dir), _params(part)):
         np.testing.assert_array_equal(a, b)
 
