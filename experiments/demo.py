@@ -203,6 +203,7 @@ def main(argv):
     person = fmt.load_person(data / "person")
     pl.ReferenceTrack.from_person(person).save(ck / pl.REFERENCE_FILE)
 
+    from geneface_jax.data.face_models import file_sha256
     synthesis = dict(audio=str(audio), audio_sha256=file_sha256(audio),
                      temperature=FLAGS.temperature, pose_mode=FLAGS.pose_mode, seed=seed)
     if (out / "video.mp4").is_file() and (out / "metrics.json").is_file():
@@ -245,15 +246,6 @@ def print_metrics(metrics):
     """The demo's last line: its figures as one JSON object."""
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in
                       metrics.items() if k not in ("stage_minutes", "settings", "synthesis")}))
-
-
-def file_sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def plot_landmarks(path, wav, res, truth):

@@ -101,7 +101,8 @@ def models_dir():
     return pathlib.Path.home() / ".cache" / "geneface_jax" / "face_models"
 
 
-def _sha256(path):
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -128,7 +129,7 @@ def model_path(name, directory=None):
                          "extracts the model files), or set GENEFACE_FACE_MODELS")
     key = str(path.resolve())
     if key not in _VERIFIED:
-        got = _sha256(path)
+        got = file_sha256(path)
         if got != digest:
             raise ModelError(f"face model {path} is corrupt (sha256 {got[:12]}..., expected "
                              f"{digest[:12]}...); delete it and run `{FETCH_COMMAND}`")
@@ -177,7 +178,7 @@ def fetch(directory=None, wheel=None, quiet=False):
 
 def _is_valid(dest, name):
     path = dest / pathlib.PurePosixPath(MODELS[name][0]).name
-    return path.is_file() and _sha256(path) == MODELS[name][1]
+    return path.is_file() and file_sha256(path) == MODELS[name][1]
 
 
 def _extract(wheel, dest, names):
