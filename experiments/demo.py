@@ -101,7 +101,7 @@ def check_nerf_sizes(s):
     from geneface_jax.render import fields
     if s["nerf_depth"] is not None and s["nerf_depth"] < 2:
         raise InputError(f"--nerf_depth must be >= 2 (the skip connection goes after "
-                             f"layer depth // 2), got {s['nerf_depth']}")
+                         f"layer depth // 2), got {s['nerf_depth']}")
     sizes = {k: v for k, v in nerf_size_flags(s).items() if v is not None}
     try:
         dataclasses.replace(fields.NeRFConfig.small(), **sizes)

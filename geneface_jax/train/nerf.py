@@ -500,8 +500,8 @@ class FrameRenderer:
                 rays.update(torso_origins=np.tile(to[sel], (f, 1)),
                             torso_directions=np.tile(td[sel], (f, 1)),
                             pose=np.repeat(pose_vec, n, axis=0))
-            out = jax.device_get(sharded.render_image(fn, rays, params=params, mesh=self.mesh,
-                                                      chunk=self.chunk))
+            out = sharded.render_image(fn, rays, params=params, mesh=self.mesh,
+                                       chunk=self.chunk)         # numpy, on the host
             for k, v in out.items():
                 res[k][:, sel] = np.asarray(v).reshape((f, n) + np.shape(v)[1:])
         return {k: v.reshape((f, h, w) + v.shape[2:]) for k, v in res.items()}
