@@ -1,5 +1,6 @@
 """The stage-3 benchmark (head NeRF training step and full-frame render, JAX vs PyTorch)
-runs at tiny sizes, passes its start-up equivalence check and ends with its JSON line."""
+runs at tiny sizes, passes its start-up equivalence check and ends with its JSON line; so
+does the per-product comparison `experiments.bench.matmul_shapes`."""
 
 import json
 import os
@@ -41,3 +42,29 @@ def test_nerf_benchmark_smoke():
     assert out["peak_fraction"] == pytest.approx(out["jax_step_gflops"] / peak, rel=0.02)
     assert out["peak_fraction_vs_best"] == pytest.approx(
         out["jax_step_gflops"] / out["matmul_peak_best_gflops"], rel=0.02)
+
+
+def test_matmul_shapes_smoke():
+    """The per-product comparison (fwd, dx, dW of a dense layer, a square product) runs,
+    checks that both frameworks computed the same products, and ends with its JSON line."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.matmul_shapes", "--smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out["products"]) == {"fwd_16", "dx_16", "dW_16", "fwd_32", "dx_32", "dW_32",
+                                    "square_64"}
+    for name, r in out["products"].items():
+        assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0, name
+        assert 0.0 <= r["rel_err"] <= 1e-4, name
+        j, t = r["jax_gflops"], r["torch_gflops"]     # rounded to 0.1; the ratio is not
+        assert abs(r["ratio"] - j / t) <= 0.05 / t + 0.05 * j / t ** 2 + 2e-3, name
+
+
+def test_matmul_shapes_refuses_bad_sizes():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.matmul_shapes",
+                           "--rows=0"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "--rows, --repeats and --widths must be >= 1" in proc.stderr

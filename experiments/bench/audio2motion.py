@@ -64,6 +64,7 @@ from absl import app
 from absl import flags
 
 from experiments.bench import xla_trace
+from experiments.bench.machine import cpu_name, median, restrict_cores
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "paper", ["paper", "small"],
@@ -101,26 +102,6 @@ CHECK_RTOL = 1e-4          # float32 agreement of the first step's losses and gr
 
 # --------------------------------------------------------------------------- threads
 
-def restrict_cores(threads):
-    """Limits this process to `threads` cores (before JAX starts its CPU backend, whose
-    thread pool is sized by the CPU affinity). Returns the core count in use."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads <= 0 or threads >= len(allowed):
-        return len(allowed)
-    os.sched_setaffinity(0, allowed[:threads])
-    return threads
-
-
-def cpu_name():
-    """The CPU model from /proc/cpuinfo (Linux), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- batch
@@ -622,11 +603,6 @@ def jax_params_in_torch_order(runner, variables):
 
 
 # --------------------------------------------------------------------------- profile
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def time_calls(fn, repeats):

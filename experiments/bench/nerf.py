@@ -66,6 +66,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments.bench.machine import cpu_name, median, restrict_cores
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "small", ["paper", "small"],
                   "paper: GeneFace's sizes; small: the documented CPU config.")
@@ -104,32 +106,7 @@ NUM_BATCHES = 4            # distinct ray batches, cycled through by the timed s
 
 # --------------------------------------------------------------------------- machine
 
-def restrict_cores(threads):
-    """Limits this process to `threads` cores (before JAX starts its CPU backend, whose
-    thread pool is sized by the CPU affinity). Returns the core count in use."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads <= 0 or threads >= len(allowed):
-        return len(allowed)
-    os.sched_setaffinity(0, allowed[:threads])
-    return threads
 
-
-def cpu_name():
-    """The CPU model from /proc/cpuinfo (Linux), else platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 # --------------------------------------------------------------------------- PyTorch model

@@ -38,6 +38,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments.bench.machine import median, restrict_cores
+
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "paper", ["paper", "small"],
                   "paper: GeneFace's sizes; small: the documented CPU config.")
@@ -56,20 +58,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters and the random batch.")
 CHECK_RTOL = 1e-4
 
 
-def restrict_cores(threads):
-    """Limits this process to `threads` cores before JAX starts (its CPU thread pool is
-    sized by the affinity mask). Returns the core count in use."""
-    allowed = sorted(os.sched_getaffinity(0))
-    if threads <= 0 or threads >= len(allowed):
-        return len(allowed)
-    os.sched_setaffinity(0, allowed[:threads])
-    return threads
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def random_batch(rng, batch, frames, feature_dim, motion_dim=204):
