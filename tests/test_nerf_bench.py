@@ -15,11 +15,16 @@ from conftest import SUBPROCESS_XLA_FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _bench(module, *args, timeout=300):
+    """`python -m experiments.bench.<module> args` on the CPU (CompletedProcess)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    return subprocess.run([sys.executable, "-m", f"experiments.bench.{module}", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_nerf_benchmark_smoke():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.nerf", "--smoke"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = _bench("nerf", "--smoke", timeout=600)
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("jax_rays_per_s", "torch_rays_per_s", "jax_render_rays_per_s",
@@ -47,9 +52,7 @@ def test_nerf_benchmark_smoke():
 def test_matmul_shapes_smoke():
     """The per-product comparison (fwd, dx, dW of a dense layer, a square product) runs,
     checks that both frameworks computed the same products, and ends with its JSON line."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.matmul_shapes", "--smoke"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _bench("matmul_shapes", "--smoke")
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out["products"]) == {"fwd_16", "dx_16", "dW_16", "fwd_32", "dx_32", "dW_32",
@@ -62,9 +65,6 @@ def test_matmul_shapes_smoke():
 
 
 def test_matmul_shapes_refuses_bad_sizes():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.matmul_shapes",
-                           "--rows=0"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _bench("matmul_shapes", "--rows=0")
     assert proc.returncode != 0
     assert "--rows, --repeats and --widths must be >= 1" in proc.stderr

@@ -100,10 +100,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the initial parameters and the random b
 CHECK_RTOL = 1e-4          # float32 agreement of the first step's losses and grad norm
 
 
-# --------------------------------------------------------------------------- threads
-
-
-
 # --------------------------------------------------------------------------- batch
 
 def random_batch(rng, batch, frames, feature_dim, motion_dim):
@@ -603,7 +599,6 @@ def jax_params_in_torch_order(runner, variables):
 
 
 # --------------------------------------------------------------------------- profile
-
 
 def time_calls(fn, repeats):
     """Median seconds of `repeats` calls of `fn` (which must block until done)."""

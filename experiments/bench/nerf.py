@@ -104,11 +104,6 @@ NUM_FRAMES = 20            # frames of the synthetic person
 NUM_BATCHES = 4            # distinct ray batches, cycled through by the timed steps
 
 
-# --------------------------------------------------------------------------- machine
-
-
-
-
 # --------------------------------------------------------------------------- PyTorch model
 
 def torch_modules():

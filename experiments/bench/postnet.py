@@ -58,8 +58,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the parameters and the random batch.")
 CHECK_RTOL = 1e-4
 
 
-
-
 def random_batch(rng, batch, frames, feature_dim, motion_dim=204):
     """Stage-1-like motion, the person's 'real' motion (shifted, wider), audio features."""
     import numpy as np
