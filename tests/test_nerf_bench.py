@@ -24,7 +24,7 @@ def _bench(module, *args, timeout=300):
 
 @pytest.mark.slow
 def test_nerf_benchmark_smoke():
-    proc = _bench("nerf", "--smoke", timeout=600)
+    proc = _bench("nerf", "--smoke", "--eigen_dots", timeout=600)
     assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("jax_rays_per_s", "torch_rays_per_s", "jax_render_rays_per_s",
@@ -38,6 +38,13 @@ def test_nerf_benchmark_smoke():
     # the two sides did the same work: same colours for the same rays and jitter
     assert 0.0 <= out["equivalence_max_abs_err"] <= 1e-4
     assert 0.0 <= out["render_max_abs_err"] <= 1e-4
+    # --eigen_dots: the step rebuilt with XLA:CPU's dots in Eigen takes the same step, has
+    # fewer YNNPACK fusions, and was timed as one more contender
+    assert 0.0 <= out["eigen_dots_rel_err"] <= 1e-4
+    assert out["ynn_fusions"]["eigen_dots"] < out["ynn_fusions"]["default"]
+    assert out["jax_eigen_dots_rays_per_s"] > 0
+    assert out["eigen_dots_step_ratio"] == pytest.approx(
+        out["jax_eigen_dots_rays_per_s"] / out["jax_rays_per_s"], rel=5e-3, abs=2e-3)
     assert out["config"] == "small" and out["rays"] > 0 and out["threads"] >= 1
     # achieved FLOP/s against the measured matmul peak
     # (the median rate of the products timed between the steps; the best rate of the run)

@@ -29,7 +29,9 @@ the pdf sampling under `torch.no_grad()`, `torch.sort` of the union, `F.mse_loss
 `torch.optim.Adam(fused=True)` + `LambdaLR`, `zero_grad(set_to_none=True)`,
 `torch.inference_mode()` for rendering; `torch.set_num_threads` = JAX's core budget.
 `--torch_compile` also times `torch.compile` of the loss and of the render chunk; the
-faster of eager and compiled is the reference of each speedup.
+faster of eager and compiled is the reference of each speedup. `--eigen_dots` also times
+the library's step compiled with XLA:CPU's dots in Eigen instead of YNNPACK (checked to take
+the same step) as one more contender; `speedup` stays the default build's.
 
 Start-up equivalence check (the script stops if it fails): the JAX initial parameters are
 copied into the PyTorch model (Flax Dense kernel = `Linear.weight.T`, Flax Conv kernel
@@ -97,11 +99,20 @@ flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, 64
                   "32 x 32 frames, 2 steps, no warm-up, no profile, no torch.compile, "
                   "1 core unless --threads is given.")
 flags.DEFINE_integer("seed", 0, "Seed of the parameters, the synthetic person and the rays.")
+flags.DEFINE_bool("eigen_dots", False, "Also time the JAX training step compiled with "
+                  "XLA:CPU's dots in Eigen instead of YNNPACK (EIGEN_DOTS below; the same as "
+                  "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_dot), "
+                  "interleaved with the others: `jax_eigen_dots_rays_per_s`, "
+                  "`eigen_dots_step_ratio`.")
 
 COLOR_ATOL = 1e-4          # rendered colours, JAX vs PyTorch, same rays and jitter
 CHECK_RTOL = 1e-4          # first step's losses and gradient norm
 NUM_FRAMES = 20            # frames of the synthetic person
 NUM_BATCHES = 4            # distinct ray batches, cycled through by the timed steps
+# XLA:CPU hands float32 dots to YNNPACK by default (fusion types `individual_dot` and
+# `reduce`); keeping only `reduce` leaves the dots to Eigen (the cumulative sums of the
+# fine sampling stay in YNNPACK, where they are fast).
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 # --------------------------------------------------------------------------- PyTorch model
@@ -817,6 +828,31 @@ def main(argv):
     log(f"first training step agrees (relative errors): {check}")
     runners = {"torch_eager": eager}
 
+    # ---- optional: the same step with XLA:CPU's dots in Eigen, from a copy of the state
+    eigen = None
+    if FLAGS.eigen_dots:
+        host_state = jax.device_get(state)
+        eigen_state = parallel.replicate(host_state, mesh)
+        t = time.perf_counter()
+        eigen_step = parallel.data_parallel(step_fn, mesh, replicated=("frames",)).lower(
+            eigen_state, jbatches[1], keys[1]).compile(compiler_options=EIGEN_DOTS)
+        log(f"jax (dots in Eigen): step compiled in {time.perf_counter() - t:.1f} s")
+        # both executables take the same step from the same state
+        state, m_ynn = jax_step(state, jbatches[1], keys[1])
+        eigen_state, m_eigen = eigen_step(eigen_state, jbatches[1], keys[1])
+        m_ynn, m_eigen = jax.device_get((m_ynn, m_eigen))
+        eigen_err = max(rel_err(float(m_eigen[k]), float(m_ynn[k]))
+                        for k in ("loss", "grad_norm"))
+        log(f"dots in Eigen: same step to rel err {eigen_err:.2e} (loss, gradient norm)")
+        if not eigen_err <= CHECK_RTOL:
+            raise RuntimeError(f"the step with dots in Eigen differs: rel err {eigen_err:.2e}")
+        # what the option changed: the YNNPACK fusions of each compiled step
+        fusions = {name: exe.as_text().count('"kind":"__ynn_fusion"')
+                   for name, exe in (("default", jax_step), ("eigen_dots", eigen_step))}
+        log(f"YNNPACK fusions in the compiled step: {fusions}")
+        eigen = {"step": eigen_step, "state": eigen_state, "rel_err": eigen_err,
+                 "ynn_fusions": fusions}
+
     # ---- full-frame renders (deterministic samples)
     renderer = nerf.FrameRenderer(cfg, {"params": init_params}, views, mesh=mesh,
                                   chunk=FLAGS.chunk)
@@ -886,6 +922,16 @@ def main(argv):
 
     contenders = [("jax", run_jax)] + [
         (name, lambda timed, n=name, r=r: torch_step(n, r, timed)) for name, r in runners.items()]
+    if eigen is not None:
+        eigen["call"] = 1
+
+        def run_eigen(timed):     # the same batch and key sequence as run_jax
+            i = eigen["call"]
+            eigen["state"], _ = eigen["step"](eigen["state"], jbatches[i % NUM_BATCHES],
+                                              keys[i % len(keys)])
+            eigen["call"] += 1
+            jax.block_until_ready(eigen["state"])
+        contenders.append(("jax_eigen_dots", run_eigen))
     times, train_usage = timed_calls(contenders + [("matmul_peak", train_probe)], warmup,
                                      steps, FLAGS.timing == "blocks")
     del times["matmul_peak"], train_usage["matmul_peak"]
@@ -894,6 +940,15 @@ def main(argv):
         log(f"train {name}: median step {med[name] * 1e3:.1f} ms (min {min(ts) * 1e3:.1f}, "
             f"max {max(ts) * 1e3:.1f}) = {rays_per_step / med[name]:.0f} rays/s")
     ref = min(runners, key=lambda n: med[n])
+    eigen_result = {}
+    if eigen is not None:
+        eigen_result = {
+            "jax_eigen_dots_rays_per_s": round(rays_per_step / med["jax_eigen_dots"], 1),
+            "eigen_dots_speedup": round(med[ref] / med["jax_eigen_dots"], 3),
+            # median step time with YNNPACK dots / with Eigen dots (> 1: Eigen faster)
+            "eigen_dots_step_ratio": round(med["jax"] / med["jax_eigen_dots"], 3),
+            "eigen_dots_rel_err": float(f"{eigen['rel_err']:.2e}"),
+            "ynn_fusions": eigen["ynn_fusions"]}
 
     # ---- timing (--timing order): full-frame renders
     r_contenders = [("jax", lambda timed: renderer.render(frame_inputs["pose"],
@@ -1030,6 +1085,7 @@ def main(argv):
         "loadavg_1min": [round(x, 2) for x in load],
         "note": load_note(load, threads),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
+        **eigen_result,
     }
     print(json.dumps(result), flush=True)
 
