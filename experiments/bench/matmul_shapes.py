@@ -43,11 +43,11 @@ flags.DEFINE_bool("smoke", False, "Tiny run for the test suite (rows 512, widths
 RTOL = 1e-4
 
 
-
 def _sig(x: float, digits: int = 4) -> float:
     """`x` rounded to `digits` significant digits (tiny smoke-test rates stay non-zero and
     their ratio stays recomputable from the rounded rates)."""
     return float(f"{x:.{digits}g}")
+
 
 def main(argv):
     del argv

@@ -792,8 +792,9 @@ def main(argv):
     jax_params = fields.count_params(init_params)
     step_fn = nerf.make_head_step(model, views.intrinsics)
     t = time.perf_counter()
-    jax_step = parallel.data_parallel(step_fn, mesh, replicated=("frames",)).lower(
-        state, jbatches[0], keys[0]).compile()
+    lowered_step = parallel.data_parallel(step_fn, mesh, replicated=("frames",)).lower(
+        state, jbatches[0], keys[0])
+    jax_step = lowered_step.compile()
     jax_compile_s = time.perf_counter() - t
     log(f"jax: {jax_params} params, step compiled in {jax_compile_s:.1f} s")
 
@@ -831,11 +832,9 @@ def main(argv):
     # ---- optional: the same step with XLA:CPU's dots in Eigen, from a copy of the state
     eigen = None
     if FLAGS.eigen_dots:
-        host_state = jax.device_get(state)
-        eigen_state = parallel.replicate(host_state, mesh)
+        eigen_state = parallel.replicate(jax.device_get(state), mesh)
         t = time.perf_counter()
-        eigen_step = parallel.data_parallel(step_fn, mesh, replicated=("frames",)).lower(
-            eigen_state, jbatches[1], keys[1]).compile(compiler_options=EIGEN_DOTS)
+        eigen_step = lowered_step.compile(compiler_options=EIGEN_DOTS)
         log(f"jax (dots in Eigen): step compiled in {time.perf_counter() - t:.1f} s")
         # both executables take the same step from the same state
         state, m_ynn = jax_step(state, jbatches[1], keys[1])
@@ -850,8 +849,8 @@ def main(argv):
         fusions = {name: exe.as_text().count('"kind":"__ynn_fusion"')
                    for name, exe in (("default", jax_step), ("eigen_dots", eigen_step))}
         log(f"YNNPACK fusions in the compiled step: {fusions}")
-        eigen = {"step": eigen_step, "state": eigen_state, "rel_err": eigen_err,
-                 "ynn_fusions": fusions}
+        eigen = {"step": eigen_step, "box": {"state": eigen_state, "call": 1},
+                 "rel_err": eigen_err, "ynn_fusions": fusions}
 
     # ---- full-frame renders (deterministic samples)
     renderer = nerf.FrameRenderer(cfg, {"params": init_params}, views, mesh=mesh,
@@ -906,14 +905,18 @@ def main(argv):
     train_probe, render_probe = PeakProbe(sizes[-1], torch), PeakProbe(sizes[-1], torch)
 
     # ---- timing (--timing order): training steps
-    box = {"state": state, "call": 1}
-
-    def run_jax(timed):
-        i = box["call"]
-        box["state"], _ = jax_step(box["state"], jbatches[i % NUM_BATCHES],
+    def stepper(step, box):
+        """One training call of a compiled JAX `step` on `box`'s state; every stepper walks
+        the same batch and key sequence: 1, 2, 3, ..."""
+        def run(timed):
+            i = box["call"]
+            box["state"], _ = step(box["state"], jbatches[i % NUM_BATCHES],
                                    keys[i % len(keys)])
-        box["call"] += 1
-        jax.block_until_ready(box["state"])
+            box["call"] += 1
+            jax.block_until_ready(box["state"])
+        return run
+
+    run_jax = stepper(jax_step, {"state": state, "call": 1})
 
     torch_timings = {name: {} for name in runners}
 
@@ -923,15 +926,7 @@ def main(argv):
     contenders = [("jax", run_jax)] + [
         (name, lambda timed, n=name, r=r: torch_step(n, r, timed)) for name, r in runners.items()]
     if eigen is not None:
-        eigen["call"] = 1
-
-        def run_eigen(timed):     # the same batch and key sequence as run_jax
-            i = eigen["call"]
-            eigen["state"], _ = eigen["step"](eigen["state"], jbatches[i % NUM_BATCHES],
-                                              keys[i % len(keys)])
-            eigen["call"] += 1
-            jax.block_until_ready(eigen["state"])
-        contenders.append(("jax_eigen_dots", run_eigen))
+        contenders.append(("jax_eigen_dots", stepper(eigen["step"], eigen["box"])))
     times, train_usage = timed_calls(contenders + [("matmul_peak", train_probe)], warmup,
                                      steps, FLAGS.timing == "blocks")
     del times["matmul_peak"], train_usage["matmul_peak"]
