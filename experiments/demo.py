@@ -163,8 +163,7 @@ def main(argv):
     t0 = time.time()
     s = settings()
     out = pathlib.Path(FLAGS.out).absolute()
-    audio = pathlib.Path(FLAGS.audio) if FLAGS.audio else (
-        pathlib.Path(speech.default_speech_dir()) / "en_us_male.wav")
+    audio = pathlib.Path(FLAGS.audio) if FLAGS.audio else speech.default_clip()
     check_nerf_sizes(s)                        # bad sizes and bad audio fail now, not
     audio_io.load_audio(audio)                 # after training
     data, ck, ev = out / "data", out / "checkpoints", out / "eval"

@@ -1,7 +1,7 @@
 r"""Where lip sync is lost between the audio and the rendered mouth (synthetic person).
 
   python -m experiments.lip_breakdown --checkpoints=demo_out/checkpoints \
-      [--audio=../shared/data/speech/en_us_male.wav] [--temperature=1.0] [--seed=0]
+      [--audio=speech.wav] [--temperature=1.0] [--seed=0]
 
 Renders (no video written) the predicted landmarks of the audio, the synthetic person's
 ground-truth landmarks of the same audio (`world.person_oracle`) and the person's own
@@ -23,8 +23,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Directory of the trained stage runs.")
-flags.DEFINE_string("audio", str(pathlib.Path(__file__).resolve().parents[2] / "shared" /
-                                 "data" / "speech" / "en_us_male.wav"), "Input audio file.")
+flags.DEFINE_string("audio", None, "Input audio file (default: the packaged en_us_male.wav).")
 flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("max_frames", 0, "Use only the first N frames (0: all).")
@@ -36,10 +35,11 @@ def main(argv):
     common.require("checkpoints")
     from geneface_jax import pipeline as pl
     from geneface_jax.audio import io as audio_io
-    from geneface_jax.data.synthetic import world
+    from geneface_jax.data.synthetic import speech, world
     from geneface_jax.errors import DatasetError
 
-    samples = audio_io.load_audio(FLAGS.audio)
+    audio = FLAGS.audio or str(speech.default_clip())
+    samples = audio_io.load_audio(audio)
     pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints)
     data = pipe.head_run.get("data")
     meta_path = pathlib.Path(data or "") / "meta.json"
@@ -52,7 +52,7 @@ def main(argv):
         pipe, samples, oracle, own_frames=FLAGS.own_frames,
         options=pl.SynthesisOptions(temperature=FLAGS.temperature, seed=FLAGS.seed,
                                     max_frames=FLAGS.max_frames))
-    print(json.dumps(dict(out, audio=FLAGS.audio, temperature=FLAGS.temperature,
+    print(json.dumps(dict(out, audio=audio, temperature=FLAGS.temperature,
                           seed=FLAGS.seed)))
 
 

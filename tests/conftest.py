@@ -35,15 +35,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SPEECH_DIR = REPO.parent / "shared" / "data" / "speech"
 
 
 @pytest.fixture(scope="session")
 def speech_dir():
-    """Directory of the shipped 16 kHz mono speech clips (../shared/data/speech)."""
-    if not SPEECH_DIR.is_dir():
-        pytest.skip(f"speech clips not found at {SPEECH_DIR}")
-    return SPEECH_DIR
+    """Directory of the packaged 16 kHz mono speech clips (`$GENEFACE_SPEECH_DIR` if set)."""
+    from geneface_jax.data.synthetic import speech
+    return speech.default_speech_dir()
 
 
 # The tiny end-to-end run (`experiments.demo` with these flags): every stage's entry point

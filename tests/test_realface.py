@@ -5,7 +5,7 @@ import pytest
 import soundfile as sf
 from scipy import ndimage
 
-from geneface_jax.data.synthetic import realface
+from geneface_jax.data.synthetic import realface, speech
 from geneface_jax.audio import io as audio_io
 from geneface_jax.data.video import probe_video, read_audio_track, read_video
 
@@ -174,10 +174,10 @@ def test_make_talking_photo_custom_schedules_and_errors(tmp_path, tone_wav):
 
 
 def test_make_talking_photo_default_speech(tmp_path, speech_dir):
-    assert realface.default_speech() == speech_dir / "en_us_male.wav"
+    assert speech.default_clip() == speech_dir / "en_us_male.wav"
     path = tmp_path / "speech.mp4"
     realface.make_talking_photo(path, seconds=0.8, size=64)
     audio = read_audio_track(path)
-    wav = audio_io.load_audio(realface.default_speech())[:len(audio)]
+    wav = audio_io.load_audio(speech.default_clip())[:len(audio)]
     assert len(audio) == pytest.approx(12800, abs=16)
     assert np.corrcoef(audio, wav)[0, 1] > 0.9

@@ -103,11 +103,6 @@ def _smoothstep(x):
 # ---------------------------------------------------------------- schedules
 
 
-def default_speech():
-    """The shipped English clip used when no speech is given."""
-    return speech_lib.default_speech_dir() / "en_us_male.wav"
-
-
 def default_schedules(num_frames, seed=0):
     """Known, deterministic mouth-opening and head-roll schedules.
 
@@ -365,7 +360,7 @@ def frame_point(point, size=256, roll_deg=0.0):
 
 def _speech_track(speech, num_samples):
     """The speech file as float32 [num_samples] at 16 kHz, looped or cut to that length."""
-    wav = audio_io.load_audio(default_speech() if speech is None else speech,
+    wav = audio_io.load_audio(speech_lib.default_clip() if speech is None else speech,
                               sample_rate=AUDIO_RATE)
     reps = -(-num_samples // len(wav))
     return np.ascontiguousarray(np.tile(wav, reps)[:num_samples])
@@ -390,7 +385,7 @@ def make_talking_photo(path, *, seconds=4.0, size=256, speech=None, open_schedul
       seconds: video length; N = round(seconds * 25) frames.
       size: frame side in pixels (even).
       speech: a speech audio file (any format `geneface_jax.audio.io.load_audio` reads),
-        by default the shipped ../shared/data/speech/en_us_male.wav; resampled to 16 kHz
+        by default the packaged `en_us_male.wav` (`speech.default_clip()`); resampled to 16 kHz
         mono and looped or cut to exactly N / 25 s (N * 640 samples).
       open_schedule: mouth opening per frame, [N] in [0, 1]; default from
         `default_schedules(N, seed)`.

@@ -1,11 +1,12 @@
 """Speech for the synthetic world: the shipped clips cut, perturbed and concatenated.
 
-The shipped clips (`shared/data/speech/*.wav`, 16 kHz mono, four languages) are the only
-real audio available offline. Utterances are built from random segments of them, each
-pitch-shifted, tempo-changed and gain-changed, separated by silent gaps, with background
-noise added at a random SNR, so that a corpus of hundreds of distinct utterances (with
-real pauses, which the articulation oracle must close the mouth on) can be made from
-four files. Everything is a pure function of a `np.random.Generator`.
+The clips shipped with the package (`geneface_jax/data/synthetic/speech_clips/*.wav`,
+16 kHz mono, four languages: German, British English, American English, Mandarin) are
+the only real audio available offline. Utterances are built from random segments of them,
+each pitch-shifted, tempo-changed and gain-changed, separated by silent gaps, with
+background noise added at a random SNR, so that a corpus of hundreds of distinct
+utterances (with real pauses, which the articulation oracle must close the mouth on) can
+be made from four files. Everything is a pure function of a `np.random.Generator`.
 """
 
 import os
@@ -20,27 +21,30 @@ from geneface_jax.audio import io as audio_io
 from geneface_jax.errors import DatasetError
 
 SR = feat.SAMPLE_RATE
+# The clips travel as package data (setup.cfg `package_data`), so an installed package
+# (editable or not) finds them next to this module.
+PACKAGED_SPEECH_DIR = pathlib.Path(__file__).resolve().parent / "speech_clips"
 
 
 def default_speech_dir():
-    """Directory of the shipped speech clips.
+    """Directory of the speech clips: `$GENEFACE_SPEECH_DIR` if set, else the packaged ones.
 
-    `$GENEFACE_SPEECH_DIR` if set, else `shared/data/speech` next to the repository (the
-    layout of a clone beside `shared/`), else `./shared/data/speech` or
-    `../shared/data/speech` relative to the working directory.
+    Raises:
+      DatasetError: the directory named by `$GENEFACE_SPEECH_DIR` (or the packaged one, in
+        a broken installation) does not exist or holds no `.wav` file.
     """
     env = os.environ.get("GENEFACE_SPEECH_DIR")
-    candidates = [pathlib.Path(env)] if env else []
-    here = pathlib.Path(__file__).resolve()
-    candidates += [here.parents[3].parent / "shared" / "data" / "speech",
-                   pathlib.Path.cwd() / "shared" / "data" / "speech",
-                   pathlib.Path.cwd().parent / "shared" / "data" / "speech"]
-    for c in candidates:
-        if c.is_dir() and any(c.glob("*.wav")):
-            return c
-    raise DatasetError(
-        "speech clips not found; looked in " + ", ".join(str(c) for c in candidates)
-        + " (set GENEFACE_SPEECH_DIR to a directory of .wav files)")
+    directory = pathlib.Path(env) if env else PACKAGED_SPEECH_DIR
+    if not directory.is_dir() or not any(directory.glob("*.wav")):
+        origin = ("$GENEFACE_SPEECH_DIR" if env
+                  else "the package's speech clips (a broken installation? reinstall it)")
+        raise DatasetError(f"{directory}: no .wav speech clips found ({origin})")
+    return directory
+
+
+def default_clip():
+    """The English clip (`en_us_male.wav`) that demos and examples use when given none."""
+    return default_speech_dir() / "en_us_male.wav"
 
 
 def load_clips(speech_dir=None):

@@ -67,7 +67,8 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
       seed: integer seed; the same seed gives byte-identical output.
       size: image height and width in pixels.
       num_frames: number of 25-fps frames (the audio lasts num_frames / 25 s).
-      speech_dir: directory of speech clips (default: shared/data/speech).
+      speech_dir: directory of speech clips (default: the packaged clips, or
+        `$GENEFACE_SPEECH_DIR`).
       supersample: s x s rays per pixel in the ground-truth renderer.
       valid_fraction: the last fraction of frames forms the 'valid' split.
       progress: show a progress bar while rendering.
