@@ -12,9 +12,9 @@ import optax
 import pytest
 
 from geneface_jax.errors import ShapeError
+from geneface_jax.mesh import make_mesh
 from geneface_jax.render import fields as F
 from geneface_jax.render import rays, sharded
-from geneface_jax.train.parallel import make_mesh
 
 TINY = F.NeRFConfig(width=32, depth=4, skip=1, color_width=16, color_depth=2,
                     num_coarse=8, num_fine=8, smooth_warmup_steps=10)

@@ -15,6 +15,7 @@ import pytest
 
 from geneface_jax import train
 from geneface_jax.data import format as fmt
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.data.synthetic import world
 from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.render import fields
@@ -72,7 +73,7 @@ def test_batches_are_pure_and_sample_the_rect(views):
     assert a["frames"]["windows"].shape == (2, 5, 68, 3)
     assert set(np.unique(r["frame"])) == {0, 1}
     lo, hi = views.split_range("train")
-    ts = lo + train.epoch_indices(3, 7, hi - lo, 2)
+    ts = lo + epoch_indices(3, 7, hi - lo, 2)
     np.testing.assert_array_equal(a["frames"]["pose"], views.poses[ts])
     for i, t in enumerate(ts):
         sel = r["frame"] == i

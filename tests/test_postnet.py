@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from geneface_jax import train
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
 from geneface_jax.motion import postnet as pn
 from geneface_jax.motion.syncnet import SyncNetConfig, init_syncnet
@@ -340,7 +341,7 @@ def test_training_resumes_exactly(tmp_path):
     data = _batch(b=16, lengths=list(range(6, 17)) + [16] * 5, shift=0.5, seed=7)
 
     def get_batch(step):
-        idx = train.epoch_indices(0, step, 16, 4)
+        idx = epoch_indices(0, step, 16, 4)
         return {k: v[idx] for k, v in data.items()}
 
     def run(workdir, num):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from geneface_jax.errors import InputError, ShapeError
+from geneface_jax.mesh import make_mesh
 from geneface_jax.render import encodings, rays, sampling, sharded, volume
-from geneface_jax.train.parallel import make_mesh
 
 
 def random_pose(rng):

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from geneface_jax import train
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, ShapeError
 
 from conftest import SUBPROCESS_XLA_FLAGS
@@ -62,12 +63,12 @@ def test_shard_batch_rejects_indivisible_batch():
 
 def test_epoch_indices():
     n, b = 10, 4
-    stream = np.concatenate([train.epoch_indices(3, s, n, b) for s in range(10)])  # 4 epochs
+    stream = np.concatenate([epoch_indices(3, s, n, b) for s in range(10)])  # 4 epochs
     for e in range(4):
         assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
     assert not np.array_equal(stream[:n], stream[n:2 * n])
-    np.testing.assert_array_equal(train.epoch_indices(3, 7, n, b), stream[28:32])
-    assert not np.array_equal(train.epoch_indices(4, 0, n, b), stream[:4])
+    np.testing.assert_array_equal(epoch_indices(3, 7, n, b), stream[28:32])
+    assert not np.array_equal(epoch_indices(4, 0, n, b), stream[:4])
 
 
 def test_checkpointer_round_trip_keep_n_and_partial(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from geneface_jax import train
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
 from geneface_jax.motion import vae as vae_lib
 from geneface_jax.motion.predict import MotionPredictor, receptive_field
@@ -235,7 +236,7 @@ def test_training_resumes_exactly(tmp_path):
     mask = (np.arange(24)[None] < rng.integers(9, 25, size=16)[:, None]).astype(np.float32)
 
     def get_batch(step):
-        idx = train.epoch_indices(0, step, 16, 4)
+        idx = epoch_indices(0, step, 16, 4)
         return {"mel": feats[idx], "motion": motion[idx], "mask": mask[idx, :, None]}
 
     def run(workdir, steps):

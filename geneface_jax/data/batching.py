@@ -1,7 +1,7 @@
 """Batches for audio->motion training: fixed-shape windows of corpus utterances.
 
 Every batch is a pure function of (seed, step), so resumed runs see the same data:
-utterances are drawn with `train.loop.epoch_indices`, and the crop offset of each is drawn
+utterances are drawn with `data.epochs.epoch_indices`, and the crop offset of each is drawn
 from a generator seeded by (seed, step, slot). Shapes are fixed (XLA compiles once):
 utterances longer than the window are cropped at a random offset, shorter ones are padded
 and masked.
@@ -18,8 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
-from geneface_jax.train.loop import epoch_indices
 
 
 def normalize_landmarks(lms, mean, std):

@@ -53,9 +53,9 @@ import flax.linen as nn
 import numpy as np
 
 from geneface_jax.errors import ShapeError
+from geneface_jax.initializers import torch_default_bias_init, torch_default_kernel_init
 from geneface_jax.motion.batchnorm import MaskedBatchNorm
-from geneface_jax.motion.wavenet import (WNConv1d, check_mask, check_sequence,
-                                         torch_default_bias_init, torch_default_kernel_init)
+from geneface_jax.motion.wavenet import WNConv1d, check_mask, check_sequence
 
 
 @dataclasses.dataclass(frozen=True)

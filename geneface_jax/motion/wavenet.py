@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from geneface_jax.errors import ShapeError
+from geneface_jax.initializers import torch_default_bias_init, torch_default_kernel_init
 from geneface_jax.motion.winograd import winograd_conv1d
 
 Array = Any
@@ -67,23 +68,6 @@ def check_condition(g, x, gin_channels: int, what: str):
     if g.shape[0] != x.shape[0] or g.shape[1] not in (1, x.shape[1]):
         raise ShapeError(f"{what}: condition g must be [B, T, C_g] or [B, 1, C_g] with "
                          f"B={x.shape[0]}, T={x.shape[1]}, got {tuple(g.shape)}")
-
-
-# --------------------------------------------------------------------------- initializers
-
-def torch_default_kernel_init() -> Initializer:
-    """PyTorch's Conv1d weight init (kaiming-uniform, a=sqrt(5)): U(+-1/sqrt(K * C_in))."""
-    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_default_bias_init(fan_in: int) -> Initializer:
-    """PyTorch's Conv1d bias init: U(+-1/sqrt(fan_in)) with fan_in = K * C_in."""
-    bound = 1.0 / max(fan_in, 1) ** 0.5
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 def weight_norm_kernel(weight_v, weight_g):

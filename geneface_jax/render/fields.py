@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geneface_jax.errors import InputError, ShapeError
-from geneface_jax.motion.wavenet import torch_default_bias_init, torch_default_kernel_init
+from geneface_jax.initializers import torch_default_bias_init, torch_default_kernel_init
 from geneface_jax.render import encodings, sampling, volume
 
 Array = Any

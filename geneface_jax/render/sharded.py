@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geneface_jax.errors import ShapeError
-from geneface_jax.train.parallel import DATA_AXIS, make_mesh
+from geneface_jax.mesh import DATA_AXIS, make_mesh
 
 Array = Any
 

@@ -4,34 +4,12 @@ import pathlib
 import sys
 
 import jax
-import numpy as np
 from absl import logging
 
-from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.errors import CheckpointError
 from geneface_jax.train import checkpoint as ckpt_lib
 from geneface_jax.train import metrics as metrics_lib
 from geneface_jax.train import parallel
-
-
-def epoch_indices(seed, step, num_examples, batch_size):
-    """Example indices `[batch_size]` of training step `step`.
-
-    Examples are read as one endless stream made of one fresh permutation per epoch
-    (seeded by `seed` and the epoch number); step s takes stream positions
-    [s * batch_size, (s + 1) * batch_size). Every example appears exactly once per epoch,
-    and any step's batch is computable directly, which makes resumed runs exact.
-    """
-    if num_examples < 1 or batch_size < 1:
-        raise ShapeError(f"need num_examples >= 1 and batch_size >= 1, got "
-                         f"{num_examples}, {batch_size}")
-    pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, num_examples)
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
-        sel = epochs == epoch
-        out[sel] = perm[offsets[sel]]
-    return out
 
 
 def step_key(state, step):
@@ -50,7 +28,7 @@ def train_loop(*, workdir, state, step_fn, get_batch, num_steps, mesh=None, log_
       step_fn: per-device `step_fn(state, batch, rng) -> (state, metrics)` averaging with
         `parallel.pmean`; wrapped here with `parallel.data_parallel`.
       get_batch: `get_batch(step) -> batch` (host arrays, global batch), a pure function of
-        the step (use `epoch_indices`) so that a resumed run sees the same data.
+        the step (use `data.epochs.epoch_indices`) so that a resumed run sees the same data.
       num_steps: total steps of the run (resuming at or past it only returns).
       mesh: device mesh (default: all devices).
       log_every, checkpoint_every: intervals in steps.

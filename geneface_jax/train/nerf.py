@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geneface_jax.data import format as fmt
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, DatasetError, InputError, ShapeError
 from geneface_jax.render import fields
 from geneface_jax.render import rays as rays_lib
@@ -220,7 +221,6 @@ class PersonViews:
 def make_batch_fn(views: PersonViews, part: str, sampling: RaySamplingConfig, *, window: int,
                   seed: int, split: str = "train"):
     """`get_batch(step) -> batch` (module doc), a pure function of the step."""
-    from geneface_jax.train.loop import epoch_indices
     lo, hi = views.split_range(split)
     f, n = sampling.frames_per_step, sampling.rays_per_frame
     h, w = views.height, views.width

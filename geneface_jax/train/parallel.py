@@ -23,11 +23,10 @@ process only (`is_main_process`); orbax checkpoints are written by all together.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geneface_jax.errors import ShapeError
-
-DATA_AXIS = "data"
+from geneface_jax.mesh import DATA_AXIS, make_mesh  # noqa: F401 - the steps' mesh API
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
@@ -50,10 +49,7 @@ def is_main_process():
     return jax.process_index() == 0
 
 
-def make_mesh(devices=None):
-    """A 1-D mesh with axis `data` over `devices` (default: every device of every host)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.array(devices), (DATA_AXIS,))
+
 
 
 def pmean(x):

@@ -24,7 +24,11 @@ identity-removed), `mel` [B, 2T, C] the audio they were sampled for, `mask` [B, 
 (`motion.postnet` explains it), `real_mask` [B, T, 1].
 
 Deviations from GeneFace's code, on purpose: Adam (the issue's choice; GeneFace's task uses
-RMSprop with the same learning rates) with beta1 = 0, i.e. without momentum like RMSprop
+RMSprop: the critic's at 1e-4, the generator's at the rate of stage 1's schedule, because
+`PostnetAdvSyncTask.build_scheduler` reuses `ExponentialSchedule(lr=5e-4, warm-up 1000)`,
+which overwrites `postnet_lr: 1e-4`; `PostNetOptimConfig(lr=5e-4, warmup_steps=1000,
+decay_rate=0.1, decay_steps=250_000)` follows that schedule) with beta1 = 0, i.e. without
+momentum like RMSprop
 (with beta1 0.9 or 0.5 the game oscillated visibly on the synthetic world); the post-net
 that inference uses is the EMA of the generator (decay 0.999, bias-corrected:
 `ema_decay_at`; `generator_variables()`),
@@ -36,9 +40,10 @@ adversarial and sync losses and its person-audio samples to an MSE against the p
 tracked landmarks), and by default the MSE against the generator's own input ("stay close
 to the input", the issue's wording); `PostNetLossConfig(mse_target='person')` is
 GeneFace's MSE (person-audio samples against the person's tracked motion of the same
-frames, batch `target`/`target_mask`). Optimizers: Adam 1e-4 each, discriminator halved
-every 40k updates (StepLR), global-norm clipping at 1 (GeneFace's `clip_grad_norm`), a
-non-finite gradient skips that network's update.
+frames, batch `target`/`target_mask`). Optimizers: Adam 1e-4 each (generator constant by
+default), discriminator halved every 40k updates (StepLR), global-norm clipping at 1 per
+network (GeneFace's `clip_grad_norm` clips the task's parameters together), a non-finite
+gradient skips that network's update.
 """
 
 import dataclasses
@@ -53,11 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, ShapeError
 from geneface_jax.motion import postnet as pn
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.train import parallel
-from geneface_jax.train.loop import epoch_indices
+from geneface_jax.train.state import lr_schedule
 
 GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 
@@ -66,8 +72,13 @@ GENERATOR, DISCRIMINATOR = "generator", "discriminator"
 
 @dataclasses.dataclass(frozen=True)
 class PostNetOptimConfig:
-    """Two Adams (GeneFace: lr 1e-4 each, generator constant, discriminator x0.5 every
-    40k steps, gradient clipping at global norm 1)."""
+    """Two Adams: generator `lr` with an optional linear warm-up over `warmup_steps` and
+    decay `decay_rate ** (step / decay_steps)` after it (`train.state.lr_schedule`),
+    discriminator `disc_lr` x `disc_decay` every `disc_decay_steps`, gradient clipping at
+    global norm 1. GeneFace: critic RMSprop 1e-4 x0.5 every 40k (StepLR); generator RMSprop
+    on stage 1's schedule (warm-up over 1000 steps to 5e-4, then x0.1 per 250k steps; its
+    `postnet_lr: 1e-4` is overwritten by the scheduler), i.e. `lr=5e-4, warmup_steps=1000,
+    decay_rate=0.1, decay_steps=250_000`."""
     lr: float = 1e-4
     disc_lr: float = 1e-4
     disc_decay: float = 0.5
@@ -76,6 +87,9 @@ class PostNetOptimConfig:
     b1: float = 0.0          # no momentum (GeneFace's RMSprop has none)
     b2: float = 0.999
     ema_decay: float = 0.999  # EMA of the generator used for inference (0: no averaging)
+    warmup_steps: int = 0     # generator warm-up (GeneFace: 1000)
+    decay_rate: float = 1.0   # generator decay (GeneFace: 0.1 per 250k steps)
+    decay_steps: int = 250_000
 
     def _adam(self, schedule):
         chain = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
@@ -83,7 +97,11 @@ class PostNetOptimConfig:
         return optax.chain(*chain)
 
     def generator_tx(self):
-        return self._adam(self.lr)
+        if self.warmup_steps <= 0 and self.decay_rate == 1.0:
+            return self._adam(self.lr)
+        return self._adam(lr_schedule(self.lr, warmup_steps=self.warmup_steps,
+                                      decay_rate=self.decay_rate,
+                                      decay_steps=self.decay_steps))
 
     def discriminator_tx(self):
         return self._adam(optax.exponential_decay(self.disc_lr, self.disc_decay_steps,

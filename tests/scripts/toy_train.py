@@ -18,6 +18,7 @@ from absl import flags  # noqa: E402
 
 from experiments import common  # noqa: E402
 from geneface_jax import train  # noqa: E402
+from geneface_jax.data.epochs import epoch_indices  # noqa: E402
 
 NUM_EXAMPLES, DIM = 96, 8
 
@@ -70,7 +71,7 @@ def step_fn(state, batch, rng):
 
 def batch_fn(x, y, batch_size, seed=0):
     def get_batch(step):
-        idx = train.epoch_indices(seed, step, NUM_EXAMPLES, batch_size)
+        idx = epoch_indices(seed, step, NUM_EXAMPLES, batch_size)
         return {"x": x[idx], "y": y[idx]}
     return get_batch
 
