@@ -16,7 +16,7 @@ import pytest
 
 from geneface_jax.audio import features as audio_features
 from geneface_jax.audio import hubert as hb
-from geneface_jax.convert.hubert import hubert_from_torch
+from geneface_jax.audio.hubert_weights import hubert_from_torch
 from geneface_jax.errors import AudioError, CheckpointError
 
 LENGTHS = (16000, 11000, 7000)

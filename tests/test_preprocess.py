@@ -23,6 +23,19 @@ from geneface_jax.errors import VideoError
 CFG = pp.PreprocessConfig(size=128, min_frames=25)
 
 
+def test_reference_face_is_the_synthetic_average_face():
+    """Real data's head space is anchored to a stored table (`data.head_space`), so that
+    preprocessing needs nothing from the synthetic world; the table is that world's
+    average neutral face (16 faces, seed 0) exactly."""
+    from geneface_jax.data.synthetic import face as face_lib
+    rng = np.random.default_rng(0)
+    neutral = dict(open=np.zeros(1), width=np.ones(1), smile=np.zeros(1), blink=np.zeros(1))
+    shapes = [face_lib.landmarks_3d(face_lib.sample_face_shape(rng), neutral)[0]
+              for _ in range(16)]
+    np.testing.assert_array_equal(pp.mean_face_shape(),
+                                  np.mean(shapes, axis=0).astype(np.float64))
+
+
 @pytest.fixture(scope="module")
 def models():
     for name in face_models.MODELS:

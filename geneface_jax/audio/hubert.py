@@ -27,7 +27,7 @@ drop: this is a frozen feature encoder), channel-last throughout:
     its statistics over the padded length, also as in transformers, which is why base
     models should get zero-padded input without a mask (or one clip at a time).
 
-Parameter tree (PyTorch name -> Flax path; `geneface_jax.convert.hubert` converts):
+Parameter tree (PyTorch name -> Flax path; `geneface_jax.audio.hubert_weights` converts):
     feature_extractor.conv_layers.{i}.conv / .layer_norm
         -> feature_extractor/conv_layers_{i}/conv/{kernel,bias}, .../layer_norm/{scale,bias}
     feature_projection.{layer_norm,projection} -> feature_projection/{layer_norm,projection}
@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geneface_jax.audio import features as audio_features
+from geneface_jax.audio.hubert_weights import hubert_from_torch
 from geneface_jax.errors import CheckpointError
 
 Array = Any
@@ -495,7 +496,7 @@ def hubert_features(params: Params, config: HubertConfig, wav, *,
     """GeneFace's HuBERT features of 16 kHz mono audio on the project's frame rule.
 
     Args:
-      params, config: from `load_hubert` (or `geneface_jax.convert.hubert`).
+      params, config: from `load_hubert` (or `audio.hubert_weights.hubert_from_torch`).
       wav: float `[n]` 16 kHz mono (any n >= 640).
       window_seconds: output seconds kept from each window (None: one pass over the clip).
       context_seconds: extra audio each window sees on both sides, discarded afterwards;
@@ -606,8 +607,6 @@ def load_hubert(checkpoint_dir) -> Tuple[Params, HubertConfig]:
         unreadable files, or weights that miss a key or do not fit the config (names the
         path and the key).
     """
-    from geneface_jax.convert.hubert import hubert_from_torch  # convert imports this module
-
     directory = pathlib.Path(checkpoint_dir)
     if not directory.exists():
         raise CheckpointError(f"{directory}: HuBERT checkpoint directory does not exist")

@@ -28,30 +28,12 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.state_dict import join, keys_under, to_numpy
 
 Params = Dict[str, Any]
 
 _WN_KEYS = (("weight_g", "weight_v"),
             ("parametrizations.weight.original0", "parametrizations.weight.original1"))
-
-
-def join(prefix: str, name: str) -> str:
-    """Dotted key `prefix.name` ('' prefix -> `name`)."""
-    return f"{prefix}.{name}" if prefix else name
-
-
-def to_numpy(value) -> np.ndarray:
-    """A torch tensor or array-like -> float32 numpy array (copied, detached, on CPU)."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().float().numpy()
-    return np.array(value, dtype=np.float32)
-
-
-def keys_under(state_dict: Mapping[str, Any], prefix: str):
-    """Sorted keys of `state_dict` that lie inside the module at `prefix`."""
-    if not prefix:
-        return sorted(state_dict)
-    return sorted(k for k in state_dict if k.startswith(prefix + "."))
 
 
 def _get(state_dict, key):

@@ -61,6 +61,7 @@ from scipy import ndimage
 from geneface_jax.audio import features as feat
 from geneface_jax.data import face_models
 from geneface_jax.data import format as fmt
+from geneface_jax.data import head_space
 from geneface_jax.data import landmarks as lm_topology
 from geneface_jax.data import video as video_io
 from geneface_jax.errors import VideoError
@@ -202,13 +203,9 @@ def track_video(path, cfg=PreprocessConfig(), models_dir=None, progress=True):
 
 def mean_face_shape():
     """`[68, 3]` neutral landmarks of the synthetic world's average face (head space):
-    the reference that fixes the axes, origin and units of real data's head space."""
-    from geneface_jax.data.synthetic import face as face_lib
-    rng = np.random.default_rng(0)
-    neutral = dict(open=np.zeros(1), width=np.ones(1), smile=np.zeros(1), blink=np.zeros(1))
-    shapes = [face_lib.landmarks_3d(face_lib.sample_face_shape(rng), neutral)[0]
-              for _ in range(16)]
-    return np.mean(shapes, axis=0).astype(np.float64)
+    the reference that fixes the axes, origin and units of real data's head space
+    (`data.head_space.reference_face`)."""
+    return head_space.reference_face()
 
 
 def similarity_fit(src, dst):
@@ -427,9 +424,8 @@ def fit_head_pose(points68, image_size, cfg=PreprocessConfig(), iterations=3):
     cam = np.stack([xy[..., 0], -xy[..., 1], -point_depth], -1)
     local = np.einsum("nji,nkj->nki", rot_p, cam - trans[:, None])
     k = np.array([f, f, c, c], np.float32)
-    from geneface_jax.data.synthetic.world import camera_to_world
     return dict(landmarks=local.astype(np.float32), rot=rot_p, trans=trans,
-                poses=camera_to_world(rot_p, trans).astype(np.float32),
+                poses=head_space.camera_to_world(rot_p, trans).astype(np.float32),
                 landmarks_2d=_project_each(local, rot_p, trans, f, c).astype(np.float32),
                 intrinsics=k, mean_shape=mean.astype(np.float32), depth=-trans[:, 2],
                 focal=ratio, focal_source=source)

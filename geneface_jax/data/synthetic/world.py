@@ -10,6 +10,7 @@ import tqdm
 
 from geneface_jax.audio import features as feat
 from geneface_jax.data import format as fmt
+from geneface_jax.data.head_space import camera_to_world
 from geneface_jax.data import landmarks as lm_topology
 from geneface_jax.data.synthetic import face as face_lib
 from geneface_jax.data.synthetic import oracle
@@ -38,17 +39,6 @@ def intrinsics_for(size):
     """Pinhole intrinsics (fx, fy, cx, cy) in pixels of the synthetic camera."""
     f = FOCAL_PER_PIXEL * size
     return np.array([f, f, size / 2.0, size / 2.0], np.float32)
-
-
-def camera_to_world(rot, trans):
-    """Head-to-camera (R `[..., 3, 3]`, t `[..., 3]`) -> camera-to-world `[..., 4, 4]` in
-    head space (the head is the world: c2w = [R^T, -R^T t])."""
-    rot_t = np.swapaxes(rot, -1, -2)
-    out = np.zeros(rot.shape[:-2] + (4, 4))
-    out[..., :3, :3] = rot_t
-    out[..., :3, 3] = -np.einsum("...ij,...j->...i", rot_t, trans)
-    out[..., 3, 3] = 1.0
-    return out
 
 
 def _articulation(wav, style, blink):

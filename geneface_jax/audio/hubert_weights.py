@@ -24,13 +24,17 @@ Key mapping (PyTorch -> Flax):
     Linear weight [out, in] -> kernel [in, out]; LayerNorm weight -> scale.
 """
 
-from typing import Any, Dict, Mapping
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, Mapping
 
 import numpy as np
 
-from geneface_jax.audio.hubert import HubertConfig
-from geneface_jax.convert.vits import join, keys_under, to_numpy
 from geneface_jax.errors import CheckpointError
+from geneface_jax.state_dict import join, keys_under, to_numpy
+
+if TYPE_CHECKING:   # only for annotations: `audio.hubert` imports this module
+    from geneface_jax.audio.hubert import HubertConfig
 
 Params = Dict[str, Any]
 
