@@ -7,8 +7,12 @@ r"""Trains stage 1: the audio-to-motion VAE with its flow prior (or the regressi
 Trains on random `--window`-frame crops of the corpus' train utterances (shorter ones are
 padded and masked); targets are identity-removed landmarks (each speaker's mean landmarks
 subtracted) divided by their train-split std, 204-d (`data.batching`).
-Losses (GeneFace): L2 + L1 + 3 x continuity + 0.5 x KL + lambda_sync x SyncNet loss (the
-SyncNet trained by `train_syncnet`, frozen). Validation reconstruction losses on the
+Losses: L2 + L1 + 3 x continuity + 0.5 x KL + lambda_sync x SyncNet loss (the SyncNet
+trained by `train_syncnet`, frozen). GeneFace's task has no L1 term, uses KL 0.4 in its
+LRS3 config (0.5 in the base one), adds the first frame's error to the continuity term
+and switches the sync loss on only once the validation sync loss is <= 0.75:
+`--lambda_l1=0 --lambda_kl=0.4 --continuity=geneface` gives its weights
+(docs/geneface_differences.md). Validation reconstruction losses on the
 valid split are logged every --eval_every steps. Writes WORKDIR/config.json (read by
 `eval_audio2motion` and the pipeline), checkpoints, metrics.jsonl and metrics.json
 (`val_l2`, `val_l1`, `val_l2_start`, `kl`, `sync`, `steps_per_s`, `minutes`, ...).
@@ -30,10 +34,14 @@ flags.DEFINE_string("syncnet", None, "Workdir of a trained SyncNet (enables the 
 flags.DEFINE_integer("window", 100, "Training crop length in frames (multiple of 4).")
 flags.DEFINE_float("lr", 5e-4, "Adam learning rate.")
 flags.DEFINE_integer("warmup", 1000, "Linear warm-up steps.")
-flags.DEFINE_float("lambda_kl", 0.5, "KL weight.")
-flags.DEFINE_float("lambda_l1", 1.0, "L1 reconstruction weight.")
+flags.DEFINE_float("lambda_kl", 0.5, "KL weight (GeneFace: 0.5 base config, 0.4 LRS3 "
+                   "config).")
+flags.DEFINE_float("lambda_l1", 1.0, "L1 reconstruction weight (GeneFace has no L1 term: 0).")
 flags.DEFINE_float("lambda_l2", 1.0, "L2 reconstruction weight.")
 flags.DEFINE_float("lambda_continuity", 3.0, "Continuity (frame-difference) loss weight.")
+flags.DEFINE_enum("continuity", "pairs", ["pairs", "geneface"],
+                  "Continuity loss form: pairs = mean over valid consecutive-frame pairs; "
+                  "geneface = GeneFace's (first frame's error added, divided by frames x D).")
 flags.DEFINE_float("lambda_sync", 0.01, "SyncNet loss weight (needs --syncnet).")
 flags.DEFINE_enum("conv_algorithm", "auto", ["auto", "winograd", "direct"],
                   "How the encoder/decoder WaveNets' 5-tap convs are computed (same parameters, "
@@ -67,6 +75,7 @@ def main(argv):
     optim = a2m.OptimConfig(lr=FLAGS.lr, warmup_steps=FLAGS.warmup)
     losses = a2m.VAELossConfig(kl=FLAGS.lambda_kl, l1=FLAGS.lambda_l1, l2=FLAGS.lambda_l2,
                                continuity=FLAGS.lambda_continuity,
+                               continuity_form=FLAGS.continuity,
                                sync=FLAGS.lambda_sync if FLAGS.syncnet else 0.0)
     syncnet, sync_vars, sync_cfg = None, None, None
     if FLAGS.syncnet and losses.sync > 0:

@@ -15,9 +15,14 @@ over torso over background. Adam `--lr` with exponential decay (`--lr_decay` eve
 `--lr_decay_steps`), data-parallel over rays, resumable (a second run continues from the
 last checkpoint; a workdir of another configuration is refused).
 
-Ray bounds: the dataset's `near`/`far` (meta.json; preprocessing measures them per
-person, GeneFace does the same) unless `--near`/`--far` are given; the model config's
-0.3 / 0.9 (GeneFace's) when the dataset has none.
+Ray bounds (`train.nerf.ray_bounds`): with `--bounds=dataset` (default) the dataset's
+`near`/`far` (meta.json; preprocessing measures them per person), the model config's
+0.3 / 0.9 when the dataset has none; with `--bounds=config` the config's 0.3 / 0.9
+whatever the dataset says, which is GeneFace's behaviour (its `NeRFDataset` takes the
+`near`/`far` hparams and ignores the processed bounds). `--near`/`--far` override both.
+Rays cross the pixels at `--pixel_convention` (`render.rays.ray_intrinsics`): pixel
+centres with the dataset's principal point, or GeneFace's integer pixel coordinates with
+the principal point at the image centre; the torso takes the head run's.
 
 Writes WORKDIR/config.json, landmark_norm.npz (the landmark normalisation the model was
 trained with), checkpoints, metrics.jsonl and metrics.json (`train_*` losses and PSNR of
@@ -43,14 +48,24 @@ flags.DEFINE_enum("part", None, ["head", "torso"], "Which model to train.")
 flags.DEFINE_string("head", None, "Workdir of the trained head run (required for the torso).")
 flags.DEFINE_integer("frames_per_step", 1, "Frames the rays of one step come from.")
 flags.DEFINE_float("in_rect_percent", None, "Share of rays inside the sampling rectangle "
-                   "(default: 0.95 head as GeneFace, 0.8 torso).")
+                   "(default: 0.95 head as GeneFace; 0.8 torso, whose rectangle is the box of the "
+                   "torso mask, where GeneFace's torso draws 0.95 in the image's lower half).")
 flags.DEFINE_float("mouth_percent", 0.0, "Head: share of rays drawn inside the mouth box "
                    "(0: GeneFace's sampler; a lip-focused share helps short runs).")
 flags.DEFINE_float("lr", 5e-4, "Adam learning rate.")
 flags.DEFINE_float("lr_decay", 0.1, "Exponential decay factor of the learning rate...")
 flags.DEFINE_integer("lr_decay_steps", 250_000, "... reached after this many steps.")
-flags.DEFINE_float("near", None, "Near ray bound (default: the dataset's).")
-flags.DEFINE_float("far", None, "Far ray bound (default: the dataset's).")
+flags.DEFINE_float("near", None, "Near ray bound (default: from --bounds).")
+flags.DEFINE_float("far", None, "Far ray bound (default: from --bounds).")
+flags.DEFINE_enum("bounds", "dataset", ["dataset", "config"],
+                  "Where near/far come from: dataset = the person dataset's measured bounds; "
+                  "config = the model config's 0.3 / 0.9 (GeneFace's fixed near/far; its "
+                  "dataset's bounds are ignored).")
+flags.DEFINE_enum("pixel_convention", None, ["centers", "geneface"],
+                  "Where rays cross the pixels: centers = pixel centres (j + 0.5, i + 0.5) "
+                  "with the dataset's principal point (default for the head); geneface = "
+                  "integer pixel coordinates (j, i) with cx = W/2, cy = H/2 (GeneFace's "
+                  "get_rays). The torso takes the head run's.")
 flags.DEFINE_integer("smooth_warmup", None, "Steps before the attention smoother is on "
                      "(default: the config's; 200k paper, 2000 small).")
 flags.DEFINE_integer("eval_every", 0, "Held-out PSNR every this many steps (0: only at "
@@ -96,9 +111,14 @@ def main(argv):
 
     base = fields.NeRFConfig.small() if FLAGS.config == "small" else fields.NeRFConfig()
     overrides = {}
-    for name in ("near", "far"):
-        v = getattr(FLAGS, name)
-        overrides[name] = float(v if v is not None else person.meta.get(name, getattr(base, name)))
+    overrides["near"], overrides["far"] = tn.ray_bounds(person.meta, base, FLAGS.bounds,
+                                                        FLAGS.near, FLAGS.far)
+    if head_run is not None and FLAGS.pixel_convention not in (None,
+                                                                head_cfg.pixel_convention):
+        raise InputError(f"--pixel_convention={FLAGS.pixel_convention}: the torso casts rays "
+                         f"as its head run does ({head_cfg.pixel_convention})")
+    if FLAGS.pixel_convention is not None:
+        overrides["pixel_convention"] = FLAGS.pixel_convention
     if FLAGS.smooth_warmup is not None:
         overrides["smooth_warmup_steps"] = FLAGS.smooth_warmup
     overrides.update({k: getattr(FLAGS, k) for k in SIZE_FLAGS
@@ -112,7 +132,8 @@ def main(argv):
     if head_run is not None:
         # The torso samples the same depth range as the head it is composited with.
         cfg = dataclasses.replace(cfg, smooth_window=head_cfg.smooth_window,
-                                  cond_dim=head_cfg.cond_dim)
+                                  cond_dim=head_cfg.cond_dim,
+                                  pixel_convention=head_cfg.pixel_convention)
 
     mesh = train.make_mesh()
     n_dev = mesh.shape[train.DATA_AXIS]
@@ -144,12 +165,12 @@ def main(argv):
         views.normalizer.save(workdir / "landmark_norm.npz")
     if FLAGS.part == "head":
         model, state = tn.create_nerf_state(cfg, optim, "head", FLAGS.seed)
-        step_fn = tn.make_head_step(model, views.intrinsics)
+        step_fn = tn.make_head_step(model, views.intrinsics, (views.height, views.width))
     else:
         model, state = tn.create_nerf_state(cfg, optim, "torso", FLAGS.seed, head_vars)
         head_smooth = tn.head_smooth_enabled(head_cfg, head_run["trained_steps"])
         step_fn = tn.make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
-                                     head_smooth)
+                                     head_smooth, (views.height, views.width))
 
     lo, hi = views.split_range("valid") if "valid" in views.splits else views.split_range("train")
     eval_ts = np.unique(np.linspace(lo, hi - 1, max(1, FLAGS.eval_frames)).round().astype(int))

@@ -23,7 +23,10 @@ corpus (`--corpus`) and SyncNet (`--syncnet`) are the defaults for those flags.
    audio) and updates the generator (0.85 LSGAN + 0.1 SyncNet against the driving audio
    + 0.05 MSE to the input) and the frame-level discriminator (real = crops of the
    person's train motion). Adam 1e-4 each (beta1 0: no momentum, like GeneFace's
-   RMSprop), discriminator lr halved every 40k steps. The post-net saved for inference is
+   RMSprop), discriminator lr halved every 40k steps. (GeneFace's generator RMSprop runs
+   on stage 1's schedule, warm-up over 1000 steps to 5e-4 then x0.1 per 250k, which
+   overwrites its `postnet_lr: 1e-4`: `--lr=5e-4 --warmup=1000 --lr_decay=0.1`; its MSE
+   is `--mse_target=person`.) The post-net saved for inference is
    the exponential moving average of the generator (`--ema_decay`); with `--select`
    (default) it is the EMA of the pool check (below; every `--eval_every` steps) with
    the lowest pool Fréchet distance, kept in `selected_generator.msgpack` (the last EMA
@@ -65,7 +68,12 @@ flags.DEFINE_float("person_fraction", 0.25, "Share of each batch sampled on the 
                    "audio (the rest on corpus audio).")
 flags.DEFINE_list("corpus_splits", ["train"], "Corpus splits whose audio feeds the pool.")
 flags.DEFINE_float("temperature", 1.0, "Prior temperature of the stage-1 samples.")
-flags.DEFINE_float("lr", 1e-4, "Generator Adam learning rate.")
+flags.DEFINE_float("lr", 1e-4, "Generator Adam learning rate (GeneFace's generator runs at "
+                   "5e-4 after a 1000-step warm-up: --lr=5e-4 --warmup=1000 --lr_decay=0.1).")
+flags.DEFINE_integer("warmup", 0, "Linear warm-up steps of the generator's rate.")
+flags.DEFINE_float("lr_decay", 1.0, "Generator rate decay factor reached after "
+                   "--lr_decay_steps (1: constant).")
+flags.DEFINE_integer("lr_decay_steps", 250_000, "Steps of one --lr_decay factor.")
 flags.DEFINE_float("disc_lr", 1e-4, "Discriminator Adam learning rate.")
 flags.DEFINE_integer("disc_decay_steps", 40_000, "Steps between halvings of disc_lr.")
 flags.DEFINE_float("b1", 0.0, "Adam beta1 of both networks (0: no momentum, as GeneFace's "
@@ -128,7 +136,9 @@ def main(argv):
                               static_coords=tp.static_coordinates(std))
     optim = tp.PostNetOptimConfig(lr=FLAGS.lr, disc_lr=FLAGS.disc_lr,
                                   disc_decay_steps=FLAGS.disc_decay_steps, b1=FLAGS.b1,
-                                  ema_decay=FLAGS.ema_decay)
+                                  ema_decay=FLAGS.ema_decay, warmup_steps=FLAGS.warmup,
+                                  decay_rate=FLAGS.lr_decay,
+                                  decay_steps=FLAGS.lr_decay_steps)
     losses = tp.PostNetLossConfig(adv=FLAGS.lambda_adv, mse=FLAGS.lambda_mse,
                                   sync=FLAGS.lambda_sync if syncnet else 0.0,
                                   mse_target=FLAGS.mse_target)

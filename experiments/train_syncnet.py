@@ -4,7 +4,9 @@ r"""Trains the landmark-audio SyncNet on a corpus (stage 1's sync critic).
       [--config=paper|small] [--steps=40000] [--batch_size=256]
 
 Pairs of a 5-frame mouth window and the audio of the same frames (label 1) or of frames
-shifted by >= 3 (label 0) are drawn from the train split; validation uses fixed pairs of the
+shifted by >= 3 (label 0) are drawn from the train split, one pair per utterance (GeneFace
+draws >= 1024 pairs from each batch of utterances, its negatives at any other offset of
+the same utterance); validation uses fixed pairs of the
 valid split. Writes WORKDIR/config.json (what `train_audio2motion --syncnet` reads),
 checkpoints, metrics.jsonl and metrics.json (`loss`, `accuracy`, `val_loss`,
 `val_accuracy`, `steps_per_s`, `minutes`).
@@ -20,7 +22,12 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 common.define_common_flags(steps=40_000, batch_size=256, data_help="Corpus directory.")
-flags.DEFINE_float("lr", 5e-4, "Adam learning rate (constant; GeneFace's SyncNet uses none).")
+flags.DEFINE_float("lr", 5e-4, "Adam learning rate (see --lr_schedule). GeneFace's config "
+                   "says scheduler: none, but its SyncNetTask.build_scheduler runs a cosine "
+                   "decay from 5e-4 to 0 over max_updates = 40k steps.")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"],
+                  "constant, or cosine: decay from --lr to 0 over --steps (GeneFace's "
+                  "SyncNet schedule).")
 flags.DEFINE_integer("eval_pairs", 512, "Validation pairs.")
 flags.DEFINE_integer("eval_every", 1000, "Validation interval in steps (0: only at the end).")
 
@@ -42,7 +49,8 @@ def main(argv):
     train_set = batching.UtteranceSet.from_corpus(corpus, "train", std, identities)
     valid_set = batching.UtteranceSet.from_corpus(corpus, "valid", std, identities)
     cfg = SyncNetConfig.named(FLAGS.config, feature_dim=int(corpus.meta["feature_dim"]))
-    optim = a2m.OptimConfig(lr=FLAGS.lr, warmup_steps=0, decay_rate=1.0, decay_steps=1)
+    optim = a2m.OptimConfig(lr=FLAGS.lr, warmup_steps=0, decay_rate=1.0, decay_steps=1,
+                            cosine_steps=FLAGS.steps if FLAGS.lr_schedule == "cosine" else 0)
 
     mesh = train.make_mesh()
     n_dev = mesh.shape[train.DATA_AXIS]

@@ -94,6 +94,18 @@ def test_batches_are_pure_and_sample_the_rect(views):
     np.testing.assert_array_equal(t["frames"]["torso_pose"][1], views.torso_pose())
 
 
+def test_ray_bounds_from_the_dataset_or_the_config():
+    cfg = fields.NeRFConfig()                       # GeneFace's fixed 0.3 / 0.9
+    meta = {"near": 0.45, "far": 0.7}
+    assert tn.ray_bounds(meta, cfg) == (0.45, 0.7)
+    assert tn.ray_bounds(meta, cfg, "config") == (0.3, 0.9)
+    assert tn.ray_bounds({}, cfg, "dataset") == (0.3, 0.9)
+    assert tn.ray_bounds(meta, cfg, "config", near=0.2) == (0.2, 0.9)
+    assert tn.ray_bounds(meta, cfg, "dataset", far=1.1) == (0.45, 1.1)
+    with pytest.raises(ValueError):
+        tn.ray_bounds(meta, cfg, "person")
+
+
 def _run_steps(step_fn, state, get, steps, devices):
     mesh = train.make_mesh(jax.devices()[:devices])
     run = train.data_parallel(step_fn, mesh, replicated=("frames",))
@@ -135,6 +147,33 @@ def test_head_and_torso_steps_equal_on_1_and_8_devices(views):
     # The head is frozen: carried unchanged through the torso steps.
     _close(t1.frozen["head"]["params"], s1.params, 0.0)
     assert n1[-1]["loss"] == pytest.approx(n8[-1]["loss"], rel=1e-4)
+
+
+def test_geneface_pixel_convention_in_the_step_and_the_renderer(views):
+    """pixel_convention='geneface' casts the rays of `ray_intrinsics(..., 'geneface')` in
+    training and rendering: a step equals the default step given those intrinsics."""
+    h, w = views.height, views.width
+    k_gf = np.array([views.intrinsics[0], views.intrinsics[1], w / 2 + 0.5, h / 2 + 0.5],
+                    np.float32)
+    gf = dataclasses.replace(TINY, pixel_convention="geneface")
+    with pytest.raises(ValueError):
+        dataclasses.replace(TINY, pixel_convention="corners")
+    with pytest.raises(ValueError):                 # needs the image size
+        tn.make_head_step(fields.HeadNeRF(gf), views.intrinsics)
+    samp = tn.RaySamplingConfig(frames_per_step=1, rays_per_frame=32)
+    get = tn.make_batch_fn(views, "head", samp, window=5, seed=0)
+    optim = tn.NeRFOptimConfig()
+    head_gf, st_gf = tn.create_nerf_state(gf, optim, "head", 0)
+    head_c = fields.HeadNeRF(TINY)
+    fresh = lambda: tn.create_nerf_state(TINY, optim, "head", 0)[1]  # noqa: E731 (donated)
+    r = tn.FrameRenderer(gf, {"params": st_gf.params}, views)
+    _, m_gf = _run_steps(tn.make_head_step(head_gf, views.intrinsics, (h, w)), st_gf, get, 1, 1)
+    _, m_eq = _run_steps(tn.make_head_step(head_c, k_gf), fresh(), get, 1, 1)
+    _, m_c = _run_steps(tn.make_head_step(head_c, views.intrinsics, (h, w)), fresh(), get, 1, 1)
+    assert m_gf[0]["loss"] == pytest.approx(m_eq[0]["loss"], rel=1e-6)
+    assert m_gf[0]["loss"] != pytest.approx(m_c[0]["loss"], rel=1e-6)
+    np.testing.assert_allclose(r.head_ray_intrinsics, k_gf)
+    np.testing.assert_array_equal(r.intrinsics, views.intrinsics)
 
 
 def test_head_overfits_four_frames_and_renders_them(views):

@@ -373,6 +373,28 @@ def test_discriminator_learning_rate_halves_on_schedule():
     np.testing.assert_allclose(moves, [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4], rtol=1e-3)
 
 
+def test_generator_learning_rate_warms_up_and_decays():
+    """GeneFace's generator schedule: linear warm-up, then decay_rate ** (t / steps)."""
+    optim = tp.PostNetOptimConfig(lr=1e-3, warmup_steps=2, decay_rate=0.5, decay_steps=2,
+                                  clip_norm=0.0)
+    params = {"w": jnp.zeros(3)}
+    tx = optim.generator_tx()
+    opt = tx.init(params)
+    moves = []
+    for _ in range(5):
+        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
+        moves.append(float(-upd["w"][0]))
+    # lr(t) = 1e-3 min(1, (t + 1) / 2) 0.5 ** (max(0, t - 2) / 2)
+    want = [1e-3 * min(1.0, (k + 1) / 2) * 0.5 ** (max(0, k - 2) / 2) for k in range(5)]
+    np.testing.assert_allclose(moves, want, rtol=1e-3)
+    # the default stays constant
+    tx = tp.PostNetOptimConfig(lr=1e-3, clip_norm=0.0).generator_tx()
+    opt = tx.init(params)
+    for _ in range(3):
+        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
+    assert float(-upd["w"][0]) == pytest.approx(1e-3, rel=1e-3)
+
+
 # --------------------------------------------------------------------------- data
 
 def test_pool_batches_and_person_representation(tmp_path):

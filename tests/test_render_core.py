@@ -78,6 +78,30 @@ def test_projection_round_trip_random_poses():
     np.testing.assert_allclose(d2, d[2, rows, cols], atol=1e-6)
 
 
+def test_geneface_pixel_convention_closed_form():
+    """GeneFace's `get_rays`: pixel (i, j) -> ((j - W/2) / fx, -(i - H/2) / fy, -1)
+    whatever the dataset's principal point; the default goes through pixel centres."""
+    h, w, fx, fy, cx, cy = 6, 8, 5.0, 7.0, 3.2, 2.9
+    k = (fx, fy, cx, cy)
+    ii, jj = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    pose = np.eye(4)
+    k_gf = rays.ray_intrinsics(k, h, w, "geneface")
+    np.testing.assert_allclose(k_gf, [fx, fy, w / 2 + 0.5, h / 2 + 0.5])
+    _, d = rays.pixel_rays(pose, k_gf, h, w)
+    want = np.stack([(jj - w / 2) / fx, -(ii - h / 2) / fy, -np.ones((h, w))], -1)
+    np.testing.assert_allclose(d, want, atol=1e-6)
+    _, d2 = rays.rays_for_pixels(pose, k_gf, ii.ravel(), jj.ravel())
+    np.testing.assert_allclose(d2, want.reshape(-1, 3), atol=1e-6)
+    np.testing.assert_array_equal(rays.ray_intrinsics(k, h, w, "centers"), np.float32(k))
+    _, d3 = rays.pixel_rays(pose, rays.ray_intrinsics(k, h, w), h, w)
+    want = np.stack([(jj + 0.5 - cx) / fx, -(ii + 0.5 - cy) / fy, -np.ones((h, w))], -1)
+    np.testing.assert_allclose(d3, want, atol=1e-6)
+    # batched intrinsics keep their batch
+    assert rays.ray_intrinsics(np.tile(k, (3, 1)), h, w, "geneface").shape == (3, 4)
+    with pytest.raises(ValueError):
+        rays.ray_intrinsics(k, h, w, "corners")
+
+
 def test_ray_shape_errors():
     with pytest.raises(ShapeError, match="pose"):
         rays.pixel_rays(np.eye(4)[:3], (1, 1, 1, 1), 4, 4)

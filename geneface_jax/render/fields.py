@@ -42,13 +42,19 @@ into weights, and the output is the weighted sum of the window. GeneFace enables
 
 Torso (GeneFace `ADNeRFTorso`, `use_color: true`): the same backbone whose condition is
 `[landmark feature (64), PE_6(euler) (39), PE_6(trans) (39), color_encoder(head rgb) (16)]`
-(colour encoder 3 -> 16 -> 32 -> 16, LeakyReLU(0.02)). Its points live in the world of the
-*first frame's camera* (rays from `poses[0]`), so the torso is static in that frame and only
-the head pose (`head_pose_vector(poses[t])`) tells it how the neck moves. The head colour
-input (the head render over the background, per ray) is what makes it head-aware in
-GeneFace; `torso_color_dim = 0` turns it off. Departure: every TorsoField (coarse and fine)
-owns its colour encoder (1,136 parameters), where GeneFace shares one between the two
-networks; a converter copies GeneFace's `color_encoder` into both.
+(colour encoder 3 -> 16 -> 32 -> 16, LeakyReLU(0.02)). Departure: GeneFace's first 64
+channels are not the head's landmark feature but the torso's own audio feature: an
+`AudioNet` over a 16-frame DeepSpeech window (29-d) and an `AudioAttNet` smoother over 8
+such windows (`ADNeRFTorso.cal_cond_feat`, fed `deepspeech_wins` by
+`Lm3dNeRFTorsoTask.run_model`); here the torso reuses the frozen head's landmark feature,
+so stage 3 needs no second audio front-end (docs/geneface_differences.md). Its points
+live in the world of the *first frame's camera* (rays from `poses[0]`), so the torso is
+static in that frame and only the head pose (`head_pose_vector(poses[t])`) tells it how
+the neck moves. The head colour input (the head render over the background, per ray) is
+what makes it head-aware in GeneFace; `torso_color_dim = 0` turns it off. Departure:
+every TorsoField (coarse and fine) owns its colour encoder (1,136 parameters), where
+GeneFace shares one between the two networks; a converter copies GeneFace's
+`color_encoder` into both.
 
 Rendering (`render_rays`): stratified coarse samples in [near, far], coarse field,
 composite, hierarchical fine samples (`sampling.hierarchical_samples`), fine field on the
@@ -84,7 +90,7 @@ import numpy as np
 
 from geneface_jax.errors import InputError, ShapeError
 from geneface_jax.initializers import torch_default_bias_init, torch_default_kernel_init
-from geneface_jax.render import encodings, sampling, volume
+from geneface_jax.render import encodings, rays, sampling, volume
 
 Array = Any
 FieldFn = Callable[[Array, Array], Tuple[Array, Array]]
@@ -108,6 +114,9 @@ class NeRFConfig:
       smooth_warmup_steps: training steps before the smoother is switched on (200k).
     attention_channels: AudioAttNet conv widths (16, 8, 4, 2, then 1).
     num_coarse, num_fine: samples per ray (64 + 128); near, far: ray bounds (head units).
+    pixel_convention: where rays cross the pixels, `render.rays.ray_intrinsics`: "centers"
+      (pixel centres, the dataset's principal point) or "geneface" (integer pixel
+      coordinates, principal point at the image centre, as GeneFace's `get_rays`).
     density_activation: "relu" (GeneFace) or "softplus".
     last_sample_background: GeneFace's background handling (see the module doc).
     pose_freqs: bands of the torso's head-pose encoding (6 for euler angles and translation).
@@ -135,6 +144,7 @@ class NeRFConfig:
     last_sample_background: bool = True
     pose_freqs: int = 6
     torso_color_dim: int = 16
+    pixel_convention: str = "centers"
 
     def __post_init__(self):
         if self.depth < 1 or self.width < 1 or self.color_width < 1 or self.color_depth < 1:
@@ -154,6 +164,9 @@ class NeRFConfig:
                              f"got {self.smooth_window}")
         if not self.far > self.near:
             raise ValueError(f"NeRFConfig: need far > near, got {self.near}, {self.far}")
+        if self.pixel_convention not in rays.PIXEL_CONVENTIONS:
+            raise ValueError(f"NeRFConfig: pixel_convention must be one of "
+                             f"{rays.PIXEL_CONVENTIONS}, got {self.pixel_convention!r}")
 
     @classmethod
     def paper(cls) -> "NeRFConfig":

@@ -8,7 +8,10 @@ Conventions (docs/dataset_format.md, "Coordinates"):
   broadcasting against a batch of poses). A camera-frame point `(x, y, z)`, `z < 0`,
   projects to `u = fx x / -z + cx`, `v = -fy y / -z + cy`.
 - Pixel (row `i`, column `j`) covers `[j, j+1) x [i, i+1)`; its ray goes through its centre
-  `(u, v) = (j + 0.5, i + 0.5)`.
+  `(u, v) = (j + 0.5, i + 0.5)`. GeneFace's `get_rays` (modules/nerfs/commons/
+  ray_samplers.py) instead casts through `(u, v) = (j, i)` with the principal point at
+  `(W/2, H/2)` whatever the dataset says; `ray_intrinsics(..., convention="geneface")`
+  gives the intrinsics under which the functions here cast exactly those rays.
 
 Ray directions are NOT normalised: in camera space a ray direction is
 `((u - cx) / fx, -(v - cy) / fy, -1)`, rotated into the world by the pose. The point
@@ -82,6 +85,31 @@ def _to_world(dirs_cam, pose):
 
 
 # --------------------------------------------------------------------------- rays
+
+PIXEL_CONVENTIONS = ("centers", "geneface")
+
+
+def ray_intrinsics(intrinsics: Intrinsics, height: int, width: int,
+                   convention: str = "centers"):
+    """The intrinsics to cast rays with under a pixel convention, float32 `[..., 4]`.
+
+    "centers" (this project): the dataset's `(fx, fy, cx, cy)` unchanged; rays go through
+    pixel centres `(j + 0.5, i + 0.5)`.
+    "geneface": GeneFace's `get_rays`, which casts through the integer coordinates `(j, i)`
+    with `cx = W / 2`, `cy = H / 2` regardless of the dataset's principal point. Since the
+    ray functions here add 0.5, that is the same as `(fx, fy, W / 2 + 0.5, H / 2 + 0.5)`:
+    pixel (i, j) gets the camera direction `((j - W/2) / fx, -(i - H/2) / fy, -1)`.
+    (GeneFace's own tracker writes cx = W/2, cy = H/2, so on its data the two conventions
+    differ by half a pixel.)
+    """
+    k = _as_intrinsics(intrinsics, "ray_intrinsics intrinsics")
+    if convention == "centers":
+        return k
+    if convention != "geneface":
+        raise ValueError(f"ray_intrinsics: convention must be one of {PIXEL_CONVENTIONS}, "
+                         f"got {convention!r}")
+    centre = jnp.asarray([width / 2.0 + 0.5, height / 2.0 + 0.5], jnp.float32)
+    return jnp.concatenate([k[..., :2], jnp.broadcast_to(centre, k.shape[:-1] + (2,))], -1)
 
 def pixel_rays(poses, intrinsics: Intrinsics, height: int, width: int) -> Tuple[Array, Array]:
     """Rays through the centres of every pixel of an image.
@@ -174,6 +202,9 @@ def sample_pixels(rng, face_rect, height: int, width: int, num_rays: int,
                   in_rect_percent: float = 0.95) -> Tuple[Array, Array]:
     """Draw `num_rays` pixels, most of them inside the face rectangle (AD-NeRF/GeneFace).
 
+    Departure: GeneFace draws each group without replacement (`np.random.choice(...,
+    replace=False)` in `UniformRaySampler.sample_rays`) and its rectangle `[x, y, w, h]`
+    includes its far edges; here draws are with replacement (a fixed-shape jittable draw).
     Exactly `n_in = round(num_rays * in_rect_percent)` pixels are drawn uniformly (with
     replacement) from the rectangle and the other `num_rays - n_in` uniformly from the
     pixels *outside* it (from the whole image if the rectangle covers it all); the result

@@ -7,7 +7,10 @@ un-normalised directions of `geneface_jax.render.rays`), float32, sorted increas
   `[near + i h, near + (i+1) h)`, `h = (far - near) / S`. With a key, each sample is
   uniform in its bin (training jitter); without one, it is the bin midpoint. (NeRF's own
   deterministic samples are `linspace(near, far, S)`, endpoints included; midpoints make
-  "every sample lies in its bin" hold in both modes.)
+  "every sample lies in its bin" hold in both modes.) GeneFace (`render_rays` in
+  modules/nerfs/commons/volume_rendering.py) jitters `linspace(near, far, S)` between the
+  midpoints of its neighbours, pins the last sample to `far`, and keeps the jitter (and
+  random fine samples) at inference too; here evaluation is deterministic.
 - `sample_pdf`: NeRF's `sample_pdf` — piecewise-constant pdf over given bin edges from
   weights + 1e-5, inverse CDF at `u` (uniform random with a key; `linspace(0, 1, N)`
   without one).

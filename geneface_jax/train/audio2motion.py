@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion import vae as vae_lib
@@ -23,14 +24,21 @@ from geneface_jax.train.state import TrainState, make_optimizer
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Adam with warm-up and exponential decay (GeneFace: lr 5e-4, warm-up 1000, x0.1 per
-    250k steps, gradient clipping at global norm 1)."""
+    250k steps, gradient clipping at global norm 1), or with `cosine_steps > 0` a cosine
+    decay from `lr` to 0 over that many steps (no warm-up; what GeneFace's
+    `SyncNetTask.build_scheduler` runs over its 40k steps)."""
     lr: float = 5e-4
     warmup_steps: int = 1000
     decay_rate: float = 0.1
     decay_steps: int = 250_000
     clip_norm: float = 1.0
+    cosine_steps: int = 0
 
     def optimizer(self):
+        if self.cosine_steps > 0:
+            chain = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
+            chain.append(optax.adam(optax.cosine_decay_schedule(self.lr, self.cosine_steps)))
+            return optax.chain(*chain)
         return make_optimizer(self.lr, warmup_steps=self.warmup_steps,
                               decay_rate=self.decay_rate, decay_steps=self.decay_steps,
                               clip_norm=self.clip_norm)
@@ -38,13 +46,31 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VAELossConfig:
-    """Loss weights of the VAE step (GeneFace: KL 0.5, MSE 1, continuity 3, sync 0.01)."""
+    """Loss weights of the VAE step.
+
+    GeneFace (`VAESyncAudio2MotionTask._training_step`): MSE 1, continuity 3, KL 0.5 in
+    its base config (`egs/egs_bases/audio2motion/vae_sync.yaml`; 0.4 in its LRS3 config
+    `egs/datasets/lrs3/lm3d_vae_sync.yaml`), sync 0.01 once the validation sync loss has
+    reached 0.75, and no L1 term (its `mae_loss` is never added): `l1=0` restores that.
+    continuity_form: "pairs" (here: squared error of frame differences, mean over the
+    valid pairs of consecutive frames) or "geneface" (its `continuity_loss`: the first
+    frame's squared error is added and the sum is divided by valid frames x D).
+    """
     kl: float = 0.5
     l2: float = 1.0
     l1: float = 1.0
     continuity: float = 3.0
     sync: float = 0.01
     sync_hop: int = 2   # frames between the starts of the sync-loss windows
+    continuity_form: str = "pairs"
+
+    def __post_init__(self):
+        if self.continuity_form not in CONTINUITY_FORMS:
+            raise ValueError(f"VAELossConfig: continuity_form must be one of "
+                             f"{CONTINUITY_FORMS}, got {self.continuity_form!r}")
+
+
+CONTINUITY_FORMS = ("pairs", "geneface")
 
 
 # --------------------------------------------------------------------------- SyncNet
@@ -103,16 +129,30 @@ def create_vae_state(config: vae_lib.Audio2MotionConfig, optim: OptimConfig, see
                                     tx=optim.optimizer(), rng=seed, frozen=frozen)
 
 
-def reconstruction_losses(pred, target, mask):
-    """Global-batch masked L2, L1 and continuity (GeneFace's FACIAL-style) losses of
-    `pred`, `target` `[B, T, D]` under `mask` `[B, T, 1]`."""
+def reconstruction_losses(pred, target, mask, continuity_form="pairs"):
+    """Global-batch masked L2, L1 and continuity (FACIAL-style, as GeneFace) losses of
+    `pred`, `target` `[B, T, D]` under `mask` `[B, T, 1]` (a prefix of valid frames).
+
+    continuity_form "pairs": mean squared error of the frame differences over the pairs
+    of valid consecutive frames; "geneface": GeneFace's `continuity_loss`, i.e.
+    `(sum of the valid frame-difference errors^2 + sum of the first frame's errors^2) /
+    (valid frames x D)`.
+    """
     err = pred - target
     l2 = parallel.global_mean(jnp.square(err), mask)
     l1 = parallel.global_mean(jnp.abs(err), mask)
     dpred = pred[:, 1:] - pred[:, :-1]
     dtgt = target[:, 1:] - target[:, :-1]
-    pair_mask = mask[:, 1:] * mask[:, :-1]
-    cont = parallel.global_mean(jnp.square(dpred - dtgt), pair_mask)
+    if continuity_form == "pairs":
+        pair_mask = mask[:, 1:] * mask[:, :-1]
+        cont = parallel.global_mean(jnp.square(dpred - dtgt), pair_mask)
+    elif continuity_form == "geneface":
+        # frame 0 carries its own error, frame t > 0 the error of its difference to t - 1
+        terms = jnp.concatenate([err[:, :1], dpred - dtgt], axis=1)
+        cont = parallel.global_mean(jnp.square(terms), mask)
+    else:
+        raise ValueError(f"reconstruction_losses: continuity_form must be one of "
+                         f"{CONTINUITY_FORMS}, got {continuity_form!r}")
     return l2, l1, cont
 
 
@@ -144,7 +184,8 @@ def make_vae_steps(model, losses: VAELossConfig = VAELossConfig(), syncnet=None,
             out = model.apply(variables, batch["mel"], batch["motion"], mask, train=False,
                               eps=eps, rngs=rngs)
             upd = {"batch_stats": state.batch_stats}
-        l2, l1, cont = reconstruction_losses(out["recon"], batch["motion"], mask)
+        l2, l1, cont = reconstruction_losses(out["recon"], batch["motion"], mask,
+                                             losses.continuity_form)
         kl = parallel.global_mean(out["kl_terms"], out["latent_mask"])
         total = losses.l2 * l2 + losses.l1 * l1 + losses.continuity * cont + losses.kl * kl
         metrics = {"l2": l2, "l1": l1, "continuity": cont, "kl": kl}

@@ -16,9 +16,11 @@ R = frames_per_step * rays_per_frame must divide by the device count.
 
 Head step (`make_head_step`): the head is rendered over "everything but the head": the
 ground-truth pixel where the mask says torso, the static background elsewhere, so the head
-field only has to explain head pixels (as GeneFace/RAD-NeRF composite the head over the
-torso image). Loss: MSE of the coarse and of the fine colour, each averaged over the global
-batch (`parallel.global_mean`, so 1 and N devices give the same gradient). The attention
+field only has to explain head pixels (as GeneFace's grid renderer composites the head over
+the torso image; its MLP head NeRF, `Lm3dNeRFTask`, instead fits `head_img`, the frame with
+everything but the head replaced by the background, rendered over the background).
+Loss: MSE of the coarse and of the fine colour, each averaged over the global batch
+(`parallel.global_mean`, so 1 and N devices give the same gradient). The attention
 smoother is switched on at `config.smooth_warmup_steps` (traced on the step).
 
 Torso step (`make_torso_step`): the head model is frozen (`state.frozen['head']`); for each
@@ -309,10 +311,48 @@ def head_condition(head: fields.HeadNeRF, head_params, windows, smooth):
                       method=fields.HeadNeRF.condition)
 
 
-def make_head_step(model: fields.HeadNeRF, intrinsics):
-    """Per-device `train_step(state, batch, rng) -> (state, metrics)` of the head model."""
+def ray_bounds(meta, config: fields.NeRFConfig, source: str = "dataset", near=None,
+               far=None):
+    """(near, far) ray bounds of a NeRF run, floats.
+
+    source="dataset": the person dataset's `meta["near"]`/`meta["far"]` (measured by
+    preprocessing), the config's where the dataset has none; source="config": the config's
+    (0.3 / 0.9 in both presets: GeneFace's fixed `near`/`far` hparams; its `NeRFDataset`
+    ignores the processed bounds). Explicit `near`/`far` override either source.
+    """
+    if source not in RAY_BOUND_SOURCES:
+        raise ValueError(f"ray_bounds: source must be one of {RAY_BOUND_SOURCES}, got "
+                         f"{source!r}")
+    out = []
+    for name, given in (("near", near), ("far", far)):
+        v = getattr(config, name)
+        if given is not None:
+            v = given
+        elif source == "dataset":
+            v = meta.get(name, v)
+        out.append(float(v))
+    return tuple(out)
+
+
+RAY_BOUND_SOURCES = ("dataset", "config")
+
+
+def _ray_intrinsics(intrinsics, config: fields.NeRFConfig, image_size):
+    """The intrinsics rays are cast with under `config.pixel_convention`."""
+    if config.pixel_convention == "centers":
+        return jnp.asarray(intrinsics, jnp.float32)
+    if image_size is None:
+        raise ValueError(f"pixel_convention={config.pixel_convention!r} needs the image "
+                         "size (image_size=(height, width))")
+    return rays_lib.ray_intrinsics(intrinsics, int(image_size[0]), int(image_size[1]),
+                                   config.pixel_convention)
+
+
+def make_head_step(model: fields.HeadNeRF, intrinsics, image_size=None):
+    """Per-device `train_step(state, batch, rng) -> (state, metrics)` of the head model.
+    `image_size` (height, width) is needed by `config.pixel_convention="geneface"`."""
     cfg = model.config
-    k = jnp.asarray(intrinsics, jnp.float32)
+    k = _ray_intrinsics(intrinsics, cfg, image_size)
 
     def loss_fn(params, batch, key, smooth):
         rays, frames = batch["rays"], batch["frames"]
@@ -340,19 +380,21 @@ def make_head_step(model: fields.HeadNeRF, intrinsics):
 
 
 def make_torso_step(model: fields.TorsoNeRF, head: fields.HeadNeRF, intrinsics,
-                    head_smooth: bool = True):
+                    head_smooth: bool = True, image_size=None):
     """Per-device `train_step(state, batch, rng)` of the torso model (head frozen in
     `state.frozen['head']`; `head_smooth`: whether the head's attention smoother was
-    trained, i.e. the head run reached its warm-up, `head_smooth_enabled`)."""
+    trained, i.e. the head run reached its warm-up, `head_smooth_enabled`; `image_size`
+    (height, width): needed by a "geneface" pixel convention)."""
     cfg = model.config
-    k = jnp.asarray(intrinsics, jnp.float32)
+    k_head = _ray_intrinsics(intrinsics, head.config, image_size)
+    k = _ray_intrinsics(intrinsics, cfg, image_size)
 
     def loss_fn(params, head_params, batch, key):
         rays, frames = batch["rays"], batch["frames"]
         bg = rays["background"]
         r = bg.shape[0]
         k_head, k_torso = jax.random.split(key)
-        head_out, cond = _frozen_head(head, head_params, frames, rays, k, bg,
+        head_out, cond = _frozen_head(head, head_params, frames, rays, k_head, bg,
                                       _ray_noise(k_head, r, head.config), head_smooth)
         origins, dirs = _rays(frames, rays, k, "torso_pose")
         pose = fields.head_pose_vector(frames["pose"])[rays["frame"]]
@@ -417,6 +459,12 @@ class FrameRenderer:
         v = views_or_meta
         self.intrinsics = np.asarray(v.intrinsics, np.float32)
         self.height, self.width = v.height, v.width
+        size = (self.height, self.width)
+        # what rays are cast with (the configs' pixel conventions; `intrinsics` stays the
+        # dataset's)
+        self.head_ray_intrinsics = np.asarray(_ray_intrinsics(self.intrinsics, head_cfg, size))
+        self.torso_ray_intrinsics = None if torso_vars is None else np.asarray(
+            _ray_intrinsics(self.intrinsics, torso_cfg, size))
         self.background = np.asarray(v.background, np.float32)
         self._cond = jax.jit(lambda p, w: head_condition(self.head, p, w, bool(smooth)))
         self._head_fn = _head_render_fn(self.head)
@@ -477,11 +525,13 @@ class FrameRenderer:
         if self.torso is not None and torso_pose is None:
             raise ValueError("FrameRenderer.render: a torso model needs torso_pose")
         o, d = (np.asarray(a).reshape(f, -1, 3)
-                for a in rays_lib.pixel_rays(jnp.asarray(poses), self.intrinsics, h, w))
+                for a in rays_lib.pixel_rays(jnp.asarray(poses), self.head_ray_intrinsics, h,
+                                             w))
         params = {"head": self.head_vars["params"]}
         if self.torso is not None:
             to, td = (np.asarray(a).reshape(-1, 3) for a in
-                      rays_lib.pixel_rays(jnp.asarray(torso_pose), self.intrinsics, h, w))
+                      rays_lib.pixel_rays(jnp.asarray(torso_pose), self.torso_ray_intrinsics,
+                                          h, w))
             params["torso"] = self.torso_vars["params"]
             pose_vec = np.asarray(fields.head_pose_vector(jnp.asarray(poses)), np.float32)
         bg = self.background.reshape(-1, 3)
