@@ -31,7 +31,7 @@ from absl import app
 from absl import flags
 
 from experiments import common
-from geneface_jax.train.metrics import pearson
+from geneface_jax.pipeline import pearson
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Corpus directory.")
@@ -111,8 +111,8 @@ def main(argv):
     import numpy as np
     from geneface_jax import train
     from geneface_jax.data import batching, format as fmt
+    from geneface_jax.motion import predict
     from geneface_jax.motion.predict import MotionPredictor
-    from geneface_jax.train import audio2motion as a2m
 
     timer = common.Timer()
     corpus = fmt.load_corpus(FLAGS.data)
@@ -125,7 +125,7 @@ def main(argv):
     samples = {"vae": FLAGS.samples, "regression": 1}
     results = {}
     for name, workdir in models.items():
-        mc, variables, _, std = a2m.load_audio2motion(workdir)
+        mc, variables, _, std = predict.load_audio2motion(workdir)
         predictor = MotionPredictor(mc, variables, chunk=256)
         per_split, all_idx, cache = {}, [], {}
         for split in FLAGS.splits:

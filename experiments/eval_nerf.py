@@ -49,24 +49,26 @@ def main(argv):
 
     from geneface_jax.data import format as fmt
     from geneface_jax.data import landmarks as lm
+    from geneface_jax.render import frames as rf
+    from geneface_jax.render import image_metrics as im
     from geneface_jax.render import rays as rays_lib
     from geneface_jax.train import metrics as metrics_lib
     from geneface_jax.train import nerf as tn
 
     timer = common.Timer()
-    head_cfg, head_vars, head_run, normalizer = tn.load_nerf(FLAGS.head, "head")
+    head_cfg, head_vars, head_run, normalizer = rf.load_nerf(FLAGS.head, "head")
     torso_cfg = torso_vars = torso_run = None
     if FLAGS.torso:
-        torso_cfg, torso_vars, torso_run, _ = tn.load_nerf(FLAGS.torso, "torso")
+        torso_cfg, torso_vars, torso_run, _ = rf.load_nerf(FLAGS.torso, "torso")
         if torso_run.get("head") != str(pathlib.Path(FLAGS.head).absolute()):
             common_head = torso_run.get("head")
             print(f"warning: the torso run was trained with head {common_head}, evaluating "
                   f"with {FLAGS.head}")
     person = fmt.load_person(FLAGS.data or head_run["data"])
     views = tn.PersonViews(person, normalizer)
-    renderer = tn.FrameRenderer(head_cfg, head_vars, views, torso_cfg=torso_cfg,
+    renderer = rf.FrameRenderer(head_cfg, head_vars, views, torso_cfg=torso_cfg,
                                 torso_vars=torso_vars, chunk=FLAGS.chunk,
-                                smooth=tn.head_smooth_enabled(head_cfg,
+                                smooth=rf.head_smooth_enabled(head_cfg,
                                                               head_run["trained_steps"]))
     lo, hi = views.split_range(FLAGS.split)
     ts = np.arange(lo, hi)
@@ -89,12 +91,12 @@ def main(argv):
         pred = render(t)
         gt = views.frames[t].astype(np.float64) / 255.0
         err = np.square(pred - gt)
-        rect = tn.rect_mask(views.face_rect[t], views.height, views.width)
+        rect = im.rect_mask(views.face_rect[t], views.height, views.width)
         sq_head += float(err[rect].sum())
         n_head += int(rect.sum()) * 3
         sq_full += float(err.sum())
         n_full += err.size
-        ssims.append(tn.ssim(pred, gt))
+        ssims.append(im.ssim(pred, gt))
         preds.append(np.round(np.clip(pred, 0, 1) * 255).astype(np.uint8))
         print(f"\reval_nerf frame {i + 1}/{len(ts)}", end="", flush=True)
     print()
@@ -116,7 +118,7 @@ def main(argv):
     us = np.concatenate([b[0] for b in boxes])
     vs = np.concatenate([b[1] for b in boxes])
     m = FLAGS.mouth_margin
-    mouth = tn.rect_mask((np.floor(us.min()) - m, np.floor(vs.min()) - m,
+    mouth = im.rect_mask((np.floor(us.min()) - m, np.floor(vs.min()) - m,
                           np.floor(us.max()) + 1 + m, np.floor(vs.max()) + 1 + m),
                          views.height, views.width)
     inside, outside = float(change[mouth].mean()), float(change[~mouth].mean())

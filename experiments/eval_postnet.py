@@ -31,7 +31,7 @@ import pathlib
 from absl import flags
 
 from experiments import common
-from geneface_jax.train.metrics import pearson
+from geneface_jax.pipeline import pearson
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("postnet", None, "Workdir of a train_postnet run.")
@@ -108,16 +108,15 @@ def main(argv):
     from geneface_jax.data.batching import denormalize_motion
     from geneface_jax.errors import DatasetError
     from geneface_jax.motion.postnet import refine_motion
+    from geneface_jax.motion import predict
     from geneface_jax.motion.predict import MotionPredictor
-    from geneface_jax.train import audio2motion as a2m
-    from geneface_jax.train import postnet as tp
 
     timer = common.Timer()
-    config, g_vars, run_cfg, std, identity = tp.load_postnet(
+    config, g_vars, run_cfg, std, identity = predict.load_postnet(
         FLAGS.postnet, selected=FLAGS.generator == "selected")
     person = fmt.load_person(FLAGS.data or run_cfg["data"])
     corpus = fmt.load_corpus(FLAGS.corpus or run_cfg["corpus"])
-    mc, a2m_vars, _, a2m_std = a2m.load_audio2motion(FLAGS.audio2motion or
+    mc, a2m_vars, _, a2m_std = predict.load_audio2motion(FLAGS.audio2motion or
                                                      run_cfg["audio2motion"])
     if not np.allclose(a2m_std, std):
         raise DatasetError(f"{FLAGS.postnet}: the post-net was trained in the units of another "

@@ -93,15 +93,18 @@ def main(argv):
     import numpy as np
 
     from geneface_jax import train
+    from geneface_jax.checkpoint import Checkpointer
     from geneface_jax.data import format as fmt
     from geneface_jax.errors import InputError
     from geneface_jax.render import fields
+    from geneface_jax.render import frames as rf
+    from geneface_jax.render import image_metrics as im
     from geneface_jax.train import nerf as tn
 
     timer = common.Timer()
     head_run = None
     if FLAGS.part == "torso":
-        head_cfg, head_vars, head_run, normalizer = tn.load_nerf(FLAGS.head, "head")
+        head_cfg, head_vars, head_run, normalizer = rf.load_nerf(FLAGS.head, "head")
         data = FLAGS.data or head_run["data"]
     else:
         common.require("data")
@@ -168,7 +171,7 @@ def main(argv):
         step_fn = tn.make_head_step(model, views.intrinsics, (views.height, views.width))
     else:
         model, state = tn.create_nerf_state(cfg, optim, "torso", FLAGS.seed, head_vars)
-        head_smooth = tn.head_smooth_enabled(head_cfg, head_run["trained_steps"])
+        head_smooth = rf.head_smooth_enabled(head_cfg, head_run["trained_steps"])
         step_fn = tn.make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
                                      head_smooth, (views.height, views.width))
 
@@ -178,10 +181,10 @@ def main(argv):
     def evaluate(st, step):
         params = jax.device_get(st.params)
         if FLAGS.part == "head":
-            r = tn.FrameRenderer(cfg, {"params": params}, views, mesh=mesh, chunk=FLAGS.chunk,
-                                 smooth=tn.head_smooth_enabled(cfg, step))
+            r = rf.FrameRenderer(cfg, {"params": params}, views, mesh=mesh, chunk=FLAGS.chunk,
+                                 smooth=rf.head_smooth_enabled(cfg, step))
         else:
-            r = tn.FrameRenderer(head_cfg, head_vars, views, torso_cfg=cfg,
+            r = rf.FrameRenderer(head_cfg, head_vars, views, torso_cfg=cfg,
                                  torso_vars={"params": params}, mesh=mesh, chunk=FLAGS.chunk,
                                  smooth=head_smooth)
         split = "valid" if "valid" in views.splits else "train"
@@ -196,10 +199,10 @@ def main(argv):
                 acc = out["head_acc"][..., None]
                 under = np.where((views.masks[t] == fmt.TORSO)[..., None], gt, views.background)
                 pred = pred + (1.0 - acc) * (under - views.background)
-            scores.append(tn.psnr(pred, gt))
+            scores.append(im.psnr(pred, gt))
         return {"psnr": float(np.mean(scores))}
 
-    ck = train.Checkpointer(workdir / "checkpoints")
+    ck = Checkpointer(workdir / "checkpoints")
     start_step = ck.latest_step() or 0
     ck.close()
     start = common.Timer()

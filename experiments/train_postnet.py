@@ -107,6 +107,7 @@ def main(argv):
     from geneface_jax.data import format as fmt
     from geneface_jax.errors import DatasetError, ShapeError
     from geneface_jax.motion.postnet import PostNetConfig
+    from geneface_jax.motion import predict
     from geneface_jax.motion.predict import MotionPredictor
     from geneface_jax.train import audio2motion as a2m
     from geneface_jax.train import postnet as tp
@@ -117,7 +118,7 @@ def main(argv):
     if not 0.0 <= FLAGS.person_fraction <= 1.0:
         raise ShapeError(f"--person_fraction must be in [0, 1], got {FLAGS.person_fraction}")
     person = fmt.load_person(FLAGS.data)
-    mc, a2m_vars, a2m_cfg, std = a2m.load_audio2motion(FLAGS.audio2motion)
+    mc, a2m_vars, a2m_cfg, std = predict.load_audio2motion(FLAGS.audio2motion)
     corpus_dir = FLAGS.corpus or a2m_cfg.get("data")
     corpus = fmt.load_corpus(corpus_dir)
     for name, dim in (("person dataset", person.meta["feature_dim"]),
@@ -210,7 +211,7 @@ def main(argv):
         len(corpus_ids))[:FLAGS.eval_samples]]
     pool_fd = tp.pool_fd_fn(pool, real, cfg, eval_ids, std)
 
-    selected = [tp.read_selected_info(workdir)]
+    selected = [predict.read_selected_info(workdir)]
 
     def consider(variables, step, fd):
         """Keeps `variables` as the inference generator if they beat the selection."""

@@ -19,7 +19,7 @@ of n samples at 16 kHz gives N = round(n / 640) frames):
    5-frame window, the mouth points (48-67) take the person's rest mouth (its most closed
    reference frame), cross-faded over 3 frames;
 5. head NeRF over the head-aware torso NeRF over the static background, rendered frame by
-   frame (`train.nerf.FrameRenderer`, rays split over every device) and streamed into an
+   frame (`render.frames.FrameRenderer`, rays split over every device) and streamed into an
    H.264 mp4 (`data.video.VideoWriter`) in chunks of `frames_per_chunk` frames with the
    input audio (16 kHz mono, AAC) muxed in: memory stays flat in the audio length. Each
    model traces only its region of the image (`ReferenceTrack.head_region` /
@@ -55,7 +55,6 @@ from geneface_jax.audio import io as audio_io
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
 from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError
-from geneface_jax.train.metrics import pearson  # noqa: F401 - part of the scoring API
 
 STAGES = ("audio2motion", "postnet", "head", "torso")
 REFERENCE_FILE = "reference.npz"
@@ -243,13 +242,13 @@ class TalkingFacePipeline:
     """Trained stages 1-3 and a reference track; `synthesize` makes the video.
 
     Build it with `load(checkpoints_dir)`. Attributes: `a2m_config`, `postnet_config`,
-    `reference` (`ReferenceTrack`), `renderer` (`train.nerf.FrameRenderer`),
+    `reference` (`ReferenceTrack`), `renderer` (`render.frames.FrameRenderer`),
     `feature_dim` (what stage 1 expects: 80 log-mel or a HuBERT width).
     """
 
     def __init__(self, *, a2m, postnet, head, torso, reference, hubert=None, mesh=None):
         from geneface_jax.motion.predict import MotionPredictor
-        from geneface_jax.train import nerf as tn
+        from geneface_jax.render import frames
         self.a2m_config, a2m_vars, self.a2m_run, self.std = a2m
         self.postnet_config, self.postnet_vars, self.postnet_run, _, self.identity = postnet
         head_cfg, head_vars, self.head_run, self.normalizer = head
@@ -266,9 +265,9 @@ class TalkingFacePipeline:
         view = types.SimpleNamespace(intrinsics=reference.intrinsics, height=reference.height,
                                      width=reference.width,
                                      background=reference.background / np.float32(255.0))
-        self.renderer = tn.FrameRenderer(
+        self.renderer = frames.FrameRenderer(
             head_cfg, head_vars, view, torso_cfg=torso_cfg, torso_vars=torso_vars,
-            smooth=tn.head_smooth_enabled(head_cfg, self.head_run["trained_steps"]),
+            smooth=frames.head_smooth_enabled(head_cfg, self.head_run["trained_steps"]),
             mesh=mesh)
 
     # -- loading
@@ -277,10 +276,9 @@ class TalkingFacePipeline:
     def load(cls, checkpoints_dir, *, hubert_checkpoint=None, mesh=None):
         """Loads `audio2motion/`, `postnet/`, `head/`, `torso/` (optional) and
         `reference.npz` from `checkpoints_dir` and checks that they belong together.
-        Rendering uses `mesh` (default: every device, `train.make_mesh()`)."""
-        from geneface_jax.train import audio2motion as a2m_lib
-        from geneface_jax.train import nerf as tn
-        from geneface_jax.train import postnet as pn_lib
+        Rendering uses `mesh` (default: every device, `mesh.make_mesh()`)."""
+        from geneface_jax.motion import predict
+        from geneface_jax.render import frames
         root = pathlib.Path(checkpoints_dir)
         if not root.is_dir():
             raise CheckpointError(f"{root}: checkpoint directory does not exist")
@@ -288,10 +286,11 @@ class TalkingFacePipeline:
             if not (root / stage).is_dir():
                 raise CheckpointError(f"{root}: no {stage}/ run (expected the stage "
                                       f"directories {list(STAGES)}; torso/ is optional)")
-        a2m = a2m_lib.load_audio2motion(root / "audio2motion")
-        postnet = pn_lib.load_postnet(root / "postnet")
-        head = tn.load_nerf(root / "head", tn.HEAD)
-        torso = tn.load_nerf(root / "torso", tn.TORSO) if (root / "torso").is_dir() else None
+        a2m = predict.load_audio2motion(root / "audio2motion")
+        postnet = predict.load_postnet(root / "postnet")
+        head = frames.load_nerf(root / "head", frames.HEAD)
+        torso = (frames.load_nerf(root / "torso", frames.TORSO) if (root / "torso").is_dir()
+                 else None)
         _check_compatible(root, a2m, postnet, head, torso)
         ref_path = root / REFERENCE_FILE
         if ref_path.is_file():
@@ -356,7 +355,7 @@ class TalkingFacePipeline:
     def render_frames(self, landmarks, track, *, options: SynthesisOptions = SynthesisOptions()):
         """Yields uint8 frame chunks `[<= frames_per_chunk, H, W, 3]` of `landmarks
         [N, 68, 3]` posed by reference frames `track [N]`."""
-        from geneface_jax.train import nerf as tn
+        from geneface_jax.render.frames import landmark_windows
         lms = self.normalizer(landmarks)
         n = len(lms)
         ref = self.reference
@@ -374,7 +373,7 @@ class TalkingFacePipeline:
         self.renderer.chunk = options.render_chunk
         for start in range(0, n, options.frames_per_chunk):
             ts = np.arange(start, min(n, start + options.frames_per_chunk))
-            cond = self.renderer.condition(tn.landmark_windows(lms, ts, self.window))
+            cond = self.renderer.condition(landmark_windows(lms, ts, self.window))
             chunk = np.empty((len(ts), ref.height, ref.width, 3), np.uint8)
             for i in range(0, len(ts), per_call):
                 sl = slice(i, min(len(ts), i + per_call))
@@ -479,6 +478,13 @@ def _check_compatible(root, a2m, postnet, head, torso):
 
 
 # --------------------------------------------------------------------------- scoring
+
+def pearson(a, b):
+    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 def landmark_scores(pred, truth):
     """`lmd` / `lmd_mouth` (mean L2 over the 68 / mouth points, head units) and

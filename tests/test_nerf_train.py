@@ -19,6 +19,8 @@ from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.data.synthetic import world
 from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.render import fields
+from geneface_jax.render import frames as rf
+from geneface_jax.render import image_metrics as im
 from geneface_jax.train import nerf as tn
 
 from conftest import SUBPROCESS_XLA_FLAGS
@@ -49,16 +51,16 @@ def test_landmark_normalizer_and_windows(views, tmp_path):
     np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(np.sqrt(np.mean(z.var(0))), 1.0, rtol=1e-4)
     norm.save(tmp_path / "n.npz")
-    back = tn.LandmarkNormalizer.load(tmp_path / "n.npz")
+    back = rf.LandmarkNormalizer.load(tmp_path / "n.npz")
     np.testing.assert_array_equal(back.mean, norm.mean)
     assert back.scale == pytest.approx(norm.scale)
     with pytest.raises(ShapeError):
         norm(np.zeros((3, 67, 3)))
     seq = np.arange(10)[:, None]
-    w = tn.landmark_windows(seq, [0, 5, 9], 5, lo=0, hi=10)[..., 0]
+    w = rf.landmark_windows(seq, [0, 5, 9], 5, lo=0, hi=10)[..., 0]
     np.testing.assert_array_equal(w, [[0, 0, 0, 1, 2], [3, 4, 5, 6, 7], [7, 8, 9, 9, 9]])
     # Clamped to the split: the valid split's windows never read training frames.
-    w = tn.landmark_windows(seq, [6], 5, lo=6, hi=10)[..., 0]
+    w = rf.landmark_windows(seq, [6], 5, lo=6, hi=10)[..., 0]
     np.testing.assert_array_equal(w, [[6, 6, 6, 7, 8]])
 
 
@@ -166,7 +168,7 @@ def test_geneface_pixel_convention_in_the_step_and_the_renderer(views):
     head_gf, st_gf = tn.create_nerf_state(gf, optim, "head", 0)
     head_c = fields.HeadNeRF(TINY)
     fresh = lambda: tn.create_nerf_state(TINY, optim, "head", 0)[1]  # noqa: E731 (donated)
-    r = tn.FrameRenderer(gf, {"params": st_gf.params}, views)
+    r = rf.FrameRenderer(gf, {"params": st_gf.params}, views)
     _, m_gf = _run_steps(tn.make_head_step(head_gf, views.intrinsics, (h, w)), st_gf, get, 1, 1)
     _, m_eq = _run_steps(tn.make_head_step(head_c, k_gf), fresh(), get, 1, 1)
     _, m_c = _run_steps(tn.make_head_step(head_c, views.intrinsics, (h, w)), fresh(), get, 1, 1)
@@ -188,14 +190,14 @@ def test_head_overfits_four_frames_and_renders_them(views):
     get = tn.make_batch_fn(four, "head", tn.RaySamplingConfig(rays_per_frame=512),
                            window=5, seed=0, split="four")
     st, ms = _run_steps(tn.make_head_step(head, views.intrinsics), st, get, 200, 1)
-    r = tn.FrameRenderer(cfg, {"params": st.params}, four, chunk=300, smooth=False)
+    r = rf.FrameRenderer(cfg, {"params": st.params}, four, chunk=300, smooth=False)
     scores = []
     for t in range(4):
         out = r.render(views.poses[t], four.windows([t], 5, "four")[0])
         gt = views.frames[t] / 255.0
         under = np.where((views.masks[t] == fmt.TORSO)[..., None], gt, views.background)
         pred = out["rgb"] + (1 - out["head_acc"][..., None]) * (under - views.background)
-        scores.append(tn.psnr(pred, gt))
+        scores.append(im.psnr(pred, gt))
     print("4-frame overfit PSNR", scores)
     assert min(scores) > 22.0
     # The head occupies the head pixels and leaves the background alone.
@@ -208,7 +210,7 @@ def test_head_overfits_four_frames_and_renders_them(views):
     # 1e-6 chunk/device invariance of the renderer is tested in test_render_core; on a
     # trained field's sharp weights float noise moves a ray's fine samples, and a pixel
     # can change by ~1e-4).
-    r2 = tn.FrameRenderer(cfg, {"params": st.params}, four, chunk=97, smooth=False)
+    r2 = rf.FrameRenderer(cfg, {"params": st.params}, four, chunk=97, smooth=False)
     diff = np.abs(r2.render(views.poses[3], four.windows([3], 5, "four")[0])["rgb"] - out["rgb"])
     assert diff.mean() < 1e-6 and diff.max() < 1e-3, (diff.mean(), diff.max())
 
@@ -228,17 +230,17 @@ def test_nan_landmarks_are_refused(views):
 def test_psnr_and_ssim():
     rng = np.random.default_rng(0)
     a = rng.uniform(size=(24, 24, 3))
-    assert tn.ssim(a, a) == pytest.approx(1.0)
-    assert tn.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-6)
+    assert im.ssim(a, a) == pytest.approx(1.0)
+    assert im.psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-6)
     mask = np.zeros((24, 24), bool)
     mask[:4] = True
     b = a.copy()
     b[~mask] += 0.5
-    assert tn.psnr(a, b, mask) > 100
-    assert tn.ssim(a, np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)) < 0.9
+    assert im.psnr(a, b, mask) > 100
+    assert im.ssim(a, np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)) < 0.9
     with pytest.raises(ShapeError):
-        tn.ssim(a, a[..., 0])
-    m = tn.rect_mask((2, 3, 5, 4), 6, 6)
+        im.ssim(a, a[..., 0])
+    m = im.rect_mask((2, 3, 5, 4), 6, 6)
     assert m.sum() == 3 and m[3, 2:5].all()
 
 
@@ -297,10 +299,10 @@ def test_head_run_resumes_exactly(person_dir, tmp_path):
     _run("experiments.train_nerf", f"--workdir={a}", "--steps=20", *args)
     _run("experiments.train_nerf", f"--workdir={b}", "--steps=10", *args)
     _run("experiments.train_nerf", f"--workdir={b}", "--steps=20", *args)
-    _, va, _, _ = tn.load_nerf(a, "head")
-    _, vb, _, _ = tn.load_nerf(b, "head")
+    _, va, _, _ = rf.load_nerf(a, "head")
+    _, vb, _, _ = rf.load_nerf(b, "head")
     for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert json.loads((b / "metrics.json").read_text())["resumed_from"] == 10
     with pytest.raises(CheckpointError):
-        tn.load_nerf(a, "torso")
+        rf.load_nerf(a, "torso")

@@ -14,6 +14,7 @@ from geneface_jax.data import landmarks as lm
 from geneface_jax.data.synthetic import world
 from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.render import fields
+from geneface_jax.render import frames as rf
 from geneface_jax.train import nerf as tn
 
 TINY = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=3, skip=1,
@@ -97,15 +98,15 @@ def test_region_render_equals_full_render_inside_and_background_outside(person):
     """FrameRenderer(pixels=...) traces the same rays as the full frame: identical colours
     inside the region, the static background (and zero opacity) outside."""
     views = tn.PersonViews(person)
-    _, head_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), tn.HEAD, 3)
-    _, torso_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), tn.TORSO, 4,
+    _, head_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), rf.HEAD, 3)
+    _, torso_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), rf.TORSO, 4,
                                           {"params": head_state.params})
     # Non-trivial weights: the torso's output layers start near zero.
     torso_params = jax.tree.map(
         lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
         torso_state.params)
     mesh = train.make_mesh(jax.devices()[:2])
-    r = tn.FrameRenderer(TINY, {"params": head_state.params}, views, torso_cfg=TINY,
+    r = rf.FrameRenderer(TINY, {"params": head_state.params}, views, torso_cfg=TINY,
                          torso_vars={"params": torso_params}, chunk=97, smooth=False,
                          mesh=mesh)
     win = views.windows([3], TINY.smooth_window)[0]
@@ -129,7 +130,7 @@ def test_region_render_equals_full_render_inside_and_background_outside(person):
     split = r.render(views.poses[3], win, views.torso_pose(), regions=(hr, tr))
     for k in ("rgb", "head_rgb", "head_acc", "torso_acc"):
         np.testing.assert_allclose(split[k][hr & tr], full[k][hr & tr], atol=2e-5)
-    head_only = tn.FrameRenderer(TINY, {"params": head_state.params}, views, chunk=97,
+    head_only = rf.FrameRenderer(TINY, {"params": head_state.params}, views, chunk=97,
                                  smooth=False, mesh=mesh).render(views.poses[3], win)
     np.testing.assert_allclose(split["rgb"][hr & ~tr], head_only["rgb"][hr & ~tr], atol=2e-5)
     assert split["torso_acc"][hr & ~tr].max() == 0.0

@@ -18,14 +18,15 @@ import jax
 import numpy as np
 import pytest
 
+from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data import batching
 from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
+from geneface_jax.motion import predict
 from geneface_jax.motion.syncnet import SyncNetConfig
 from geneface_jax.motion.vae import Audio2MotionConfig
 from geneface_jax.train import audio2motion as a2m
 from geneface_jax.train import postnet as tp
-from geneface_jax.train.checkpoint import Checkpointer
 from geneface_jax.train.metrics import write_json_atomic
 
 from conftest import SUBPROCESS_XLA_FLAGS
@@ -107,7 +108,7 @@ def test_train_and_evaluate(world_dirs, trained, tmp_path):
     np.testing.assert_allclose(np.load(trained / "identity.npy"),
                                np.asarray(person["landmarks"])[person.split("train")].mean(0),
                                atol=1e-6)
-    config, g_vars, _, std, _ = tp.load_postnet(trained)
+    config, g_vars, _, std, _ = predict.load_postnet(trained)
     np.testing.assert_array_equal(std, np.load(world_dirs / "a2m" / "landmark_std.npy"))
     assert config.hidden == 64 and "block3_1" in g_vars["params"]
 
@@ -151,9 +152,9 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     # inference uses the last EMA.
     unselected = tmp_path / "unselected"
     shutil.copytree(trained, unselected)
-    (unselected / tp.SELECTED_INFO).unlink()
-    assert tp.read_selected_info(unselected) is None
-    assert tp.load_postnet(unselected)[2]["inference_generator"] == dict(source="final_ema",
+    (unselected / predict.SELECTED_INFO).unlink()
+    assert predict.read_selected_info(unselected) is None
+    assert predict.load_postnet(unselected)[2]["inference_generator"] == dict(source="final_ema",
                                                                          step=6)
     work = trained
     checks = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -161,12 +162,12 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     m = json.loads((work / "metrics.json").read_text())
     assert sorted(fds) == [2, 4, 6] and abs(fds[6] - m["pool_fd_after"]) < 1e-12
     best = min(fds, key=fds.get)
-    info = tp.read_selected_info(work)
+    info = predict.read_selected_info(work)
     assert info == {"step": best, "pool_fd": fds[best]}
     assert (m["selected_step"], m["pool_fd_selected"]) == (best, fds[best])
-    _, g_vars, cfg, std, _ = tp.load_postnet(work)
+    _, g_vars, cfg, std, _ = predict.load_postnet(work)
     assert cfg["inference_generator"] == dict(source="selected", **info)
-    assert tp.load_postnet(work, selected=False)[2]["inference_generator"] == dict(
+    assert predict.load_postnet(work, selected=False)[2]["inference_generator"] == dict(
         source="final_ema", step=6)
     # The selected variables give the selected pool FD (the check's own computation).
     pool = tp.SamplePool.load(work / "pool.npz")
@@ -174,14 +175,14 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     real, _ = tp.person_motion(person, std, "train")
     ids = pool.domain_samples(0)
     ids = ids[np.random.default_rng(0).permutation(len(ids))[:4]]
-    config = tp.load_postnet(work)[0]
+    config = predict.load_postnet(work)[0]
     assert abs(tp.pool_fd_fn(pool, real, config, ids, std)(g_vars) - fds[best]) \
         <= 1e-6 * fds[best]
     # --noselect: no selection file, inference uses the last checkpoint's EMA.
     plain = tmp_path / "plain"
     _train(world_dirs, plain, 4, "--eval_every=2", "--noselect")
-    assert tp.read_selected_info(plain) is None
-    assert tp.load_postnet(plain)[2]["inference_generator"] == dict(source="final_ema", step=4)
+    assert predict.read_selected_info(plain) is None
+    assert predict.load_postnet(plain)[2]["inference_generator"] == dict(source="final_ema", step=4)
 
 
 @pytest.mark.slow
@@ -191,8 +192,8 @@ def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
     _train(world_dirs, part, 3)
     resumed = _train(world_dirs, part, 6)
     assert "resumed from step 3" in resumed.stderr
-    a = jax.tree.leaves(tp.load_postnet(whole)[1])
-    b = jax.tree.leaves(tp.load_postnet(part)[1])
+    a = jax.tree.leaves(predict.load_postnet(whole)[1])
+    b = jax.tree.leaves(predict.load_postnet(part)[1])
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
     # With pool checks every 2 steps (the `trained` run) the selection survives the
@@ -200,9 +201,9 @@ def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
     split = tmp_path / "split"
     _train(world_dirs, split, 3, "--eval_every=2")
     _train(world_dirs, split, 6, "--eval_every=2")
-    assert tp.read_selected_info(split) == tp.read_selected_info(trained)
-    for x, y in zip(jax.tree.leaves(tp.load_postnet(trained)[1]),
-                    jax.tree.leaves(tp.load_postnet(split)[1])):
+    assert predict.read_selected_info(split) == predict.read_selected_info(trained)
+    for x, y in zip(jax.tree.leaves(predict.load_postnet(trained)[1]),
+                    jax.tree.leaves(predict.load_postnet(split)[1])):
         np.testing.assert_array_equal(x, y)
 
 

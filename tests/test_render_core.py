@@ -147,8 +147,7 @@ def _inside(rows, cols, rect):
 
 def test_sample_pixels_fraction_and_bounds():
     h, w, n, p = 64, 48, 4000, 0.95
-    fn = jax.jit(lambda key, rect: rays.sample_pixels(key, rect, h, w, n, p))
-    rows, cols = map(np.asarray, fn(jax.random.PRNGKey(0), jnp.array(RECT)))
+    rows, cols = rays.sample_pixels(np.random.default_rng(0), RECT, h, w, n, p)
     assert rows.shape == cols.shape == (n,) and rows.dtype == np.int32
     assert rows.min() >= 0 and rows.max() < h and cols.min() >= 0 and cols.max() < w
     inside = _inside(rows, cols, RECT)
@@ -163,7 +162,7 @@ def test_sample_pixels_fraction_and_bounds():
 
 def test_sample_pixels_outside_is_uniform_over_the_complement():
     h, w, n = 64, 48, 20000
-    rows, cols = map(np.asarray, rays.sample_pixels(jax.random.PRNGKey(1), RECT, h, w, n, 0.0))
+    rows, cols = rays.sample_pixels(np.random.default_rng(1), RECT, h, w, n, 0.0)
     assert not _inside(rows, cols, RECT).any()
     area_out = h * w - 20 * 24
     regions = {"above": rows < 20, "below": rows >= 44,
@@ -174,9 +173,24 @@ def test_sample_pixels_outside_is_uniform_over_the_complement():
         expected = areas[name] / area_out
         assert abs(mask.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / n), name
     # whole-image rectangle: no outside pixels exist, all samples stay in the image
-    rows, cols = map(np.asarray, rays.sample_pixels(jax.random.PRNGKey(2), (0, 0, w, h),
-                                                    h, w, 100, 0.5))
+    rows, cols = rays.sample_pixels(np.random.default_rng(2), (0, 0, w, h), h, w, 100, 0.5)
     assert rows.max() < h and cols.max() < w and rows.min() >= 0 and cols.min() >= 0
+
+
+def test_sample_pixels_is_a_function_of_the_generator_and_checks_its_arguments():
+    a = rays.sample_pixels(np.random.default_rng(5), RECT, 64, 48, 300, 0.8)
+    b = rays.sample_pixels(np.random.default_rng(5), RECT, 64, 48, 300, 0.8)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    # an empty rectangle becomes one pixel
+    rows, cols = rays.sample_pixels(np.random.default_rng(0), (5, 7, 5, 7), 16, 16, 50, 1.0)
+    assert set(rows) == {7} and set(cols) == {5}
+    with pytest.raises(ShapeError, match="rect"):
+        rays.sample_pixels(np.random.default_rng(0), (0, 0, 4), 16, 16, 10)
+    with pytest.raises(ValueError, match="in_rect_percent"):
+        rays.sample_pixels(np.random.default_rng(0), RECT, 64, 48, 10, 1.5)
+    with pytest.raises(ShapeError, match="positive"):
+        rays.sample_pixels(np.random.default_rng(0), RECT, 64, 48, 0)
 
 
 # --------------------------------------------------------------------------- encodings

@@ -16,7 +16,7 @@ import pytest
 
 from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
-from geneface_jax.train import audio2motion as a2m
+from geneface_jax.motion import predict
 
 from conftest import SUBPROCESS_XLA_FLAGS
 
@@ -61,7 +61,7 @@ A2M_ARGS = ("--config=small", "--batch_size=8", "--window=48", "--warmup=20", "-
 
 
 def _params(workdir):
-    _, variables, _, _ = a2m.load_audio2motion(workdir)
+    _, variables, _, _ = predict.load_audio2motion(workdir)
     return jax.tree.leaves(variables)
 
 

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from geneface_jax import train
+from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, ShapeError
 
@@ -73,7 +74,7 @@ def test_epoch_indices():
 
 def test_checkpointer_round_trip_keep_n_and_partial(tmp_path):
     state = toy.make_state()
-    ck = train.Checkpointer(tmp_path / "ck", max_to_keep=2)
+    ck = Checkpointer(tmp_path / "ck", max_to_keep=2)
     for step in (1, 2, 3):
         bumped = state.replace(step=jnp.asarray(step, jnp.int32),
                                params=jax.tree.map(lambda p: p + step, state.params))
@@ -90,7 +91,7 @@ def test_checkpointer_round_trip_keep_n_and_partial(tmp_path):
     partial = tmp_path / "ck" / "4.orbax-checkpoint-tmp-123"
     partial.mkdir()
     (partial / "junk").write_text("x")
-    ck2 = train.Checkpointer(tmp_path / "ck", max_to_keep=2)
+    ck2 = Checkpointer(tmp_path / "ck", max_to_keep=2)
     assert ck2.latest_step() == 3
     assert int(ck2.restore(state).step) == 3
     ck2.close()

@@ -7,17 +7,26 @@ decoder at one fixed shape (one compilation) and only its centre is kept. Every 
 a finite convolution whose padded frames are masked to zero, so when `context` covers the
 network's receptive field (`receptive_field`) the chunked output equals a single pass over
 the whole sequence up to float rounding, and memory stays flat in the audio length.
+
+Trained runs are read for inference here too (`load_audio2motion`, `load_postnet`): the
+variables come from the run's latest checkpoint as saved (`checkpoint.restore_run`), checked
+against the shapes of a model built from the run's config; nothing of training is imported.
 """
 
+import json
 import math
+import pathlib
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geneface_jax import checkpoint as ckpt_lib
 from geneface_jax.data.batching import denormalize_motion
-from geneface_jax.errors import ShapeError
-from geneface_jax.motion.vae import Audio2Motion, Audio2MotionConfig
+from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.motion import postnet as pn
+from geneface_jax.motion.vae import Audio2Motion, Audio2MotionConfig, init_audio2motion
 
 
 def receptive_field(config: Audio2MotionConfig) -> int:
@@ -107,3 +116,83 @@ def predict_landmarks(config, variables, features, rng, temperature=1.0, *, iden
     """One-shot `MotionPredictor(config, variables).predict_landmarks(...)`."""
     return MotionPredictor(config, variables, chunk=chunk).predict_landmarks(
         features, rng, temperature, identity=identity, std=std)
+
+
+# --------------------------------------------------------------------------- loading runs
+
+SELECTED_FILE = "selected_generator.msgpack"   # post-net variables inference uses
+SELECTED_INFO = "selected_generator.json"      # {"step": int, "pool_fd": float}
+
+
+def _read_npy(workdir, name):
+    path = pathlib.Path(workdir) / f"{name}.npy"
+    if not path.is_file():
+        raise CheckpointError(f"{workdir}: missing {name}.npy")
+    return np.load(path)
+
+
+def load_audio2motion(workdir):
+    """(Audio2MotionConfig, variables, run config, landmark std) of a `train_audio2motion`
+    run; landmarks = motion * std + the target's identity (its mean landmarks)."""
+    cfg = ckpt_lib.read_run_config(workdir, "audio2motion")
+    mc = Audio2MotionConfig(**cfg["model"])
+    saved = ckpt_lib.restore_run(workdir)
+    variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+    # the expected shapes only: nothing is initialised or compiled
+    ckpt_lib.check_like(variables, jax.eval_shape(lambda: init_audio2motion(mc, 0)[1]),
+                        f"{workdir}")
+    return mc, variables, cfg, _read_npy(workdir, "landmark_std")
+
+
+def read_selected_info(workdir):
+    """`{'step', 'pool_fd'}` of the run's selected generator, or None (none selected)."""
+    path = pathlib.Path(workdir) / SELECTED_INFO
+    if not path.is_file() or not (pathlib.Path(workdir) / SELECTED_FILE).is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        return {"step": int(info["step"]), "pool_fd": float(info["pool_fd"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); delete it and the .msgpack next "
+                              "to it to fall back to the final generator") from e
+
+
+def load_selected_generator(workdir, template):
+    """(variables, info) of the selected generator, `template` giving the tree; or
+    (None, None) when the run has no selection."""
+    info = read_selected_info(workdir)
+    if info is None:
+        return None, None
+    data = (pathlib.Path(workdir) / SELECTED_FILE).read_bytes()
+    try:
+        return flax.serialization.from_bytes(template, data), info
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{workdir}/{SELECTED_FILE}: does not hold this run's "
+                              f"generator ({e})") from e
+
+
+def load_postnet(workdir, selected=True):
+    """(PostNetConfig, generator variables `{'params', 'batch_stats'}`, run config, std
+    [68, 3], identity [68, 3]) of a `train_postnet` run: landmarks of a refined sequence
+    are `refined * std + identity` (identity = the target person's mean landmarks).
+
+    The variables are the run's selected generator (`selected_generator.msgpack`, the EMA
+    with the lowest pool Fréchet distance among its evaluations) when it has one, else the
+    EMA of its last checkpoint (always with `selected=False`); the run config's
+    `inference_generator` says which."""
+    cfg = ckpt_lib.read_run_config(workdir, "postnet")
+    config = pn.PostNetConfig(**cfg["model"])
+    saved = ckpt_lib.restore_run(workdir)
+    # the generator's EMA (`train.postnet.GANState.ema`), checked against the shapes only
+    variables = ckpt_lib.check_like(
+        saved["ema"], jax.eval_shape(lambda: pn.init_postnet(config, 0)[2]["generator"]),
+        f"{workdir}")
+    std, identity = _read_npy(workdir, "landmark_std"), _read_npy(workdir, "identity")
+    chosen, info = (load_selected_generator(workdir, variables) if selected
+                    else (None, None))
+    if chosen is not None:
+        variables = chosen
+        cfg = dict(cfg, inference_generator=dict(source="selected", **info))
+    else:
+        cfg = dict(cfg, inference_generator=dict(source="final_ema", step=int(saved["step"])))
+    return config, variables, cfg, std, identity

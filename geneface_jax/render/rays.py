@@ -198,22 +198,22 @@ def project_points(points_world, pose, intrinsics: Intrinsics) -> Tuple[Array, A
 
 # --------------------------------------------------------------------------- sampler
 
-def sample_pixels(rng, face_rect, height: int, width: int, num_rays: int,
-                  in_rect_percent: float = 0.95) -> Tuple[Array, Array]:
-    """Draw `num_rays` pixels, most of them inside the face rectangle (AD-NeRF/GeneFace).
+def sample_pixels(rng, rect, height: int, width: int, num_rays: int,
+                  in_rect_percent: float = 0.95):
+    """Draw `num_rays` pixels, most of them inside a rectangle (AD-NeRF/GeneFace's face
+    rectangle sampler; NumPy, on the host, where training builds its ray batches).
 
     Departure: GeneFace draws each group without replacement (`np.random.choice(...,
     replace=False)` in `UniformRaySampler.sample_rays`) and its rectangle `[x, y, w, h]`
-    includes its far edges; here draws are with replacement (a fixed-shape jittable draw).
+    includes its far edges; here draws are with replacement.
     Exactly `n_in = round(num_rays * in_rect_percent)` pixels are drawn uniformly (with
     replacement) from the rectangle and the other `num_rays - n_in` uniformly from the
     pixels *outside* it (from the whole image if the rectangle covers it all); the result
-    is shuffled so any prefix or device shard is a fair mix. Pure JAX and jittable:
-    `face_rect` may be traced; `height`, `width`, `num_rays`, `in_rect_percent` are static.
+    is shuffled so any prefix or device shard is a fair mix.
 
     Args:
-      rng: a JAX PRNG key.
-      face_rect: `[4]` ints `(x0, y0, x1, y1)` in pixels, half-open (`x0 <= col < x1`,
+      rng: a `np.random.Generator`.
+      rect: `[4]` ints `(x0, y0, x1, y1)` in pixels, half-open (`x0 <= col < x1`,
         `y0 <= row < y1`); clipped to the image; an empty rectangle becomes one pixel.
       height, width: image size.
       num_rays: number of pixels (output size).
@@ -222,50 +222,30 @@ def sample_pixels(rng, face_rect, height: int, width: int, num_rays: int,
     Returns:
       (rows, cols): int32 `[num_rays]`, all inside the image.
     """
-    rect = jnp.asarray(face_rect)
-    if rect.shape != (4,):
-        raise ShapeError(f"sample_pixels: face_rect must be [4] = (x0, y0, x1, y1), "
-                         f"got shape {tuple(rect.shape)}")
+    if np.shape(rect) != (4,):
+        raise ShapeError(f"sample_pixels: rect must be [4] = (x0, y0, x1, y1), got shape "
+                         f"{np.shape(rect)}")
     if not 0.0 <= float(in_rect_percent) <= 1.0:
         raise ValueError(f"sample_pixels: in_rect_percent must be in [0, 1], got {in_rect_percent}")
     height, width, num_rays = int(height), int(width), int(num_rays)
     if height <= 0 or width <= 0 or num_rays <= 0:
         raise ShapeError(f"sample_pixels: need a positive image size and ray count, got "
                          f"{height}x{width} and {num_rays} rays")
-    rect = jnp.round(rect).astype(jnp.int32)
-    x0 = jnp.clip(rect[0], 0, width - 1)
-    y0 = jnp.clip(rect[1], 0, height - 1)
-    x1 = jnp.clip(rect[2], x0 + 1, width)
-    y1 = jnp.clip(rect[3], y0 + 1, height)
-    rw, rh = x1 - x0, y1 - y0
-
-    n_in = int(round(num_rays * float(in_rect_percent)))
+    x0, y0, x1, y1 = (int(v) for v in rect)
+    x0, y0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+    x1, y1 = min(max(x1, x0 + 1), width), min(max(y1, y0 + 1), height)
+    n_in = int(round(num_rays * in_rect_percent))
+    rows = [rng.integers(y0, y1, n_in)]
+    cols = [rng.integers(x0, x1, n_in)]
     n_out = num_rays - n_in
-    k_in_r, k_in_c, k_out, k_full, k_perm = jax.random.split(rng, 5)
-
-    rows_in = jax.random.randint(k_in_r, (n_in,), y0, y1)
-    cols_in = jax.random.randint(k_in_c, (n_in,), x0, x1)
-
-    # Outside pixels in row-major order with the rectangle removed: rows above the rect
-    # (y0 * W pixels), then the rect's rows without the rect (rh * (W - rw)), then rows below.
-    num_outside = height * width - rh * rw
-    idx = jax.random.randint(k_out, (n_out,), 0, jnp.maximum(num_outside, 1))
-    above = y0 * width
-    band = rh * (width - rw)
-    side = jnp.maximum(width - rw, 1)
-    k2 = idx - above
-    c2 = k2 % side
-    k3 = idx - above - band
-    rows_out = jnp.where(idx < above, idx // width,
-                         jnp.where(idx < above + band, y0 + k2 // side, y1 + k3 // width))
-    cols_out = jnp.where(idx < above, idx % width,
-                         jnp.where(idx < above + band, jnp.where(c2 < x0, c2, c2 + rw),
-                                   k3 % width))
-    full = jax.random.randint(k_full, (n_out,), 0, height * width)
-    rows_out = jnp.where(num_outside > 0, rows_out, full // width)
-    cols_out = jnp.where(num_outside > 0, cols_out, full % width)
-
-    rows = jnp.concatenate([rows_in, rows_out]).astype(jnp.int32)
-    cols = jnp.concatenate([cols_in, cols_out]).astype(jnp.int32)
-    perm = jax.random.permutation(k_perm, num_rays)
-    return rows[perm], cols[perm]
+    if n_out:
+        inside = np.zeros((height, width), bool)
+        inside[y0:y1, x0:x1] = True
+        outside = np.flatnonzero(~inside.reshape(-1))
+        pool = outside if len(outside) else np.arange(height * width)
+        pick = pool[rng.integers(0, len(pool), n_out)]
+        rows.append(pick // width)
+        cols.append(pick % width)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    perm = rng.permutation(num_rays)
+    return rows[perm].astype(np.int32), cols[perm].astype(np.int32)

@@ -10,11 +10,14 @@ Batches (host arrays, from `geneface_jax.data.batching`):
 """
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from geneface_jax.checkpoint import Checkpointer, read_run_config
+from geneface_jax.errors import CheckpointError
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion import vae as vae_lib
 from geneface_jax.train import parallel
@@ -212,29 +215,9 @@ def make_vae_steps(model, losses: VAELossConfig = VAELossConfig(), syncnet=None,
 
 
 # --------------------------------------------------------------------------- loading runs
-
-def read_run_config(workdir, stage):
-    """The `config.json` of a training run in `workdir`, checked to be of `stage`
-    ('syncnet' or 'audio2motion'); CheckpointError otherwise."""
-    import json
-    import pathlib
-    from geneface_jax.errors import CheckpointError
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{workdir}: no {stage} run here (missing config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if cfg.get("stage") != stage:
-        raise CheckpointError(f"{workdir}: holds a {cfg.get('stage')!r} run, expected {stage!r}")
-    return cfg
-
+# (inference reads stage-1 runs with `motion.predict.load_audio2motion`)
 
 def _restore_variables(workdir, state):
-    import pathlib
-    from geneface_jax.errors import CheckpointError
-    from geneface_jax.train.checkpoint import Checkpointer
     ck = Checkpointer(pathlib.Path(workdir) / "checkpoints")
     try:
         restored = ck.restore(state)
@@ -255,27 +238,3 @@ def load_syncnet(workdir):
                                                            0)[1])
     state = _restore_variables(workdir, template)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, cfg
-
-
-def load_audio2motion(workdir):
-    """(Audio2MotionConfig, variables, run config, landmark std) of a `train_audio2motion`
-    run; landmarks = motion * std + the target's identity (its mean landmarks)."""
-    import pathlib
-    import numpy as np
-    cfg = read_run_config(workdir, "audio2motion")
-    mc = vae_lib.Audio2MotionConfig(**cfg["model"])
-
-    def template():
-        frozen = None
-        if cfg.get("syncnet"):
-            frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)[1]
-        return create_vae_state(mc, OptimConfig(**cfg["optim"]), 0, frozen)[1]
-
-    # the restore target is only shapes: nothing is initialised or compiled
-    state = _restore_variables(workdir, jax.eval_shape(template))
-    w = pathlib.Path(workdir)
-    std_path = w / "landmark_std.npy"
-    if not std_path.is_file():
-        from geneface_jax.errors import CheckpointError
-        raise CheckpointError(f"{workdir}: missing landmark_std.npy")
-    return mc, {"params": state.params, "batch_stats": state.batch_stats}, cfg, np.load(std_path)

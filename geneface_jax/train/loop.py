@@ -7,7 +7,7 @@ import jax
 from absl import logging
 
 from geneface_jax.errors import CheckpointError
-from geneface_jax.train import checkpoint as ckpt_lib
+from geneface_jax import checkpoint as ckpt_lib
 from geneface_jax.train import metrics as metrics_lib
 from geneface_jax.train import parallel
 

@@ -137,11 +137,3 @@ class Progress:
         """Prints the line (on the main process only: one line per step on several hosts)."""
         if is_main_process():
             print(self.line(step, scalars), file=self.stream, flush=True)
-
-
-def pearson(a, b):
-    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")

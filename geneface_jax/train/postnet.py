@@ -62,6 +62,7 @@ from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, ShapeError
 from geneface_jax.motion import postnet as pn
 from geneface_jax.motion import syncnet as sync_lib
+from geneface_jax.motion.predict import SELECTED_FILE, SELECTED_INFO
 from geneface_jax.train import parallel
 from geneface_jax.train.state import lr_schedule
 
@@ -629,24 +630,6 @@ def pool_fd_fn(pool, real, config, ids, std):
 
 # --------------------------------------------------------------------------- selection
 
-SELECTED_FILE = "selected_generator.msgpack"   # generator variables inference uses
-SELECTED_INFO = "selected_generator.json"      # {"step": int, "pool_fd": float}
-
-
-def read_selected_info(workdir):
-    """`{'step', 'pool_fd'}` of the run's selected generator, or None (none selected)."""
-    import json
-    path = pathlib.Path(workdir) / SELECTED_INFO
-    if not path.is_file() or not (pathlib.Path(workdir) / SELECTED_FILE).is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-        return {"step": int(info["step"]), "pool_fd": float(info["pool_fd"])}
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e}); delete it and the .msgpack next "
-                              "to it to fall back to the final generator") from e
-
-
 def save_selected_generator(workdir, variables, step, pool_fd):
     """Writes the generator variables `{'params', 'batch_stats'}` chosen for inference
     (`train_postnet` keeps the EMA with the lowest pool Fréchet distance) and their step
@@ -659,62 +642,3 @@ def save_selected_generator(workdir, variables, step, pool_fd):
         f.write(flax.serialization.to_bytes(jax.device_get(variables)))
     os.replace(tmp, w / SELECTED_FILE)
     write_json_atomic(w / SELECTED_INFO, {"step": int(step), "pool_fd": float(pool_fd)})
-
-
-def load_selected_generator(workdir, template):
-    """(variables, info) of the selected generator, `template` giving the tree; or
-    (None, None) when the run has no selection."""
-    info = read_selected_info(workdir)
-    if info is None:
-        return None, None
-    data = (pathlib.Path(workdir) / SELECTED_FILE).read_bytes()
-    try:
-        return flax.serialization.from_bytes(template, data), info
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{workdir}/{SELECTED_FILE}: does not hold this run's "
-                              f"generator ({e})") from e
-
-
-# --------------------------------------------------------------------------- loading runs
-
-def load_postnet(workdir, selected=True):
-    """(PostNetConfig, generator variables `{'params', 'batch_stats'}`, run config, std
-    [68, 3], identity [68, 3]) of a `train_postnet` run: landmarks of a refined sequence
-    are `refined * std + identity` (identity = the target person's mean landmarks).
-
-    The variables are the run's selected generator (`selected_generator.msgpack`, the EMA
-    with the lowest pool Fréchet distance among its evaluations) when it has one, else the
-    EMA of its last checkpoint (always with `selected=False`); the run config's
-    `inference_generator` says which."""
-    from geneface_jax.train.audio2motion import _restore_variables, read_run_config
-    cfg = read_run_config(workdir, "postnet")
-    config = pn.PostNetConfig(**cfg["model"])
-    scale = (np.zeros(config.motion_dim, np.float32) if cfg.get("disc_view") == "landmarks"
-             else None)
-
-    def template():
-        frozen = None
-        if cfg.get("syncnet_model"):
-            frozen = sync_lib.init_syncnet(sync_lib.SyncNetConfig(**cfg["syncnet_model"]), 0)[1]
-        return create_postnet_state(config, PostNetOptimConfig(**cfg["optim"]), 0, frozen,
-                                    scale)[2]
-
-    # the restore target is only shapes: nothing is initialised or compiled
-    state = _restore_variables(workdir, jax.eval_shape(template))
-    w = pathlib.Path(workdir)
-    arrays = {}
-    for name in ("landmark_std", "identity"):
-        path = w / f"{name}.npy"
-        if not path.is_file():
-            raise CheckpointError(f"{workdir}: missing {name}.npy")
-        arrays[name] = np.load(path)
-    variables = state.generator_variables()
-    chosen, info = (load_selected_generator(workdir, variables) if selected
-                    else (None, None))
-    if chosen is not None:
-        variables = chosen
-        cfg = dict(cfg, inference_generator=dict(source="selected", **info))
-    else:
-        cfg = dict(cfg, inference_generator=dict(source="final_ema", step=int(state.step)))
-    return config, variables, cfg, arrays["landmark_std"], arrays["identity"]
-
