@@ -286,7 +286,7 @@ def make_torso_step(model: fields.TorsoNeRF, head: fields.HeadNeRF, intrinsics,
     trained, i.e. the head run reached its warm-up, `head_smooth_enabled`; `image_size`
     (height, width): needed by a "geneface" pixel convention)."""
     cfg = model.config
-    k_head = _ray_intrinsics(intrinsics, head.config, image_size)
+    head_k = _ray_intrinsics(intrinsics, head.config, image_size)
     k = _ray_intrinsics(intrinsics, cfg, image_size)
 
     def loss_fn(params, head_params, batch, key):
@@ -294,7 +294,7 @@ def make_torso_step(model: fields.TorsoNeRF, head: fields.HeadNeRF, intrinsics,
         bg = rays["background"]
         r = bg.shape[0]
         k_head, k_torso = jax.random.split(key)
-        head_out, cond = _frozen_head(head, head_params, frames, rays, k_head, bg,
+        head_out, cond = _frozen_head(head, head_params, frames, rays, head_k, bg,
                                       _ray_noise(k_head, r, head.config), head_smooth)
         origins, dirs = _rays(frames, rays, k, "torso_pose")
         pose = fields.head_pose_vector(frames["pose"])[rays["frame"]]
