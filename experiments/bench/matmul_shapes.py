@@ -18,14 +18,13 @@ products as a PyTorch user's autograd does (`x @ w`, `g @ w.t()`, `x.t() @ g` on
 contiguous tensors; aten::mm / addmm call the BLAS with transpose flags), with
 `torch.set_num_threads` = the cores JAX uses. Both sides multiply the same float32 numbers
 and must agree (relative error <= 1e-4, else the script stops). Calls alternate between the
-frameworks so load from elsewhere hits both alike; each rate is the FLOPs over the median
-(and the best) of `--repeats` calls. The last line printed is one JSON object: per shape
-`jax_gflops`, `torch_gflops` (medians) and `ratio` (JAX / PyTorch).
+frameworks (`harness.timed_calls`) so load from elsewhere hits both alike; each rate is the
+FLOPs over the median (and the best) of `--repeats` calls. The last line printed is one
+JSON object: per shape `jax_gflops`, `torch_gflops` (medians) and `ratio` (JAX / PyTorch).
 """
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -57,10 +56,10 @@ def main(argv):
         rows, widths, square, repeats = 512, [16, 32], 64, 2
     if rows < 1 or repeats < 1 or square < 0 or not widths or min(widths) < 1:
         raise app.UsageError("--rows, --repeats and --widths must be >= 1, --square >= 0")
-    from experiments import common
-    from experiments.bench.machine import cpu_name, median, restrict_cores
-    threads = restrict_cores(FLAGS.threads)
-    malloc = common.host_malloc_setting(False)
+    from experiments.bench import harness
+    from experiments.bench.machine import cpu_name, median
+    run = harness.Run(FLAGS.threads)
+    threads, malloc = run.threads, run.malloc
 
     import jax
     import jax.numpy as jnp
@@ -97,15 +96,10 @@ def main(argv):
         err = float(np.max(np.abs(yj - yt)) / max(float(np.max(np.abs(yt))), 1e-30))
         if not err <= RTOL:
             raise RuntimeError(f"{name}: JAX and PyTorch products differ (rel err {err:.2e})")
-        times = {"jax": [], "torch": []}
-        with torch.inference_mode():
-            for _ in range(repeats):
-                t = time.perf_counter()
-                jax.block_until_ready(jf(*ja))
-                times["jax"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                tf(*ta)
-                times["torch"].append(time.perf_counter() - t)
+        with torch.inference_mode():       # the frameworks take turns
+            times, _ = harness.timed_calls(
+                [("jax", lambda timed, f=jf, a=ja: jax.block_until_ready(f(*a))),
+                 ("torch", lambda timed, f=tf, a=ta: f(*a))], 0, repeats)
         rate = {side: flops / median(ts) / 1e9 for side, ts in times.items()}
         best = {side: flops / min(ts) / 1e9 for side, ts in times.items()}
         results[name] = {"jax_gflops": _sig(rate["jax"]),

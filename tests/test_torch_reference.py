@@ -1,0 +1,175 @@
+"""The PyTorch reference networks the benchmarks time against the library
+(`experiments.bench.torch_reference`) compute what the library's Flax modules compute:
+parameters copied with `load_flax`, same inputs, same outputs to float32 tolerance. The
+benches' smoke runs (slow tests in test_stage1_cli, test_postnet_cli, test_nerf_bench)
+check whole training steps; these check each network's forward pass in seconds."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from experiments.bench import torch_reference as tr  # noqa: E402 - needs torch
+
+ATOL = 1e-4
+
+
+def _t(a, channels_first=False):
+    """numpy [B, T, C] -> a float32 tensor (with `channels_first`: [B, C, T])."""
+    a = np.asarray(a, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(np.swapaxes(a, 1, 2) if channels_first else a))
+
+
+def _close(what, jax_out, torch_out, atol=ATOL):
+    jax_out, torch_out = np.asarray(jax_out), torch_out.detach().numpy()
+    assert jax_out.shape == torch_out.shape, (what, jax_out.shape, torch_out.shape)
+    err = float(np.max(np.abs(jax_out - torch_out)))
+    assert err <= atol, f"{what}: max abs err {err:.2e} > {atol}"
+
+
+def _perturbed(tree, seed, scale=0.1):
+    """`tree` + N(0, scale^2) noise: no zero-initialised layer (the flows' `post`) hides."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(treedef, [
+        np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
+        for x in leaves])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_load_flax_refuses_mismatched_trees():
+    from experiments.bench.torch_reference.syncnet import ConvBlock
+    block = ConvBlock(3, 4, 3, 1, 1, False)
+    params = {"conv": {"kernel": np.zeros((3, 3, 4), np.float32),
+                       "bias": np.zeros(4, np.float32)},
+              "bn": {"scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}}
+    stats = {"bn": {"mean": np.zeros(4, np.float32), "var": np.ones(4, np.float32)}}
+    assert tr.load_flax(block, {"params": params, "batch_stats": stats}) == 6
+    with pytest.raises(KeyError, match="without a JAX counterpart"):
+        tr.load_flax(block, {"params": params})
+    with pytest.raises(ValueError, match="shape"):
+        tr.load_flax(block, {"params": {**params, "conv": {
+            "kernel": np.zeros((5, 3, 4), np.float32), "bias": np.zeros(4, np.float32)}},
+            "batch_stats": stats})
+    with pytest.raises(KeyError, match="no PyTorch"):
+        tr.load_flax(block, {"params": {**params, "extra": {"bias": np.zeros(4)}},
+                             "batch_stats": stats})
+
+
+def test_vae_training_pass_matches_the_library():
+    from geneface_jax.motion import vae
+    from experiments.bench.torch_reference.vae import Audio2Motion
+    cfg = vae.Audio2MotionConfig(feature_dim=8, cond_dim=16, hidden=16, enc_layers=2,
+                                 dec_layers=2, flow_hidden=8, flow_layers=2, num_flows=2)
+    model, variables = vae.init_audio2motion(cfg, 0)
+    variables = _perturbed(variables, 1)
+    rng = np.random.default_rng(0)
+    b, t = 2, 16
+    mask = (np.arange(t)[None, :, None] < np.array([t, 10])[:, None, None]).astype(np.float32)
+    mel = rng.standard_normal((b, 2 * t, 8)).astype(np.float32)
+    motion = rng.standard_normal((b, t, cfg.motion_dim)).astype(np.float32) * mask
+    eps = rng.standard_normal((b, t // cfg.stride, cfg.latent)).astype(np.float32)
+    out, _ = jax.jit(lambda v, *a: model.apply(
+        v, *a, train=True, eps=eps, rngs={"dropout": jax.random.PRNGKey(0)},
+        mutable=["batch_stats"]))(variables, mel, motion, mask)
+    ref = Audio2Motion(cfg)
+    tr.load_flax(ref, variables)
+    with torch.no_grad():
+        recon, kl_terms, lmask = ref.train()(_t(mel, True), _t(motion, True), _t(mask, True),
+                                             _t(eps, True))
+    _close("recon", np.swapaxes(np.asarray(out["recon"]) * mask, 1, 2), recon * _t(mask, True))
+    lm = np.swapaxes(np.asarray(out["latent_mask"]), 1, 2)
+    _close("latent mask", lm, lmask)
+    _close("kl terms", np.swapaxes(np.asarray(out["kl_terms"]), 1, 2) * lm, kl_terms * lmask)
+
+
+@pytest.mark.parametrize("static_coords", [(), (0, 5, 203)])
+def test_postnet_and_discriminator_match_the_library(static_coords):
+    from geneface_jax.motion import postnet as pn
+    from experiments.bench.torch_reference.postnet import GAN
+    cfg = pn.PostNetConfig.named("small", static_coords=static_coords)
+    gen, disc, variables = pn.init_postnet(cfg, 0)
+    variables = _perturbed(variables, 2)
+    x = np.random.default_rng(0).standard_normal((2, 16, cfg.motion_dim)).astype(np.float32)
+    refined, _ = jax.jit(lambda v, x: gen.apply(v, x, jnp.ones((2, 16, 1)), train=True,
+                                                mutable=["batch_stats"]))(
+        variables["generator"], x)
+    ref = GAN(cfg, dropout=0.0)
+    tr.load_flax(ref, variables["generator"], "generator.")
+    tr.load_flax(ref, variables["discriminator"], "discriminator.")
+    with torch.no_grad():
+        refined_t = ref.train().generator(_t(x))
+        _close("refined motion", refined, refined_t)
+        _close("critic scores", jax.jit(disc.apply)(variables["discriminator"], x),
+               ref.discriminator(_t(x)))
+    if static_coords:
+        np.testing.assert_array_equal(refined_t.numpy()[..., static_coords],
+                                      x[..., static_coords])
+
+
+def test_syncnet_matches_the_library():
+    from geneface_jax.motion import syncnet as sync_lib
+    from experiments.bench.torch_reference.syncnet import SyncNet
+    sc = sync_lib.SyncNetConfig.named("small", feature_dim=8)
+    model, variables = sync_lib.init_syncnet(sc, 0)
+    variables = _perturbed(variables, 3)
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((3, 2 * sc.window, 8)).astype(np.float32)
+    mouth = rng.standard_normal((3, sc.window, sc.mouth_dim)).astype(np.float32)
+    a, m = jax.jit(model.apply)(variables, audio, mouth)
+    ref = SyncNet(sc)
+    tr.load_flax(ref, variables)
+    with torch.no_grad():
+        a_t, m_t = ref.eval()(_t(audio, True), _t(mouth, True))
+    _close("audio embedding", a, a_t)
+    _close("mouth embedding", m, m_t)
+
+
+def test_head_nerf_matches_the_library():
+    from geneface_jax.render import fields
+    from experiments.bench.torch_reference.nerf import HeadNeRF
+    cfg = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=4, skip=1,
+                              color_width=16, num_coarse=8, num_fine=8)
+    rng = np.random.default_rng(0)
+    r = 32
+    origins = np.tile(np.array([[0.0, 0.0, 0.6]], np.float32), (r, 1))
+    directions = np.concatenate([0.3 * rng.uniform(-1, 1, (r, 2)), -np.ones((r, 1))],
+                                1).astype(np.float32)
+    windows = 0.3 * rng.standard_normal((1, cfg.smooth_window, 68, 3)).astype(np.float32)
+    background = rng.uniform(size=(r, 3)).astype(np.float32)
+    noise = (rng.uniform(size=(r, cfg.num_coarse)).astype(np.float32),
+             rng.uniform(size=(r, cfg.num_fine)).astype(np.float32))
+    model = fields.HeadNeRF(cfg)
+    params = _perturbed(jax.jit(model.init)(jax.random.PRNGKey(0), origins, directions,
+                                            windows[0], background)["params"], 4, scale=0.05)
+
+    @jax.jit
+    def forward(params):
+        cond = model.apply({"params": params}, windows, True,
+                           method=fields.HeadNeRF.condition)
+        return cond, model.apply({"params": params}, origins, directions,
+                                 jnp.repeat(cond, r, 0), background, noise=noise,
+                                 method=fields.HeadNeRF.render)
+
+    cond, out = forward(params)
+    ref = HeadNeRF(cfg)
+    tr.load_flax(ref, params)
+    with torch.no_grad():
+        cond_t = ref.condition(_t(windows), True)
+        (rgb_c, _), (rgb_f, _) = ref.render(_t(origins), _t(directions),
+                                            cond_t.expand(r, -1), _t(background),
+                                            tuple(_t(u) for u in noise))
+    _close("landmark condition", cond, cond_t)
+    _close("coarse colours", out.coarse.rgb, rgb_c)
+    _close("fine colours", out.fine.rgb, rgb_f)
