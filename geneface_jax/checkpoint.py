@@ -80,7 +80,8 @@ class Checkpointer:
         if step is None:
             return None
         reader = ocp.CheckpointManager(
-            self.directory, item_handlers={"state": ocp.StandardCheckpointHandler()})
+            self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                           "extra": ocp.JsonCheckpointHandler()})
         try:
             meta = reader.item_metadata(step)["state"]
             tree = getattr(meta, "tree", meta)
