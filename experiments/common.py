@@ -8,11 +8,13 @@ status 2.
 
 import ctypes
 import os
+import pathlib
 import sys
 import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from geneface_jax.errors import GenefaceError
 
@@ -32,6 +34,59 @@ def define_common_flags(*, steps, batch_size, data_help="Dataset directory."):
     flags.DEFINE_integer("log_every", 50, "Log/progress interval in steps.")
     flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint interval in steps.")
     define_distributed_flags()
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def define_run_flags(stage, *, data_help="Dataset directory."):
+    """Defines the flags of a training command whose hyper-parameters live in
+    `experiments/configs/STAGE.py`: --config (a preset name, `FILE.py:preset`, and
+    `--config.a.b=value` overrides), --data, --workdir, --steps and --seed (both override
+    the config's `run.steps` / `seed` when given) and the multi-host flags."""
+    config_flags.DEFINE_config_file(
+        "config", str(CONFIG_DIR / f"{stage}.py") + ":paper",
+        f"Preset of experiments/configs/{stage}.py (paper, cpu, tiny) or FILE.py:ARG; "
+        "override single values with --config.model.base=64 and the like.",
+        lock_config=True)
+    _CONFIG_FILES["config"] = CONFIG_DIR / f"{stage}.py"
+    flags.DEFINE_string("data", None, data_help)
+    flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints/, "
+                        "metrics.jsonl, tb/, metrics.json. An existing run there is resumed.")
+    flags.DEFINE_integer("steps", None, "Total training steps (default: the config's).")
+    flags.DEFINE_integer("seed", None, "Random seed (default: the config's, 0).")
+    define_distributed_flags()
+
+
+def run_config():
+    """The parsed config with --steps / --seed applied (a copy: FLAGS.config stays as
+    given)."""
+    config = FLAGS.config.copy_and_resolve_references()
+    with config.unlocked():
+        if FLAGS.steps is not None:
+            config.run.steps = FLAGS.steps
+        if FLAGS.seed is not None:
+            config.seed = FLAGS.seed
+    return config
+
+
+# flag name -> the config file whose preset `--flag=NAME` names (see `_expand_presets`)
+_CONFIG_FILES = {}
+
+
+def _expand_presets(argv):
+    """`--config=cpu` -> `--config=<the stage's config file>:cpu`: a bare preset name (no
+    `.py`, no path) picks a preset of the command's own config file."""
+    out = []
+    for arg in argv:
+        for name, path in _CONFIG_FILES.items():
+            prefix = f"--{name}="
+            if arg.startswith(prefix):
+                value = arg[len(prefix):]
+                if value and "/" not in value and ".py" not in value:
+                    arg = f"{prefix}{path}:{value}"
+        out.append(arg)
+    return out
 
 
 def define_distributed_flags():
@@ -121,33 +176,36 @@ def run(main):
         except GenefaceError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    app.run(wrapped)
+    app.run(wrapped, argv=_expand_presets(sys.argv), flags_parser=_parse_flags)
 
 
-def prepare_workdir(workdir, run_cfg):
-    """Creates `workdir` and writes `config.json`; refuses (CheckpointError) a workdir that
-    holds a run with another configuration, before anything in it is touched."""
-    import json
-    import pathlib
-    from geneface_jax.errors import CheckpointError
-    from geneface_jax.train.metrics import _plain, write_json_atomic
-    from geneface_jax.train.parallel import is_main_process
-    workdir = pathlib.Path(workdir)
-    path = workdir / "config.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        if old != _plain(run_cfg):
-            diff = sorted(k for k in set(old or {}) | set(run_cfg)
-                          if (old or {}).get(k) != _plain(run_cfg).get(k))
-            raise CheckpointError(f"{workdir}: holds a run with a different configuration "
-                                  f"(differs in {diff}); use another --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main_process():                 # several hosts: the main process writes
-        write_json_atomic(path, run_cfg)
-    return workdir
+def _parse_flags(argv):
+    """absl's flag parsing, except that a missing config file, an unknown preset or a bad
+    `--config.*` override is one `error:` line with exit status 2, not a traceback (config
+    files load lazily, so the config is loaded here once)."""
+    try:
+        rest = FLAGS(argv)
+        for name in _CONFIG_FILES:
+            FLAGS[name].value.to_dict()       # loads the file, applies the overrides
+        return rest
+    except flags.Error as e:
+        cause = e.__cause__ or e.__context__
+        if cause is not None:
+            _config_error(cause)
+        print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
+              "on flags.", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:                   # noqa: BLE001 - any failure of a config file
+        _config_error(e)
+
+
+def _config_error(e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[-1] if lines else repr(e)
+    if isinstance(e, (AttributeError, KeyError)):
+        message = f"no such key {message} in the config"
+    print(f"error: --config: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class Timer:
@@ -156,3 +214,9 @@ class Timer:
 
     def minutes(self):
         return (time.time() - self.t0) / 60.0
+
+
+def prepare_workdir(workdir, run_cfg):
+    """`train.loop.prepare_workdir`: writes config.json, refuses another configuration."""
+    from geneface_jax.train.loop import prepare_workdir as prepare
+    return prepare(workdir, run_cfg)

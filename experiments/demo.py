@@ -178,8 +178,8 @@ def main(argv):
     st.run("person", data / "person" / "meta.json", "make_dataset", kind="person",
            out=data / "person", seed=seed, size=s["size"], frames=s["frames"], tfds=False)
     st.run("syncnet", ck / "syncnet" / "metrics.json", "train_syncnet", data=data / "corpus",
-           workdir=ck / "syncnet", config="small", steps=s["syncnet_steps"], batch_size=64,
-           seed=seed, eval_every=0)
+           workdir=ck / "syncnet", config="cpu", steps=s["syncnet_steps"], seed=seed,
+           **{"config.run.eval_every": 0})
     st.run("audio2motion", ck / "audio2motion" / "metrics.json", "train_audio2motion",
            data=data / "corpus", workdir=ck / "audio2motion", syncnet=ck / "syncnet",
            config="small", steps=s["a2m_steps"], batch_size=16,

@@ -21,8 +21,9 @@ from geneface_jax.train import audio2motion as a2m
 
 from conftest import REPO, SUBPROCESS_XLA_FLAGS, run_module
 
-SYNC_ARGS = ("--config=small", "--batch_size=16", "--eval_pairs=16", "--eval_every=0",
-             "--log_every=2", "--checkpoint_every=4")
+SYNC_ARGS = ("--config=cpu", "--config.batch_size=16", "--config.eval_pairs=16",
+             "--config.run.eval_every=0", "--config.run.log_every=2",
+             "--config.run.checkpoint_every=4")
 
 
 def _env(devices):

@@ -45,8 +45,8 @@ def corpus_dir(tmp_path_factory):
 def syncnet_dir(corpus_dir):
     work = corpus_dir.parent / "syncnet"
     _run("experiments.train_syncnet", f"--data={corpus_dir}", f"--workdir={work}",
-         "--config=small", "--steps=200", "--batch_size=64", "--eval_every=0",
-         "--log_every=100")
+         "--config=cpu", "--steps=200", "--config.run.eval_every=0",
+         "--config.run.log_every=100")
     return work
 
 

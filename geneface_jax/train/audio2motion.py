@@ -22,6 +22,8 @@ from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion import vae as vae_lib
 from geneface_jax.train import parallel
 from geneface_jax.train.state import TrainState, make_optimizer
+from geneface_jax.train import loop as loop_lib
+from geneface_jax.train import metrics as metrics_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +214,88 @@ def make_vae_steps(model, losses: VAELossConfig = VAELossConfig(), syncnet=None,
         return state, metrics
 
     return train_step, eval_step
+
+
+# --------------------------------------------------------------------------- runs
+
+def train_syncnet(config, workdir, data):
+    """Trains (or resumes) the landmark-audio SyncNet on a corpus; the `train_syncnet` run.
+
+    Pairs of a 5-frame mouth window and the audio of the same frames (label 1) or of frames
+    shifted by >= 3 (label 0) come from the train split, one pair per utterance; validation
+    uses fixed pairs of the valid split.
+
+    Args:
+      config: `experiments/configs/syncnet.py`'s ConfigDict (model, optim, batch_size,
+        eval_pairs, seed, run: steps / log_every / checkpoint_every / eval_every).
+      workdir: run directory; writes config.json (what `load_syncnet` reads), checkpoints,
+        metrics.jsonl and metrics.json.
+      data: corpus directory (`data.format.load_corpus`).
+    Returns:
+      the final metrics (`loss`, `accuracy` of the last logged step; `val_loss`,
+      `val_accuracy`, `val_d_pos`, `val_d_neg` on the validation pairs; `steps_per_s`,
+      `minutes`, `devices`), also written to metrics.json.
+    """
+    import time
+
+    import numpy as np
+
+    from geneface_jax.data import batching
+    from geneface_jax.data import format as fmt
+    from geneface_jax.mesh import DATA_AXIS, make_mesh
+
+    t0 = time.time()
+    corpus = fmt.load_corpus(data)
+    identities = batching.speaker_identities(corpus)
+    std = batching.expression_std(corpus, identities)
+    train_set = batching.UtteranceSet.from_corpus(corpus, "train", std, identities)
+    valid_set = batching.UtteranceSet.from_corpus(corpus, "valid", std, identities)
+    cfg = sync_lib.SyncNetConfig(feature_dim=int(corpus.meta["feature_dim"]),
+                                 **config.model)
+    steps = int(config.run.steps)
+    if config.optim.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be constant or cosine, "
+                         f"got {config.optim.schedule!r}")
+    optim = OptimConfig(lr=config.optim.lr, warmup_steps=0, decay_rate=1.0, decay_steps=1,
+                        cosine_steps=steps if config.optim.schedule == "cosine" else 0)
+
+    mesh = make_mesh()
+    n_dev = mesh.shape[DATA_AXIS]
+    batch_size = config.batch_size - config.batch_size % n_dev or n_dev
+    get_batch = batching.make_sync_batch_fn(train_set, batch_size=batch_size,
+                                            seed=config.seed)
+    n_eval = max(n_dev, config.eval_pairs - config.eval_pairs % n_dev)
+    eval_batch = batching.sync_pairs(valid_set, np.arange(n_eval) % len(valid_set),
+                                     cfg.window, np.random.default_rng([config.seed, 99]))
+    run_cfg = dict(stage="syncnet", model=dataclasses.asdict(cfg),
+                   data=str(pathlib.Path(data).absolute()), seed=config.seed,
+                   batch_size=batch_size, optim=dataclasses.asdict(optim),
+                   eval_pairs=n_eval, run=config.run.to_dict())
+    workdir = loop_lib.prepare_workdir(workdir, run_cfg)
+    model, state = create_syncnet_state(cfg, optim, config.seed)
+    train_step, eval_step = make_syncnet_steps(model)
+    run_eval = parallel.data_parallel(eval_step, mesh, donate_state=False)
+
+    def evaluate(st, step):
+        _, m = run_eval(st, parallel.shard_batch(eval_batch, mesh),
+                        loop_lib.step_key(st, step))
+        return {k: float(v) for k, v in jax.device_get(m).items()}
+
+    start = time.time()
+    state, last = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=train_step, get_batch=get_batch,
+        num_steps=steps, mesh=mesh, log_every=config.run.log_every,
+        checkpoint_every=config.run.checkpoint_every,
+        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
+        eval_every=config.run.eval_every, name="syncnet ")
+    final = evaluate(state, steps)
+    out = dict(loss=last.get("loss"), accuracy=last.get("accuracy"),
+               val_loss=final["loss"], val_accuracy=final["accuracy"],
+               val_d_pos=final["d_pos"], val_d_neg=final["d_neg"], steps=steps,
+               steps_per_s=steps / max(time.time() - start, 1e-9),
+               minutes=(time.time() - t0) / 60.0, devices=n_dev)
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
 
 
 # --------------------------------------------------------------------------- loading runs

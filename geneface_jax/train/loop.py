@@ -1,5 +1,6 @@
 """The resumable training loop every stage uses: data in, pure step, metrics, checkpoints."""
 
+import json
 import pathlib
 import sys
 
@@ -10,6 +11,38 @@ from geneface_jax.errors import CheckpointError
 from geneface_jax import checkpoint as ckpt_lib
 from geneface_jax.train import metrics as metrics_lib
 from geneface_jax.train import parallel
+
+
+def prepare_workdir(workdir, run_config, run_controls=("run",)):
+    """Creates `workdir` and writes the run's `config.json`; refuses a workdir that holds a
+    run with another configuration before anything in it is touched.
+
+    Args:
+      workdir: the run directory.
+      run_config: JSON-able dict of everything the run depends on (model, optimiser, data).
+      run_controls: top-level keys that may differ on resume (steps, logging intervals).
+    Raises:
+      CheckpointError: `workdir/config.json` records another configuration; names the keys.
+    Returns:
+      the workdir as a `pathlib.Path`.
+    """
+    workdir = pathlib.Path(workdir)
+    path = workdir / "config.json"
+    new = metrics_lib._plain(run_config)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        keys = (set(old) | set(new)) - set(run_controls)
+        diff = sorted(k for k in keys if old.get(k) != new.get(k))
+        if diff:
+            raise CheckpointError(f"{workdir}: holds a run with a different configuration "
+                                  f"(differs in {diff}); use another --workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main_process():             # several hosts: the main process writes
+        metrics_lib.write_json_atomic(path, new)
+    return workdir
 
 
 def step_key(state, step):
