@@ -54,6 +54,7 @@ from geneface_jax.audio import features as feat
 from geneface_jax.audio import io as audio_io
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
+from geneface_jax.data.landmarks import pearson
 from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError
 
 STAGES = ("audio2motion", "postnet", "head", "torso")
@@ -478,13 +479,6 @@ def _check_compatible(root, a2m, postnet, head, torso):
 
 
 # --------------------------------------------------------------------------- scoring
-
-def pearson(a, b):
-    """Pearson correlation of two 1-D sequences (nan when one is constant)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    den = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / den) if den > 0 else float("nan")
 
 def landmark_scores(pred, truth):
     """`lmd` / `lmd_mouth` (mean L2 over the 68 / mouth points, head units) and

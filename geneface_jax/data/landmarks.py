@@ -38,6 +38,15 @@ def mouth_opening(lms):
     return np.linalg.norm(lms[..., INNER_LIP_TOP, :] - lms[..., INNER_LIP_BOTTOM, :], axis=-1)
 
 
+def pearson(a, b):
+    """Pearson correlation of two 1-D sequences (nan when one is constant), e.g. of two
+    mouth-opening tracks."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
 def mouth_width(lms):
     """Lip-corner distance |p48 - p54|: `[..., 68, D]` -> `[...]`."""
     lms = np.asarray(lms)
