@@ -66,7 +66,7 @@ foreground is `sum_{i<S-1} w_i c_i` with opacity `acc = sum_{i<S-1} w_i` and
 gives the background exactly). With `False` the last interval is an ordinary sample.
 
 Compositing the person (`composite_person`), default order head over torso over
-background (shared/DESIGN.md):
+background (docs/architecture.md, Stage 3):
 
     rgb = head_fg + (1 - head_acc) * (torso_fg + (1 - torso_acc) * background)
 
@@ -652,7 +652,7 @@ def composite_person(head: RayOutput, torso: RayOutput, background,
                      order: str = "head_over_torso"):
     """The final pixel colours `[R, 3]` of head, torso and background.
 
-    order="head_over_torso" (default, shared/DESIGN.md):
+    order="head_over_torso" (default, docs/architecture.md):
         head.fg_rgb + (1 - head.acc) * (torso.fg_rgb + (1 - torso.acc) * background)
     order="torso_over_head" (GeneFace's public code):
         torso.fg_rgb + (1 - torso.acc) * (head.fg_rgb + (1 - head.acc) * background)
