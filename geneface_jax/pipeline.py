@@ -40,7 +40,6 @@ another person than the NeRF, a torso trained on another head).
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -50,6 +49,7 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
+from geneface_jax import files
 from geneface_jax.audio import features as feat
 from geneface_jax.audio import io as audio_io
 from geneface_jax.data import format as fmt
@@ -148,9 +148,8 @@ class ReferenceTrack:
     def save(self, path):
         """Writes the track as one `.npz` (atomically)."""
         path = pathlib.Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **dataclasses.asdict(self))
-        os.replace(tmp, path)
+        with files.atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, **dataclasses.asdict(self))
         return path
 
     @classmethod

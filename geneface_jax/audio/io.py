@@ -1,14 +1,13 @@
 """Audio file input/output: any readable file -> 16 kHz mono float32, and WAV writing."""
 
-import os
 import pathlib
-import tempfile
 import warnings
 
 import librosa
 import numpy as np
 import soundfile as sf
 
+from geneface_jax import files
 from geneface_jax.errors import AudioError
 
 SAMPLE_RATE = 16000
@@ -87,13 +86,6 @@ def save_wav(path, wav, sample_rate=SAMPLE_RATE):
     if wav.ndim != 1 or not np.all(np.isfinite(wav)):
         raise AudioError(f"{path}: refusing to write audio that is not 1-D and finite "
                          f"(shape {wav.shape})")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.wav", dir=path.parent)
-    os.close(fd)
-    try:
+    with files.atomic_path(path, ".wav") as tmp:
         sf.write(tmp, np.clip(wav, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -41,6 +41,7 @@ import zipfile
 
 import numpy as np
 
+from geneface_jax import files
 from geneface_jax.errors import GenefaceError, ShapeError
 
 MEDIAPIPE_VERSION = "0.10.21"
@@ -198,10 +199,7 @@ def _extract(wheel, dest, names):
             if got != digest:
                 raise ModelError(f"{wheel}: {inner} has sha256 {got[:12]}..., expected "
                                  f"{digest[:12]}...")
-            out = dest / pathlib.PurePosixPath(inner).name
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, out)
+            files.write_bytes_atomic(dest / pathlib.PurePosixPath(inner).name, data)
 
 
 # --------------------------------------------------------------------------- geometry

@@ -11,13 +11,11 @@ place at the end, so an interrupted write never leaves a half-written dataset.
 
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import numpy as np
 
+from geneface_jax import files
 from geneface_jax.audio import features as feat
 from geneface_jax.audio import io as audio_io
 from geneface_jax.errors import DatasetError
@@ -98,9 +96,7 @@ def check_output_dir(out_dir, overwrite=False):
 def _write_dir(out_dir, arrays, meta, wav=None, overwrite=False):
     out_dir = pathlib.Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with files.atomic_dir(out_dir) as tmp:
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
         if wav is not None:
@@ -108,12 +104,6 @@ def _write_dir(out_dir, arrays, meta, wav=None, overwrite=False):
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.write("\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from geneface_jax import files
 from geneface_jax.audio import features as feat
 from geneface_jax.data import format as fmt
 from geneface_jax.errors import DatasetError, GenefaceError
@@ -94,14 +95,11 @@ def _process_one(job):
         return key, str(e)
     except Exception as e:  # noqa: BLE001 - a broken clip must not stop the corpus
         return key, f"{type(e).__name__}: {e}"
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.npz")
     audio = np.clip(np.round(r["wav"] * 32767), -32768, 32767).astype(np.int16)
-    np.savez(tmp, landmarks=r["landmarks"].astype(np.float32), mel=r["mel"].astype(np.float32),
-             energy=r["energy"].astype(np.float32), audio=audio,
-             feature=np.asarray(r["feature"]))
-    os.replace(tmp, out)
+    with files.atomic_path(out, ".npz") as tmp:
+        np.savez(tmp, landmarks=r["landmarks"].astype(np.float32),
+                 mel=r["mel"].astype(np.float32), energy=r["energy"].astype(np.float32),
+                 audio=audio, feature=np.asarray(r["feature"]))
     return key, None
 
 

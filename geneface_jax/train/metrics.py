@@ -2,14 +2,13 @@
 
 import json
 import math
-import os
 import pathlib
 import sys
-import tempfile
 import time
 
 import numpy as np
 
+from geneface_jax import files
 from geneface_jax.train.parallel import is_main_process
 
 
@@ -34,17 +33,8 @@ def _plain(value):
 def write_json_atomic(path, obj):
     """Writes `obj` as JSON to `path` via a temporary file and a rename."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_plain(obj), f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with files.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_plain(obj), indent=1, sort_keys=True) + "\n")
     return path
 
 
