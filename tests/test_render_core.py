@@ -484,7 +484,7 @@ def test_render_image_ray_counts_share_compiled_programs():
     program = sharded._compiled(sphere_render, one, 64)
     before = program._cache_size()
     for r in (65, 100, 128):                                    # all pad to 2 chunks of 64
-        few = jax.tree.map(lambda x: np.asarray(x)[:r], ray_tree)
+        few = jax.tree.map(lambda x, r=r: np.asarray(x)[:r], ray_tree)
         out = sharded.render_image(sphere_render, few, params=SPHERE, mesh=one, chunk=64)
         assert isinstance(out["rgb"], np.ndarray) and out["rgb"].shape == (r, 3)
         np.testing.assert_allclose(out["rgb"], reference["rgb"][:r], atol=1e-6)

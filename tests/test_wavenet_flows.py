@@ -200,8 +200,8 @@ def test_winograd_matrices_compute_the_correlation(m, k):
                                       (19, 7, 4), (30, 5, 6)])
 def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
     """Forward against a float64 NumPy correlation; dx, dw (autodiff of the Winograd
-    form) against autodiff of `lax.conv_general_dilated`. Lengths not a multiple of the tile and shorter than the
-    kernel included. Errors relative to the output / gradient scale."""
+    form) against autodiff of `lax.conv_general_dilated`. Lengths not a multiple of the
+    tile and shorter than the kernel included. Errors relative to the output / gradient scale."""
     rng = np.random.default_rng(t * 100 + k)
     c_in, c_out = 24, 40
     x = rng.normal(size=(3, t, c_in)).astype(np.float32)
@@ -217,7 +217,7 @@ def test_winograd_conv_matches_the_direct_conv_and_its_gradients(t, k, tile):
     def direct(x, w):
         return jax.lax.conv_general_dilated(x, w, (1,), [(pad, pad)],
                                             dimension_numbers=("NWC", "WIO", "NWC"))
-    grads = [jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * r), argnums=(0, 1)))(x, w)
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * r), argnums=(0, 1)))(x, w)
              for f in (direct, lambda x, w: winograd_conv1d(x, w, tile))]
     for name, d, wg in zip(("dx", "dw"), *grads):
         d, wg = np.asarray(d), np.asarray(wg)
@@ -249,7 +249,8 @@ def test_wavenet_winograd_equals_direct_on_a_masked_batch():
     params = _random_like(nets[0].init(jax.random.PRNGKey(0), x, mask, g)["params"], 4)
     outs, grads = [], []
     for net in nets:
-        f = lambda p: net.apply({"params": p}, x, mask, g)  # noqa: E731
+        def f(p, net=net):
+            return net.apply({"params": p}, x, mask, g)
         out, vjp = jax.vjp(f, params)
         outs.append(np.asarray(out))
         grads.append(vjp(jnp.cos(out))[0])   # the gradient of sum(sin(out))
