@@ -121,7 +121,12 @@ class FaceTracker:
             if p >= self.presence:
                 self._prev = pts
                 return pts
-        self._prev = None
+        self._prev = self.find(image)
+        return self._prev
+
+    def find(self, image):
+        """The face of one image on its own, with no tracking state: -> points `[468, 3]`
+        of the largest detected face, or None when no face is seen."""
         dets = self.detector.detect(image)
         if not dets:
             return None
@@ -132,10 +137,7 @@ class FaceTracker:
             return None
         # a second pass from the mesh's own points centres the crop as tracking will
         pts2, p2 = self.mesh.from_points(image, pts)
-        if p2 >= self.presence:
-            pts = pts2
-        self._prev = pts
-        return pts
+        return pts2 if p2 >= self.presence else pts
 
 
 def _fill_gaps(points, found, max_gap, path):
