@@ -9,7 +9,11 @@ r"""Speech audio -> talking-face mp4 with trained checkpoints.
 MP3, OGG; any rate, mono or stereo). The video has round(duration x 25) frames at 25 fps,
 the audio muxed in; head pose and blinks follow the person's reference video. A progress
 line shows frames/s and the ETA. With `--landmarks`, the predicted landmarks (stage 1,
-post-net, rendered) go to an `.npz` beside the video.
+post-net, rendered) go to an `.npz` beside the video. With `--report`, the written video
+is tracked with the face tracker (`pipeline.tracked_video_report`, docs/tracking_metric.md)
+and the JSON line adds `face_found` (share of frames where a face is found) and
+`tracked_sync_r` (r of the tracked mouth opening with the rendered landmarks' opening); for
+a synthetic person also `tracked_oracle_r` (with the person's true mouth for this audio).
 
 Bad input (not audio, empty, missing files, checkpoints of another stage or that do not
 belong together, an unwritable output) prints one `error:` line and exits with status 2;
@@ -41,6 +45,8 @@ flags.DEFINE_integer("crf", 18, "H.264 constant rate factor.")
 flags.DEFINE_string("hubert_checkpoint", None, "HuBERT checkpoint directory, when stage 1 "
                     "was trained on HuBERT features.")
 flags.DEFINE_bool("landmarks", False, "Also write OUT.landmarks.npz.")
+flags.DEFINE_bool("report", False, "Track the written video with the face tracker and "
+                  "report face_found and tracked_sync_r (needs the face models).")
 
 
 def main(argv):
@@ -60,6 +66,9 @@ def main(argv):
     samples = audio_io.load_audio(FLAGS.audio)
 
     from geneface_jax import pipeline as pl
+    if FLAGS.report:                       # missing face models fail now, not after rendering
+        from geneface_jax.render import face_tracking
+        tracker = face_tracking.FrameTracker()
     options = pl.SynthesisOptions(
         temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
         silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,
@@ -72,10 +81,24 @@ def main(argv):
         np.savez_compressed(out.with_suffix(".landmarks.npz"),
                             **{k: res[k] for k in ("landmarks", "stage1", "postnet",
                                                    "silence", "track")})
-    print(json.dumps({"out": str(out), "frames": res["frames"],
-                      "seconds": round(res["seconds"], 3),
-                      "render_fps": round(res["render_fps"], 3),
-                      "minutes": round(res["minutes"], 3)}))
+    report = {"out": str(out), "frames": res["frames"], "seconds": round(res["seconds"], 3),
+              "render_fps": round(res["render_fps"], 3), "minutes": round(res["minutes"], 3)}
+    if FLAGS.report:
+        truth = _synthetic_truth(pipe, samples)
+        report.update(pl.tracked_video_report(out, res["landmarks"], truth, tracker=tracker))
+    print(json.dumps(report))
+
+
+def _synthetic_truth(pipe, samples):
+    """The synthetic person's true landmarks for this audio, or None for a real person."""
+    meta_path = pathlib.Path(pipe.head_run.get("data") or "") / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("source") != "synthetic" or "seed" not in meta:
+        return None
+    from geneface_jax.data.synthetic import world
+    return world.person_oracle(int(meta["seed"]), samples)["landmarks"]
 
 
 if __name__ == "__main__":

@@ -536,6 +536,55 @@ def lip_energy_correlation(video_path, landmarks, poses, intrinsics, energy):
     return pearson(act, frame_energy_db(energy)[:len(act)])
 
 
+def tracked_video_report(video_path, landmarks, truth=None, *, tracker=None, chunk=100):
+    """What a face tracker sees in a synthesized video (`render.face_tracking`).
+
+    The video is decoded and tracked `chunk` frames at a time (memory stays flat in its
+    length); each frame's tracked inner-lip opening is correlated with the mouth opening of
+    the landmarks that drove the renderer and, when given, with a ground truth.
+
+    Args:
+      video_path: the mp4 `synthesize` wrote.
+      landmarks: `[N, 68, 3]` the rendered landmarks (`synthesize(...)["landmarks"]`).
+      truth: optional `[N, 68, 3]` ground-truth landmarks for the same audio (the
+        synthetic person's oracle).
+      tracker: a `face_tracking.FrameTracker` (default: a new one; needs the face models).
+    Returns:
+      dict(face_found, tracked_sync_r[, tracked_oracle_r], tracked_frames).
+    """
+    from geneface_jax.data.video import read_video
+    from geneface_jax.render import face_tracking as ft
+    tracker = tracker or ft.FrameTracker()
+    points, found, batch = [], [], []
+
+    def flush():
+        if batch:
+            pts, ok = tracker.track(np.stack(batch))
+            points.append(pts)
+            found.append(ok)
+            batch.clear()
+
+    for frame in read_video(video_path):
+        batch.append(frame)
+        if len(batch) == chunk:
+            flush()
+    flush()
+    points, found = np.concatenate(points), np.concatenate(found)
+    n = min(len(found), len(landmarks))
+    opening = ft.inner_lip_opening(points[:n])
+    ok = found[:n]
+
+    def r(reference):
+        return (pearson(opening[ok], lm.mouth_opening(reference[:n])[ok])
+                if ok.sum() >= 3 else float("nan"))
+
+    out = dict(face_found=float(found.mean()), tracked_sync_r=r(np.asarray(landmarks)),
+               tracked_frames=int(len(found)))
+    if truth is not None:
+        out["tracked_oracle_r"] = r(np.asarray(truth))
+    return out
+
+
 def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
                        options: SynthesisOptions = SynthesisOptions(), own_frames=50):
     """Where lip sync is lost: audio -> landmarks -> rendered mouth pixels.

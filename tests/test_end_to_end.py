@@ -359,3 +359,15 @@ def test_default_demo_lip_motion_follows_the_audio(tmp_path):
     assert m["lip_energy_corr"] >= 0.5
     assert m["sync_corr"] >= 0.5
     assert m["minutes"] <= 30.0
+
+
+def test_synthesize_report_needs_the_face_models_up_front(demo, clip, tmp_path, monkeypatch):
+    """`--report` tracks the written video: without the face models it is refused before
+    anything is rendered, naming the fetch command."""
+    monkeypatch.setenv("GENEFACE_FACE_MODELS", str(tmp_path / "no_models"))
+    out = tmp_path / "video.mp4"
+    p = _run("experiments.synthesize", f"--audio={clip}",
+             f"--checkpoints={demo[0] / 'checkpoints'}", f"--out={out}", "--report",
+             check=False)
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:"), p.stderr[-2000:]
+    assert "face_models --fetch" in p.stderr and not out.exists()

@@ -101,3 +101,17 @@ def test_benchmark_smoke(tracker):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["frames_per_s"] > 0 and set(out["ms_per_frame"]) == {"upsample", "detect",
                                                                      "mesh"}
+
+
+def test_tracked_video_report_of_the_ground_truth_video(person, tracker, tmp_path):
+    """`pipeline.tracked_video_report` decodes and tracks a video in chunks: the person's
+    own frames as a video follow their landmarks, whatever the chunk size."""
+    from geneface_jax import pipeline as pl
+    from geneface_jax.data import video
+    frames, landmarks = person
+    path = video.write_video(tmp_path / "truth.mp4", frames)
+    out = pl.tracked_video_report(path, landmarks, landmarks, tracker=tracker, chunk=7)
+    assert out["tracked_frames"] == len(frames) and out["face_found"] == 1.0
+    assert out["tracked_sync_r"] > 0.8 and out["tracked_oracle_r"] == out["tracked_sync_r"]
+    whole = pl.tracked_video_report(path, landmarks, tracker=tracker)
+    assert whole["tracked_sync_r"] == out["tracked_sync_r"] and "tracked_oracle_r" not in whole
