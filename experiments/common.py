@@ -39,17 +39,26 @@ def define_common_flags(*, steps, batch_size, data_help="Dataset directory."):
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
-def define_run_flags(stage, *, data_help="Dataset directory."):
+def define_run_flags(stage, *, data_help="Dataset directory.", models=None):
     """Defines the flags of a training command whose hyper-parameters live in
     `experiments/configs/STAGE.py`: --config (a preset name, `FILE.py:preset`, and
     `--config.a.b=value` overrides), --data, --workdir, --steps and --seed (both override
-    the config's `run.steps` / `seed` when given) and the multi-host flags."""
+    the config's `run.steps` / `seed` when given) and the multi-host flags.
+
+    `models` ({name: config file stem}, the first the default) also defines --model, which
+    picks the config file that --config's preset names (and its default) refer to, e.g.
+    {"mlp": "nerf", "grid": "grid"}; `stage` is then the default model's file."""
     config_flags.DEFINE_config_file(
         "config", str(CONFIG_DIR / f"{stage}.py") + ":paper",
         f"Preset of experiments/configs/{stage}.py (paper, cpu, tiny) or FILE.py:ARG; "
         "override single values with --config.model.base=64 and the like.",
         lock_config=True)
     _CONFIG_FILES["config"] = CONFIG_DIR / f"{stage}.py"
+    if models:
+        flags.DEFINE_enum("model", next(iter(models)), list(models),
+                          "Model family; picks the config file: " + ", ".join(
+                              f"{m} = experiments/configs/{f}.py" for m, f in models.items()))
+        _MODEL_FILES.update({m: CONFIG_DIR / f"{f}.py" for m, f in models.items()})
     flags.DEFINE_string("data", None, data_help)
     flags.DEFINE_string("workdir", None, "Run directory: config.json, checkpoints/, "
                         "metrics.jsonl, tb/, metrics.json. An existing run there is resumed.")
@@ -72,14 +81,23 @@ def run_config():
 
 # flag name -> the config file whose preset `--flag=NAME` names (see `_expand_presets`)
 _CONFIG_FILES = {}
+# --model value -> the config file it picks for --config (`define_run_flags(models=...)`)
+_MODEL_FILES = {}
 
 
 def _expand_presets(argv):
     """`--config=cpu` -> `--config=<the stage's config file>:cpu`: a bare preset name (no
-    `.py`, no path) picks a preset of the command's own config file."""
+    `.py`, no path) picks a preset of the command's own config file (with --model: the
+    model's file, whose `paper` preset is then also the default)."""
+    files = dict(_CONFIG_FILES)
+    model = _model_value(argv)
+    if model in _MODEL_FILES and files.get("config") != _MODEL_FILES[model]:
+        files["config"] = _MODEL_FILES[model]
+        if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+            argv = [*argv[:1], f"--config={files['config']}:paper", *argv[1:]]
     out = []
     for arg in argv:
-        for name, path in _CONFIG_FILES.items():
+        for name, path in files.items():
             prefix = f"--{name}="
             if arg.startswith(prefix):
                 value = arg[len(prefix):]
@@ -87,6 +105,19 @@ def _expand_presets(argv):
                     arg = f"{prefix}{path}:{value}"
         out.append(arg)
     return out
+
+
+def _model_value(argv):
+    """The value of the last `--model=X` / `--model X` in `argv` (None if absent)."""
+    value = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            break
+        if arg.startswith("--model="):
+            value = arg[len("--model="):]
+        elif arg == "--model" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
 
 
 def define_distributed_flags():
@@ -190,7 +221,8 @@ def _parse_flags(argv):
         return rest
     except flags.Error as e:
         cause = e.__cause__ or e.__context__
-        if cause is not None:
+        other_flag = str(e).startswith("flag --") and not str(e).startswith("flag --config")
+        if cause is not None and not other_flag:     # e.g. a bad --model is absl's error
             _config_error(cause)
         print(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help "
               "on flags.", file=sys.stderr)

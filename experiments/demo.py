@@ -86,25 +86,26 @@ def settings():
 
 
 def nerf_size_flags(s):
-    """`train_nerf` size flags from the demo's `--nerf_*` settings (None: the small
-    config's value)."""
+    """`train_nerf` config overrides (`config.model.*`) from the demo's `--nerf_*` settings
+    (None: the cpu preset's value)."""
     depth = s["nerf_depth"]
-    return dict(width=s["nerf_width"], depth=depth, num_coarse=s["nerf_samples"],
-                num_fine=s["nerf_samples"],
-                skip=None if depth is None else max(0, min(depth // 2, depth - 2)))
+    sizes = dict(width=s["nerf_width"], depth=depth, num_coarse=s["nerf_samples"],
+                 num_fine=s["nerf_samples"],
+                 skip=None if depth is None else max(0, min(depth // 2, depth - 2)))
+    return {f"config.model.{k}": v for k, v in sizes.items()}
 
 
 def check_nerf_sizes(s):
     """InputError unless the `--nerf_*` sizes make a valid NeRF configuration."""
-    import dataclasses
+    from experiments.configs import nerf as nerf_presets
     from geneface_jax.errors import InputError
     from geneface_jax.render import fields
     if s["nerf_depth"] is not None and s["nerf_depth"] < 2:
         raise InputError(f"--nerf_depth must be >= 2 (the skip connection goes after "
                          f"layer depth // 2), got {s['nerf_depth']}")
-    sizes = {k: v for k, v in nerf_size_flags(s).items() if v is not None}
+    sizes = {k.rsplit(".", 1)[1]: v for k, v in nerf_size_flags(s).items() if v is not None}
     try:
-        dataclasses.replace(fields.NeRFConfig.small(), **sizes)
+        fields.NeRFConfig(**dict(nerf_presets.get_config("cpu").model.to_dict(), **sizes))
     except (TypeError, ValueError) as e:
         raise InputError(f"--nerf_width/--nerf_depth/--nerf_samples: {e}") from e
 
@@ -189,13 +190,14 @@ def main(argv):
            steps=s["postnet_steps"], seed=seed)
     sizes = nerf_size_flags(s)
     st.run("head", ck / "head" / "metrics.json", "train_nerf", part="head",
-           data=data / "person", workdir=ck / "head", config="small", steps=s["head_steps"],
-           batch_size=s["rays"], lr=1e-3, lr_decay_steps=s["head_steps"], seed=seed,
-           mouth_percent=s["mouth_percent"], **sizes)
+           data=data / "person", workdir=ck / "head", config="cpu", steps=s["head_steps"],
+           seed=seed, **{"config.head.rays": s["rays"],
+                         "config.head.lr_decay_steps": s["head_steps"],
+                         "config.head.mouth_percent": s["mouth_percent"]}, **sizes)
     st.run("torso", ck / "torso" / "metrics.json", "train_nerf", part="torso",
-           head=ck / "head", workdir=ck / "torso", config="small", steps=s["torso_steps"],
-           batch_size=s["rays"], lr=1e-3, lr_decay_steps=max(1, s["torso_steps"]), seed=seed,
-           **sizes)
+           head=ck / "head", workdir=ck / "torso", config="cpu", steps=s["torso_steps"],
+           seed=seed, **{"config.torso.rays": s["rays"],
+                         "config.torso.lr_decay_steps": max(1, s["torso_steps"])}, **sizes)
     st.run("eval_nerf", ev / "nerf" / "metrics.json", "eval_nerf", head=ck / "head",
            torso=ck / "torso", workdir=ev / "nerf", max_frames=s["eval_frames"])
 

@@ -16,6 +16,9 @@ from geneface_jax.mesh import make_mesh
 from geneface_jax.render import fields as F
 from geneface_jax.render import rays, sharded
 
+from experiments.configs import nerf as nerf_presets
+
+CPU = F.NeRFConfig(**nerf_presets.get_config("cpu").model)     # the documented CPU sizes
 TINY = F.NeRFConfig(width=32, depth=4, skip=1, color_width=16, color_depth=2,
                     num_coarse=8, num_fine=8, smooth_warmup_steps=10)
 
@@ -67,13 +70,13 @@ def set_param(variables, path, fn):
 # --------------------------------------------------------------------------- config
 
 def test_config_paper_and_small():
-    p = F.NeRFConfig.paper()
+    p = F.NeRFConfig()
     assert (p.pos_freqs, p.view_freqs, p.width, p.depth, p.skip) == (10, 4, 256, 8, 4)
     assert (p.color_width, p.color_depth, p.cond_dim) == (128, 3, 64)
     assert (p.num_coarse, p.num_fine, p.near, p.far) == (64, 128, 0.3, 0.9)
     assert (p.smooth_window, p.smooth_warmup_steps) == (5, 200_000)
     assert (p.pos_dim, p.view_dim, p.pose_dim, p.torso_cond_dim) == (63, 27, 78, 158)
-    s = F.NeRFConfig.small()
+    s = CPU
     assert (s.width, s.depth, s.skip, s.num_coarse, s.num_fine) == (128, 6, 3, 24, 24)
     with pytest.raises(ValueError):
         F.NeRFConfig(depth=4, skip=3)          # layer 4 does not exist
@@ -125,7 +128,7 @@ def head_field_shapes(cfg):
 
 
 def test_skip_layer_concatenates_the_input():
-    cfg = F.NeRFConfig.small()
+    cfg = CPU
     mlp = head_field_shapes(cfg)
     d_in = cfg.pos_dim + cfg.cond_dim                   # 63 + 64 = 127
     assert mlp["density_linears_0"]["kernel"] == (d_in, cfg.width)
@@ -140,7 +143,7 @@ def test_skip_layer_concatenates_the_input():
     noskip = head_field_shapes(dataclasses.replace(cfg, skip=None))
     for i in range(1, cfg.depth):
         assert noskip[f"density_linears_{i}"]["kernel"] == (128, 128)
-    paper = head_field_shapes(F.NeRFConfig.paper())
+    paper = head_field_shapes(F.NeRFConfig())
     assert paper["density_linears_5"]["kernel"] == (256 + 127, 256)   # skip at layer 4
 
 
@@ -479,7 +482,7 @@ def expected_field_params(cfg, cond_dim):
 
 
 def test_paper_parameter_counts():
-    cfg = F.NeRFConfig.paper()
+    cfg = F.NeRFConfig()
     o = jnp.zeros((2, 3))
     d = jnp.tile(jnp.array([0.0, 0.0, -1.0]), (2, 1))
     key = jax.random.PRNGKey(0)
@@ -506,13 +509,13 @@ def test_paper_parameter_counts():
 
 # --------------------------------------------------------------------------- init
 
-_SMALL = F.NeRFConfig.small()
+_SMALL = CPU
 _small_init = jax.jit(lambda key: F.HeadField(_SMALL).init(
     key, jnp.zeros((1, 2, 3)), jnp.ones((1, 3)), jnp.zeros(_SMALL.cond_dim)))
 
 
 def small_field_init(key):
-    """`HeadField(NeRFConfig.small()).init`, compiled once for this file."""
+    """`HeadField(CPU).init` (the cpu preset's sizes), compiled once for this file."""
     return _small_init(key)
 
 
@@ -554,7 +557,7 @@ def sphere_scene(size=8, radius=0.15):
 
 
 def test_small_head_field_overfits_a_sphere():
-    cfg = F.NeRFConfig.small()
+    cfg = CPU
     o, d, bg, target, hit = sphere_scene()
     assert 0.2 < hit.mean() < 0.6
     field = F.HeadField(cfg)

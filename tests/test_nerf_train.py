@@ -1,13 +1,12 @@
 """Stage-3 training: ray batches, the head and torso steps (1 vs 8 devices, learning,
-exact resume), rendering whole frames, image metrics, and the train/eval entry points on a
-tiny synthetic person."""
+exact resume), rendering whole frames, image metrics, the head/torso runs and their
+evaluation (`train.nerf.train_nerf` / `evaluate_nerf` in process, on the `tiny` preset of
+experiments/configs/nerf.py) and the train_nerf command line, on a tiny synthetic
+person."""
 
 import dataclasses
 import json
-import os
-import pathlib
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
@@ -23,11 +22,11 @@ from geneface_jax.render import frames as rf
 from geneface_jax.render import image_metrics as im
 from geneface_jax.train import nerf as tn
 
-from conftest import SUBPROCESS_XLA_FLAGS
+from conftest import run_module
+from experiments.configs import nerf as nerf_presets
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=3, skip=1,
-                           color_width=16, color_depth=1, num_coarse=8, num_fine=8,
+# the tiny preset's model: 3x32 MLP, skip after layer 1, colour head 1x16, 8 + 8 samples
+TINY = dataclasses.replace(tn.model_config(nerf_presets.get_config("tiny").model),
                            smooth_warmup_steps=3, near=0.4, far=0.8)
 
 
@@ -102,10 +101,30 @@ def test_ray_bounds_from_the_dataset_or_the_config():
     assert tn.ray_bounds(meta, cfg) == (0.45, 0.7)
     assert tn.ray_bounds(meta, cfg, "config") == (0.3, 0.9)
     assert tn.ray_bounds({}, cfg, "dataset") == (0.3, 0.9)
-    assert tn.ray_bounds(meta, cfg, "config", near=0.2) == (0.2, 0.9)
-    assert tn.ray_bounds(meta, cfg, "dataset", far=1.1) == (0.45, 1.1)
+    mine = dataclasses.replace(cfg, near=0.2)       # --config.bounds=config --config.model.near
+    assert tn.ray_bounds(meta, mine, "config") == (0.2, 0.9)
     with pytest.raises(ValueError):
         tn.ray_bounds(meta, cfg, "person")
+
+
+def test_presets_hold_every_model_field_and_the_documented_runs():
+    """config.model is NeRFConfig field by field (paper = its defaults, GeneFace's); cpu is
+    the documented CPU run; a bad model is one InputError naming config.model."""
+    paper, cpu = nerf_presets.get_config("paper"), nerf_presets.get_config("cpu")
+    assert set(paper.model) == {f.name for f in dataclasses.fields(fields.NeRFConfig)}
+    assert tn.model_config(paper.model) == fields.NeRFConfig()
+    small = tn.model_config(cpu.model)
+    assert (small.width, small.depth, small.skip, small.color_width, small.color_depth,
+            small.num_coarse, small.num_fine, small.smooth_warmup_steps) == (
+        128, 6, 3, 64, 2, 24, 24, 1000)
+    assert (cpu.head.rays, cpu.head.lr, cpu.head.lr_decay_steps, cpu.run.steps) == (
+        1024, 1e-3, 2000, 2000)
+    assert (cpu.torso.rays, cpu.torso.lr_decay_steps, cpu.run.torso_steps) == (1024, 300, 300)
+    assert (paper.head.rays, paper.head.lr, paper.head.lr_decay, paper.head.lr_decay_steps,
+            paper.head.in_rect_percent, paper.torso.in_rect_percent) == (
+        2048, 5e-4, 0.1, 250_000, 0.95, 0.8)
+    with pytest.raises(InputError, match=r"config.model: .*\[0, depth - 2\] = \[0, 2\]"):
+        tn.model_config(dict(cpu.model, depth=4, skip=3))
 
 
 def _run_steps(step_fn, state, get, steps, devices):
@@ -244,24 +263,11 @@ def test_psnr_and_ssim():
     assert m.sum() == 3 and m[3, 2:5].all()
 
 
-# --------------------------------------------------------------------------- entry points
-
-def _run(module, *args, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-NERF_ARGS = ("--config=small", "--batch_size=256", "--log_every=10", "--checkpoint_every=10",
-             "--eval_frames=1", "--chunk=1024")
-
+# --------------------------------------------------------------------------- runs
 
 # Slow (~40 s): the default suite checks exact resume of the shared train loop with a
 # SIGKILL (test_train_infra.py), as for stages 1 and 2; this torso round trip (the frozen
-# head travels in the checkpoint) runs with `-m slow`, next to the CLI resume test.
+# head travels in the checkpoint) runs with `-m slow`, next to the run resume test.
 @pytest.mark.slow
 def test_torso_training_resumes_exactly_in_process(views, tmp_path):
     """train_loop stopped at step 3 and resumed to 6 equals an uninterrupted 6-step run
@@ -290,19 +296,140 @@ def test_torso_training_resumes_exactly_in_process(views, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _one_device():
+    # 8 simulated devices on a 2-core CPU only cost time here (the steps' 1-vs-8 equality
+    # is tested above, the renderer's in test_render_core)
+    return train.make_mesh(jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def runs(person_dir, tmp_path_factory):
+    """(root, head metrics, torso metrics): `train_nerf` of the tiny preset, head (10
+    steps) then torso (4 steps) in root/head and root/torso."""
+    root = tmp_path_factory.mktemp("nerf_runs")
+    config = nerf_presets.get_config("tiny")
+    head = tn.train_nerf(config, root / "head", "head", person_dir, mesh=_one_device())
+    torso = tn.train_nerf(config, root / "torso", "torso", head=root / "head",
+                          mesh=_one_device())
+    return root, head, torso
+
+
+def test_head_and_torso_runs_write_what_the_loaders_read(runs, person_dir):
+    root, m, tm = runs
+    head, torso = root / "head", root / "torso"
+    assert json.loads((head / "metrics.json").read_text()) == pytest.approx(m)
+    assert json.loads((torso / "metrics.json").read_text()) == pytest.approx(tm)
+    for metrics in (m, tm):
+        for k in ("train_loss", "train_mse_coarse", "train_mse_fine", "train_psnr",
+                  "train_grad_norm", "eval_psnr", "steps_per_s", "rays_per_s",
+                  "train_minutes", "minutes"):
+            assert np.isfinite(metrics[k]) and metrics[k] >= 0, k
+        assert metrics["resumed_from"] == 0 and metrics["devices"] == 1
+    assert (m["part"], m["steps"], tm["part"], tm["steps"]) == ("head", 10, "torso", 4)
+    assert "train_acc" in m and "train_torso_acc" in tm
+    cfg = json.loads((head / "config.json").read_text())
+    assert (cfg["model"]["near"], cfg["model"]["far"]) == (0.4, 0.8)   # from the dataset
+    assert cfg["data"] == str(person_dir.absolute()) and cfg["run"]["steps"] == 10
+    for part in (head, torso):            # the preset's sizes reach both models
+        model = json.loads((part / "config.json").read_text())["model"]
+        assert [model[k] for k in ("width", "depth", "skip", "num_coarse", "num_fine")] == [
+            32, 3, 1, 8, 8], part
+    assert (head / "landmark_norm.npz").is_file() and (torso / "landmark_norm.npz").is_file()
+    tcfg = json.loads((torso / "config.json").read_text())
+    assert tcfg["head"] == str(head.absolute()) and tcfg["head_model"] == cfg["model"]
+    assert tcfg["data"] == str(person_dir.absolute())            # the head run's
+    assert tcfg["sampling"]["in_rect_percent"] == 0.8 and tcfg["run"]["steps"] == 4
+    # What synthesize and eval_nerf load (render.frames.load_nerf)
+    hcfg, hvars, hrun, _ = rf.load_nerf(head, "head")
+    tcfg_, _, trun, _ = rf.load_nerf(torso, "torso")
+    assert hcfg == tn.model_config(cfg["model"]) and hrun["trained_steps"] == 10
+    assert trun["trained_steps"] == 4 and tcfg_.cond_dim == hcfg.cond_dim
+    with pytest.raises(CheckpointError):
+        rf.load_nerf(head, "torso")
+
+
+def test_evaluate_nerf_scores_held_out_frames(runs, tmp_path):
+    root, m, tm = runs
+    e = tn.evaluate_nerf(root / "head", tmp_path / "ev", torso=root / "torso", max_frames=2,
+                         save_frames=True, mesh=_one_device())
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == pytest.approx(e)
+    for k in ("psnr_head", "psnr_full", "ssim_full", "mouth_control_ratio",
+              "mouth_change_inside", "mouth_change_outside", "minutes"):
+        assert np.isfinite(e[k]), k
+    assert e["frames"] == 2 and e["torso"] and e["split"] == "valid"
+    assert e["train_minutes"] == pytest.approx(m["train_minutes"] + tm["train_minutes"])
+    saved = np.load(tmp_path / "ev" / "frames.npz")
+    assert saved["pred"].shape == saved["gt"].shape == (2, 32, 32, 3)
+    assert saved["pred"].dtype == np.uint8 and len(saved["indices"]) == 2
+    assert saved["mouth_closed"].shape == saved["mouth_open"].shape == (32, 32, 3)
+    assert saved["mouth_open"].dtype == np.uint8
+    assert e["mouth_control_frames"][0] == saved["indices"][0]
+    # The head alone: over the ground-truth torso; no frames.npz unless asked.
+    h = tn.evaluate_nerf(root / "head", tmp_path / "h", max_frames=1, mesh=_one_device())
+    assert not h["torso"] and h["frames"] == 1 and np.isfinite(h["psnr_full"])
+    assert not (tmp_path / "h" / "frames.npz").exists()
+
+
+def test_runs_refuse_bad_input_before_writing(runs, person_dir, tmp_path):
+    root = runs[0]
+    tiny = nerf_presets.get_config("tiny")
+    with pytest.raises(CheckpointError, match="expected 'head'"):
+        tn.train_nerf(tiny, tmp_path / "x", "torso", head=root / "torso")
+    with pytest.raises(InputError, match="head run"):
+        tn.train_nerf(tiny, tmp_path / "x", "torso")
+    with pytest.raises(CheckpointError, match="no NeRF run"):
+        tn.evaluate_nerf(tmp_path / "nothing", tmp_path / "ev")
+    copy = tmp_path / "head"
+    shutil.copytree(root / "head", copy)
+    with pytest.raises(CheckpointError, match="different configuration"):
+        tn.train_nerf(nerf_presets.get_config("paper"), copy, "head", person_dir)
+    bad = [("model.skip", 2, r"config.model: .*\[0, depth - 2\] = \[0, 1\]"),
+           ("head.frames_per_step", 3, r"config.head.rays=128 must be a positive multiple"),
+           ("bounds", "person", "config.bounds must be one of")]
+    for key, value, message in bad:
+        c = nerf_presets.get_config("tiny")
+        section, _, name = key.rpartition(".")
+        (c[section] if section else c)[name] = value
+        with pytest.raises(InputError, match=message):
+            tn.train_nerf(c, tmp_path / "bad", "head", person_dir, mesh=_one_device())
+    assert not (tmp_path / "x").exists() and not (tmp_path / "bad").exists()
+    assert not (tmp_path / "ev").exists()
+
+
 @pytest.mark.slow
 def test_head_run_resumes_exactly(person_dir, tmp_path):
-    """CLI: a run stopped at step 10 and continued to 20 equals an uninterrupted 20-step
-    run."""
+    """A run stopped at step 10 and continued to 20 equals an uninterrupted 20-step run;
+    the resume may change run controls (steps, intervals) but nothing else."""
+    def config(steps):
+        c = nerf_presets.get_config("tiny")
+        c.run.update(steps=steps, log_every=10, checkpoint_every=10)
+        return c
+
     a, b = tmp_path / "a", tmp_path / "b"
-    args = (f"--data={person_dir}", "--part=head", *NERF_ARGS)
-    _run("experiments.train_nerf", f"--workdir={a}", "--steps=20", *args)
-    _run("experiments.train_nerf", f"--workdir={b}", "--steps=10", *args)
-    _run("experiments.train_nerf", f"--workdir={b}", "--steps=20", *args)
+    tn.train_nerf(config(20), a, "head", person_dir, mesh=_one_device())
+    tn.train_nerf(config(10), b, "head", person_dir, mesh=_one_device())
+    out = tn.train_nerf(config(20), b, "head", person_dir, mesh=_one_device())
     _, va, _, _ = rf.load_nerf(a, "head")
     _, vb, _, _ = rf.load_nerf(b, "head")
     for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert out["resumed_from"] == 10
     assert json.loads((b / "metrics.json").read_text())["resumed_from"] == 10
-    with pytest.raises(CheckpointError):
-        rf.load_nerf(a, "torso")
+    assert json.loads((b / "config.json").read_text())["run"]["steps"] == 20
+
+
+def test_train_nerf_command_line(person_dir, tmp_path):
+    """The command's contract: a missing flag or an unknown --model is absl's usage error;
+    a config that makes no model is one `error:` line, exit status 2, nothing written."""
+    p = run_module("experiments.train_nerf", "--part=torso", f"--workdir={tmp_path / 'x'}",
+                   check=False)
+    assert p.returncode != 0 and "--head is required" in p.stderr
+    p = run_module("experiments.train_nerf", "--part=head", f"--data={person_dir}",
+                   f"--workdir={tmp_path / 'x'}", "--model=grid", check=False)
+    assert p.returncode != 0 and "flag --model=grid" in p.stderr
+    p = run_module("experiments.train_nerf", "--part=head", f"--data={person_dir}",
+                   f"--workdir={tmp_path / 'x'}", "--config=tiny", "--config.model.depth=4",
+                   "--config.model.skip=3", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: config.model: "), p.stderr
+    assert "[0, depth - 2] = [0, 2]" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()

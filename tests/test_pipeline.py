@@ -17,9 +17,11 @@ from geneface_jax.render import fields
 from geneface_jax.render import frames as rf
 from geneface_jax.train import nerf as tn
 
-TINY = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=3, skip=1,
-                           color_width=16, color_depth=1, num_coarse=8, num_fine=8,
-                           near=0.4, far=0.8)
+from experiments.configs import nerf as nerf_presets
+
+# the tiny preset's sizes (experiments/configs/nerf.py), the synthetic person's bounds
+TINY = fields.NeRFConfig(**dict(nerf_presets.get_config("tiny").model, near=0.4, far=0.8,
+                                smooth_warmup_steps=1000))
 
 
 @pytest.fixture(scope="module")

@@ -139,8 +139,10 @@ def test_syncnet_matches_the_library():
 def test_head_nerf_matches_the_library():
     from geneface_jax.render import fields
     from experiments.bench.torch_reference.nerf import HeadNeRF
-    cfg = dataclasses.replace(fields.NeRFConfig.small(), width=32, depth=4, skip=1,
-                              color_width=16, num_coarse=8, num_fine=8)
+    from experiments.configs import nerf as nerf_presets
+    cfg = dataclasses.replace(fields.NeRFConfig(**nerf_presets.get_config("cpu").model),
+                              width=32, depth=4, skip=1, color_width=16, num_coarse=8,
+                              num_fine=8)
     rng = np.random.default_rng(0)
     r = 32
     origins = np.tile(np.array([[0.0, 0.0, 0.6]], np.float32), (r, 1))

@@ -1,10 +1,11 @@
 r"""Stage-3 head NeRF: training step and full-frame render, JAX vs PyTorch, rays/s on this CPU.
 
-  python -m experiments.bench.nerf                       # small config, 1024 rays per step
+  python -m experiments.bench.nerf                       # cpu preset, 1024 rays per step
   python -m experiments.bench.nerf --config=paper        # GeneFace's sizes (64 + 128 samples)
   python -m experiments.bench.nerf --torch_compile       # also time torch.compile
   python -m experiments.bench.nerf --smoke               # tiny, < 1 min; for the tests
 
+Sizes: the `model` of `--config`'s preset in experiments/configs/nerf.py (paper, cpu, tiny).
 Training: one step of the landmark-conditioned head NeRF (GeneFace/AD-NeRF `Lm3dNeRF`) on
 `--rays` rays of one frame: landmark encoder and attention smoother (on from step 0, so
 both sides train it), rays, coarse samples and field, inverse-CDF fine samples, fine field,
@@ -40,6 +41,8 @@ from absl import flags
 
 from experiments.bench import harness
 from experiments.bench.harness import log, median
+from experiments.configs import PRESETS
+from experiments.configs import nerf as nerf_presets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rays", 1024, "Rays per training step (one frame).")
@@ -53,11 +56,11 @@ flags.DEFINE_bool("profile", True, "Report XLA's FLOP count of the step, the MLP
 flags.DEFINE_enum("timing", "interleaved", ["interleaved", "blocks"],
                   "interleaved: one call of each contender in turn; blocks: each "
                   "contender's calls in a row (none runs right after another's).")
-flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, 64 rays, "
+flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: cpu preset, 64 rays, "
                   "32 x 32 frames, 2 steps, no warm-up, no profile, no torch.compile, "
                   "1 core unless --threads is given.")
-harness.define_flags("small", 10, 2, "Seed of the parameters, the synthetic person and the "
-                     "rays.")
+harness.define_flags("cpu", 10, 2, "Seed of the parameters, the synthetic person and the "
+                     "rays.", presets=PRESETS)
 flags.DEFINE_bool("eigen_dots", False, "Also time the JAX step compiled with XLA:CPU's dots "
                   "in Eigen instead of YNNPACK (EIGEN_DOTS below; = XLA_FLAGS=--xla_cpu_"
                   "experimental_ynn_fusion_type=-individual_dot).")
@@ -153,7 +156,7 @@ def main(argv):
     use_compile, do_profile, threads_wanted = FLAGS.torch_compile, FLAGS.profile, FLAGS.threads
     num_frames = NUM_FRAMES
     if FLAGS.smoke:
-        cfg_name, rays_per_step, size, steps, warmup, num_frames = "small", 64, 32, 2, 0, 8
+        cfg_name, rays_per_step, size, steps, warmup, num_frames = "cpu", 64, 32, 2, 0, 8
         use_compile, do_profile = False, False
         threads_wanted = FLAGS.threads or 1
     if steps < 1 or rays_per_step < 1 or warmup < 0 or FLAGS.chunk < 1:
@@ -174,8 +177,8 @@ def main(argv):
 
     torch.set_num_threads(threads)
     torch.manual_seed(FLAGS.seed)
-    cfg = dataclasses.replace(fields.NeRFConfig.small() if cfg_name == "small"
-                              else fields.NeRFConfig.paper(), smooth_warmup_steps=0)
+    cfg = dataclasses.replace(nerf.model_config(nerf_presets.get_config(cfg_name).model),
+                              smooth_warmup_steps=0)
     optim = nerf.NeRFOptimConfig()
     arrays, meta, _ = world.make_person(FLAGS.seed, size=size, num_frames=num_frames,
                                         progress=False)

@@ -1,8 +1,8 @@
 """Stage-3 radiance fields: the landmark-conditioned head NeRF and the head-aware torso NeRF.
 
 Sizes follow GeneFace's `Lm3dNeRF` / `ADNeRFTorso` (AD-NeRF backbone) with the hparams of
-`egs/egs_bases/nerf/{base,lm3d_nerf,lm3d_nerf_torso}.yaml`; `NeRFConfig()` holds them and
-`NeRFConfig.small()` is the documented CPU configuration.
+`egs/egs_bases/nerf/{base,lm3d_nerf,lm3d_nerf_torso}.yaml`; `NeRFConfig()` holds them (the
+presets, the documented CPU configuration among them, are `experiments/configs/nerf.py`).
 
 Backbone (`NeRFMLP`, GeneFace's `NeRFBackbone`), for one sample point:
 
@@ -37,8 +37,9 @@ so the convs are written as Dense layers (`encoder_conv_{i}`; a converter takes
 head has `encoder_fc1_{0,1}`. `AttentionSmoother` is AD-NeRF's `AudioAttNet` over a window
 of W = 5 per-frame features: five kernel-3 convs (C -> 16 -> 8 -> 4 -> 2 -> 1,
 LeakyReLU(0.02) after each) give one score per frame, a Linear(W, W) + softmax turns them
-into weights, and the output is the weighted sum of the window. GeneFace enables it after `no_smo_iterations` (200k) steps
-(`NeRFConfig.smooth_warmup_steps`); before that the centre frame's feature is used.
+into weights, and the output is the weighted sum of the window. GeneFace enables it after
+`no_smo_iterations` (200k) steps (`NeRFConfig.smooth_warmup_steps`); before that the centre
+frame's feature is used.
 
 Torso (GeneFace `ADNeRFTorso`, `use_color: true`): the same backbone whose condition is
 `[landmark feature (64), PE_6(euler) (39), PE_6(trans) (39), color_encoder(head rgb) (16)]`
@@ -167,21 +168,6 @@ class NeRFConfig:
         if self.pixel_convention not in rays.PIXEL_CONVENTIONS:
             raise ValueError(f"NeRFConfig: pixel_convention must be one of "
                              f"{rays.PIXEL_CONVENTIONS}, got {self.pixel_convention!r}")
-
-    @classmethod
-    def paper(cls) -> "NeRFConfig":
-        """GeneFace's sizes (the defaults)."""
-        return cls()
-
-    @classmethod
-    def small(cls) -> "NeRFConfig":
-        """The CPU configuration: same encodings, condition and smoother as the paper;
-        density MLP 128 wide with 6 layers and the skip after layer 3, colour head 64 wide
-        with 2 layers, 24 coarse + 24 fine samples (with the dataset's tight near/far; on
-        the synthetic person 24 + 24 learned as fast per step as 32 + 32), smoother on
-        after 1000 steps."""
-        return cls(width=128, depth=6, skip=3, color_width=64, color_depth=2,
-                   num_coarse=24, num_fine=24, smooth_warmup_steps=1000)
 
     @property
     def pos_dim(self) -> int:

@@ -35,25 +35,42 @@ Sample jitter is drawn over the global batch (`parallel.global_uniform`), so 1 a
 devices give the same numbers; Adam with exponential decay, `lr * decay_rate ** (step /
 decay_steps)`.
 
+Runs: `train_nerf(config, workdir, part, data, head)` is a whole head or torso run (the
+`train_nerf` command; `config` is experiments/configs/nerf.py's, `model_config` turns its
+`model` into a NeRFConfig), `evaluate_nerf` scores trained runs on held-out frames
+(`eval_nerf`).
+
 Landmarks enter the head model normalised: `(landmarks - mean) / scale` with the person's
 mean train landmarks and one scalar, the RMS of the per-coordinate std (`LandmarkNormalizer`):
 a scalar keeps coordinates that never move in training from being blown up at inference.
 """
 
 import dataclasses
+import json
+import pathlib
+import sys
+import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data import format as fmt
+from geneface_jax.data import landmarks as lm
 from geneface_jax.data.epochs import epoch_indices
-from geneface_jax.errors import DatasetError
+from geneface_jax.errors import DatasetError, InputError
+from geneface_jax.mesh import DATA_AXIS, make_mesh
 from geneface_jax.render import fields
+from geneface_jax.render import image_metrics as im
 from geneface_jax.render import rays as rays_lib
-from geneface_jax.render.frames import (HEAD, TORSO, LandmarkNormalizer, head_condition,
-                                        init_nerf, landmark_windows, _ray_intrinsics)
+from geneface_jax.render.frames import (HEAD, TORSO, FrameRenderer, LandmarkNormalizer,
+                                        _ray_intrinsics, head_condition, head_smooth_enabled,
+                                        init_nerf, landmark_windows, load_nerf)
+from geneface_jax.train import loop as loop_lib
+from geneface_jax.train import metrics as metrics_lib
 from geneface_jax.train import parallel
 from geneface_jax.train.state import TrainState, make_optimizer
 
@@ -222,27 +239,20 @@ def _rays(frames, rays, intrinsics, pose_key="pose"):
     return rays_lib.rays_for_pixels(pose, intrinsics, rays["rows"], rays["cols"])
 
 
-def ray_bounds(meta, config: fields.NeRFConfig, source: str = "dataset", near=None,
-               far=None):
+def ray_bounds(meta, config: fields.NeRFConfig, source: str = "dataset"):
     """(near, far) ray bounds of a NeRF run, floats.
 
     source="dataset": the person dataset's `meta["near"]`/`meta["far"]` (measured by
     preprocessing), the config's where the dataset has none; source="config": the config's
-    (0.3 / 0.9 in both presets: GeneFace's fixed `near`/`far` hparams; its `NeRFDataset`
-    ignores the processed bounds). Explicit `near`/`far` override either source.
+    (0.3 / 0.9 in every preset: GeneFace's fixed `near`/`far` hparams; its `NeRFDataset`
+    ignores the processed bounds).
     """
     if source not in RAY_BOUND_SOURCES:
         raise ValueError(f"ray_bounds: source must be one of {RAY_BOUND_SOURCES}, got "
                          f"{source!r}")
-    out = []
-    for name, given in (("near", near), ("far", far)):
-        v = getattr(config, name)
-        if given is not None:
-            v = given
-        elif source == "dataset":
-            v = meta.get(name, v)
-        out.append(float(v))
-    return tuple(out)
+    if source == "config":
+        return float(config.near), float(config.far)
+    return float(meta.get("near", config.near)), float(meta.get("far", config.far))
 
 
 RAY_BOUND_SOURCES = ("dataset", "config")
@@ -329,3 +339,269 @@ def _frozen_head(head, head_params, frames, rays, k, background, noise, smooth):
     out = head.apply({"params": head_params}, origins, dirs, cond, background, noise=noise,
                      method=fields.HeadNeRF.render)
     return jax.lax.stop_gradient(out.final), jax.lax.stop_gradient(cond)
+
+
+# --------------------------------------------------------------------------- runs
+
+def model_config(model, *, near_far=None, head: Optional[fields.NeRFConfig] = None):
+    """The `model` section of a stage-3 config (`experiments/configs/nerf.py`: every field
+    of `NeRFConfig`) as a NeRFConfig; `near_far` replaces the bounds, and a torso takes
+    the head run's `cond_dim`, `smooth_window` and `pixel_convention`. InputError naming
+    what is wrong when the values make no model."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model).items()}
+    if near_far is not None:
+        values["near"], values["far"] = near_far
+    if head is not None:
+        values.update(cond_dim=head.cond_dim, smooth_window=head.smooth_window,
+                      pixel_convention=head.pixel_convention)
+    try:
+        return fields.NeRFConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config.model: {e}") from e
+
+
+def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
+    """Trains (or resumes) the head or the torso NeRF: the `train_nerf` run.
+
+    Head (`make_head_step`): every step draws `frames_per_step` training frames and `rays`
+    rays among them, `in_rect_percent` inside each frame's face rectangle (`mouth_percent`
+    in its mouth box first); the head is rendered over the ground-truth torso and the
+    static background. Torso (`make_torso_step`): the head run's model is frozen; rays
+    (`in_rect_percent` in the box of the torso mask) are rendered by the head in the
+    frame's camera and by the torso in the first frame's camera, composited head over
+    torso over background. Adam with exponential decay, data-parallel over rays.
+
+    Args:
+      config: `experiments/configs/nerf.py`'s ConfigDict (model, bounds, head, torso, eval,
+        seed, run: steps (head) / torso_steps / log_every / checkpoint_every / eval_every).
+      workdir: run directory; an existing run of the same configuration is resumed, one of
+        another is refused before anything is written.
+      part: "head" or "torso".
+      data: the person dataset (default for the torso: the head run's).
+      head: the trained head run's workdir (the torso's, required).
+      mesh: the device mesh rays are split over (default: every device).
+    Writes config.json (what `render.frames.load_nerf` reads: stage, part, model, data,
+    head), landmark_norm.npz, checkpoints, metrics.jsonl and metrics.json.
+    Returns:
+      the final metrics: `train_*` of the last logged step, `eval_psnr` of `eval.frames`
+      held-out frames (head: over the ground-truth torso; torso: the composited frame),
+      steps, part, resumed_from, steps_per_s, rays_per_s, train_minutes, minutes, devices.
+    """
+    t0 = time.time()
+    if part not in (HEAD, TORSO):
+        raise InputError(f"train_nerf: part must be {HEAD!r} or {TORSO!r}, got {part!r}")
+    head_cfg = head_vars = head_run = normalizer = None
+    if part == TORSO:
+        if head is None:
+            raise InputError("train_nerf: the torso needs the trained head run (head=)")
+        head_cfg, head_vars, head_run, normalizer = load_nerf(head, HEAD)
+        data = data or head_run["data"]
+    elif data is None:
+        raise InputError("train_nerf: the head needs a person dataset (data=)")
+    person = fmt.load_person(data)
+    views = PersonViews(person, normalizer)
+    if config.bounds not in RAY_BOUND_SOURCES:
+        raise InputError(f"config.bounds must be one of {RAY_BOUND_SOURCES}, got "
+                         f"{config.bounds!r}")
+    cfg = model_config(config.model)
+    cfg = model_config(config.model, near_far=ray_bounds(person.meta, cfg, config.bounds),
+                       head=head_cfg)
+
+    mesh = mesh or make_mesh()
+    n_dev = mesh.shape[DATA_AXIS]
+    p = config[part]
+    fps, rays = int(p.frames_per_step), int(p.rays)
+    if fps < 1 or rays < 1 or rays % (fps * n_dev):
+        raise InputError(f"config.{part}.rays={rays} must be a positive multiple of "
+                         f"frames_per_step x devices = {fps} x {n_dev}")
+    sampling = RaySamplingConfig(frames_per_step=fps, rays_per_frame=rays // fps,
+                                 in_rect_percent=p.in_rect_percent,
+                                 mouth_percent=p.mouth_percent if part == HEAD else 0.0)
+    optim = NeRFOptimConfig(lr=p.lr, decay_rate=p.lr_decay, decay_steps=p.lr_decay_steps)
+    get_batch = make_batch_fn(views, part, sampling, window=cfg.smooth_window,
+                              seed=config.seed)
+    steps = int(config.run.steps if part == HEAD else config.run.torso_steps)
+    run = dict(steps=steps, log_every=config.run.log_every,
+               checkpoint_every=config.run.checkpoint_every, eval_every=config.run.eval_every)
+    run_cfg = dict(stage="nerf", part=part, renderer="mlp", model=dataclasses.asdict(cfg),
+                   bounds=config.bounds, data=str(pathlib.Path(data).absolute()),
+                   seed=config.seed, sampling=dataclasses.asdict(sampling),
+                   optim=dataclasses.asdict(optim),
+                   head=str(pathlib.Path(head).absolute()) if head_run else None,
+                   head_model=head_run["model"] if head_run else None,
+                   eval=config.eval.to_dict(), run=run)
+    workdir = loop_lib.prepare_workdir(workdir, run_cfg, run_controls=("run", "eval"))
+    if parallel.is_main_process():
+        views.normalizer.save(workdir / "landmark_norm.npz")
+    if part == HEAD:
+        model, state = create_nerf_state(cfg, optim, HEAD, config.seed)
+        step_fn = make_head_step(model, views.intrinsics, (views.height, views.width))
+    else:
+        model, state = create_nerf_state(cfg, optim, TORSO, config.seed, head_vars)
+        head_smooth = head_smooth_enabled(head_cfg, head_run["trained_steps"])
+        step_fn = make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
+                                  head_smooth, (views.height, views.width))
+
+    split = "valid" if "valid" in views.splits else "train"
+    lo, hi = views.split_range(split)
+    eval_ts = np.unique(np.linspace(lo, hi - 1, max(1, config.eval.frames)).round()
+                        .astype(int))
+
+    def evaluate(st, step):
+        params = {"params": jax.device_get(st.params)}
+        if part == HEAD:
+            r = FrameRenderer(cfg, params, views, mesh=mesh, chunk=config.eval.chunk,
+                              smooth=head_smooth_enabled(cfg, step))
+        else:
+            r = FrameRenderer(head_cfg, head_vars, views, torso_cfg=cfg, torso_vars=params,
+                              mesh=mesh, chunk=config.eval.chunk, smooth=head_smooth)
+        scores = []
+        for t in eval_ts:
+            out = r.render(views.poses[t], views.windows([t], cfg.smooth_window, split)[0],
+                           views.torso_pose())
+            gt = views.frames[t].astype(np.float32) / 255.0
+            pred = out["rgb"] if part == TORSO else _over_gt_torso(views, t, out, gt)
+            scores.append(im.psnr(pred, gt))
+        return {"psnr": float(np.mean(scores))}
+
+    ck = Checkpointer(workdir / "checkpoints")
+    start_step = ck.latest_step() or 0
+    ck.close()
+    start = time.time()
+    state, last = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=step_fn, get_batch=get_batch, num_steps=steps,
+        mesh=mesh, log_every=config.run.log_every,
+        checkpoint_every=config.run.checkpoint_every,
+        extra={k: v for k, v in run_cfg.items() if k not in ("run", "eval")},
+        eval_fn=evaluate, eval_every=config.run.eval_every, name=f"{part} nerf ",
+        replicated=("frames",))
+    train_s = max(time.time() - start, 1e-9)
+    ran = max(steps - start_step, 0)
+    final = evaluate(state, steps)
+    sps = ran / train_s if ran else float("nan")
+    out = dict(**{f"train_{k}": v for k, v in last.items() if not k.startswith("eval_")},
+               eval_psnr=final["psnr"], steps=steps, part=part, resumed_from=start_step,
+               steps_per_s=sps, rays_per_s=sps * rays,
+               # Wall-clock of the training loop; a resumed run extrapolates the whole
+               # run's time from this invocation's speed.
+               train_minutes=(train_s / 60.0 if start_step == 0 or not ran
+                              else steps / sps / 60.0),
+               minutes=(time.time() - t0) / 60.0, devices=n_dev)
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
+
+
+def _over_gt_torso(views, t, out, gt):
+    """A head-only render re-composited over the ground-truth torso (what the head trains
+    on): the head over the frame's torso pixels and the static background elsewhere."""
+    under = np.where((views.masks[t] == fmt.TORSO)[..., None], gt, views.background)
+    return out["rgb"] + (1.0 - out["head_acc"][..., None]) * (under - views.background)
+
+
+def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frames=0,
+                  mouth_margin=3, chunk=4096, save_frames=False, mesh=None):
+    """Scores trained NeRFs on held-out frames: the `eval_nerf` run.
+
+    Every frame of `split` (`max_frames` evenly spaced ones when > 0) is rendered from its
+    pose and tracked landmarks, head over torso over the static background (without
+    `torso`: the head over the ground-truth torso), and compared with the ground truth.
+
+    Args:
+      head, torso: workdirs of the head run and (optional) the torso run.
+      workdir: where metrics.json (and with `save_frames` frames.npz: predictions, ground
+        truth, indices, the two mouth-control renders, uint8) go.
+      data: the person dataset (default: the head run's).
+      mouth_margin: pixels added around the mouth box of the mouth-control ratio.
+      chunk, mesh: rays per device rendered at once; the devices (default: all).
+    Returns:
+      psnr_head (face rectangle, pooled MSE), psnr_full, ssim_full (mean over frames),
+      mouth_control_ratio (the first frame rendered with the most closed and the most open
+      training mouth: mean change inside the mouth box over the mean change outside) with
+      mouth_change_inside/outside and mouth_control_frames, train_minutes (head + torso
+      metrics.json), frames, split, torso, minutes; also written to metrics.json.
+    """
+    t_start = time.time()
+    head_cfg, head_vars, head_run, normalizer = load_nerf(head, HEAD)
+    torso_cfg = torso_vars = None
+    if torso:
+        torso_cfg, torso_vars, torso_run, _ = load_nerf(torso, TORSO)
+        if torso_run.get("head") != str(pathlib.Path(head).absolute()):
+            print(f"warning: the torso run was trained with head {torso_run.get('head')}, "
+                  f"evaluating with {head}", file=sys.stderr)
+    views = PersonViews(fmt.load_person(data or head_run["data"]), normalizer)
+    renderer = FrameRenderer(head_cfg, head_vars, views, torso_cfg=torso_cfg,
+                             torso_vars=torso_vars, mesh=mesh, chunk=chunk,
+                             smooth=head_smooth_enabled(head_cfg, head_run["trained_steps"]))
+    lo, hi = views.split_range(split)
+    ts = np.arange(lo, hi)
+    if max_frames and len(ts) > max_frames:
+        ts = ts[np.unique(np.linspace(0, len(ts) - 1, max_frames).round().astype(int))]
+    torso_pose = views.torso_pose()
+
+    def render(t, landmarks=None):
+        win = views.windows([t], head_cfg.smooth_window, split, landmarks)[0]
+        out = renderer.render(views.poses[t], win, torso_pose)
+        if torso_vars is None:
+            return _over_gt_torso(views, t, out, views.frames[t].astype(np.float32) / 255.0)
+        return out["rgb"]
+
+    sq_head, n_head, sq_full, n_full, ssims, preds = 0.0, 0, 0.0, 0, [], []
+    for t in tqdm(ts, desc="eval_nerf", unit="frame", file=sys.stderr):
+        pred = render(t)
+        gt = views.frames[t].astype(np.float64) / 255.0
+        err = np.square(pred - gt)
+        rect = im.rect_mask(views.face_rect[t], views.height, views.width)
+        sq_head += float(err[rect].sum())
+        n_head += int(rect.sum()) * 3
+        sq_full += float(err.sum())
+        n_full += err.size
+        ssims.append(im.ssim(pred, gt))
+        preds.append(_to_uint8(pred))
+
+    # Mouth control: most closed / most open training mouths on one held-out frame.
+    train_lo, train_hi = views.split_range("train")
+    opening = lm.mouth_opening(views.landmarks[train_lo:train_hi])
+    closed_t = train_lo + int(np.argmin(opening))
+    open_t = train_lo + int(np.argmax(opening))
+    t0 = int(ts[0])
+    variants, us, vs = [], [], []
+    for src in (closed_t, open_t):
+        lms = views.landmarks.copy()
+        lms[t0, lm.MOUTH] = views.landmarks[src, lm.MOUTH]
+        variants.append(render(t0, lms))
+        u, v, _ = rays_lib.project_points(lms[t0, lm.MOUTH], views.poses[t0], views.intrinsics)
+        us.append(np.asarray(u))
+        vs.append(np.asarray(v))
+    change = np.abs(variants[1] - variants[0]).mean(-1)
+    us, vs, m = np.concatenate(us), np.concatenate(vs), mouth_margin
+    mouth = im.rect_mask((np.floor(us.min()) - m, np.floor(vs.min()) - m,
+                          np.floor(us.max()) + 1 + m, np.floor(vs.max()) + 1 + m),
+                         views.height, views.width)
+    inside, outside = float(change[mouth].mean()), float(change[~mouth].mean())
+
+    minutes = 0.0
+    for run in (head, torso):
+        if run and (pathlib.Path(run) / "metrics.json").is_file():
+            minutes += float(json.loads((pathlib.Path(run) / "metrics.json").read_text())
+                             .get("train_minutes", 0.0))
+    out = dict(psnr_head=float(-10 * np.log10(max(sq_head / n_head, 1e-12))),
+               psnr_full=float(-10 * np.log10(max(sq_full / n_full, 1e-12))),
+               ssim_full=float(np.mean(ssims)),
+               mouth_control_ratio=inside / max(outside, 1e-12),
+               mouth_change_inside=inside, mouth_change_outside=outside,
+               mouth_control_frames=[t0, closed_t, open_t],
+               train_minutes=minutes, frames=int(len(ts)), split=split,
+               torso=bool(torso), minutes=(time.time() - t_start) / 60.0)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if save_frames:
+        np.savez_compressed(workdir / "frames.npz", pred=np.stack(preds),
+                            gt=views.frames[ts], indices=ts,
+                            mouth_closed=_to_uint8(variants[0]),
+                            mouth_open=_to_uint8(variants[1]))
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
+
+
+def _to_uint8(image):
+    return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
