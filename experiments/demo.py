@@ -186,7 +186,7 @@ def main(argv):
            config="small", steps=s["a2m_steps"], batch_size=16,
            warmup=min(200, s["a2m_steps"] // 5), seed=seed, eval_every=0)
     st.run("postnet", ck / "postnet" / "metrics.json", "train_postnet", data=data / "person",
-           audio2motion=ck / "audio2motion", workdir=ck / "postnet", config="small",
+           audio2motion=ck / "audio2motion", workdir=ck / "postnet", config="cpu",
            steps=s["postnet_steps"], seed=seed)
     sizes = nerf_size_flags(s)
     st.run("head", ck / "head" / "metrics.json", "train_nerf", part="head",

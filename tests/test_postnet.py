@@ -43,7 +43,8 @@ def _batch(b=8, t=16, lengths=None, shift=0.0, seed=0, c=12):
                 real_mask=real_mask)
 
 
-def _state(config=TINY, optim=tp.PostNetOptimConfig(), sync=False, seed=0):
+def _state(config=TINY, optim=None, sync=False, seed=0):
+    optim = optim or tp.PostNetOptimConfig()
     sync_vars = None
     syncnet = None
     if sync:
@@ -124,8 +125,10 @@ def test_parameter_tree_matches_geneface():
                       ("backbone_6", (256, 256)), ("backbone_9", (256, 128)),
                       ("backbone_12", (128, 1))]
     assert "bias" not in d["backbone_12"]
-    small = pn.PostNetConfig.named("small")
-    assert (small.hidden, small.wide, small.disc_hidden) == (64, 128, (64, 128, 128, 64))
+    from experiments.configs import postnet as presets
+    assert pn.PostNetConfig(**presets.get_config("paper").model) == pn.PostNetConfig()
+    cpu = pn.PostNetConfig(**presets.get_config("cpu").model)
+    assert (cpu.hidden, cpu.wide, cpu.disc_hidden) == (64, 128, (64, 128, 128, 64))
 
 
 def test_discriminator_dropout_and_shapes():

@@ -1,7 +1,9 @@
-"""Stage 2 through its entry points on a tiny synthetic person and corpus: train_postnet
-builds its stage-1 pool and trains, eval_postnet writes the issue's figures, bad input
-gives one clear error, and (slow) an interrupted CLI run resumes exactly and the
-benchmark's smoke run agrees with PyTorch. The stage-1 and SyncNet runs are written
+"""Stage 2's runs on a tiny synthetic person and corpus: `train.postnet.train_postnet`
+(what `train_postnet` calls; here in process on the `tiny` preset of
+experiments/configs/postnet.py) builds its stage-1 pool and trains, `evaluate_postnet`
+writes the issue's figures, bad input gives one clear error (the commands: one `error:`
+line, exit status 2, no partial output), an interrupted run resumes exactly and (slow)
+the benchmark's smoke run agrees with PyTorch. The stage-1 and SyncNet runs are written
 directly (initial parameters, a checkpoint and config.json, as the trainers leave them):
 these tests check the plumbing; learning is checked in test_postnet.py and on the real
 runs."""
@@ -22,6 +24,8 @@ from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data import batching
 from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
+from geneface_jax.errors import CheckpointError, GenefaceError, InputError, ShapeError
+from geneface_jax.mesh import make_mesh
 from geneface_jax.motion import predict
 from geneface_jax.motion.syncnet import SyncNetConfig
 from geneface_jax.motion.vae import Audio2MotionConfig
@@ -30,6 +34,7 @@ from geneface_jax.train import postnet as tp
 from geneface_jax.train.metrics import write_json_atomic
 
 from conftest import SUBPROCESS_XLA_FLAGS
+from experiments.configs import postnet as presets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,7 +62,7 @@ def world_dirs(tmp_path_factory):
                                      seconds=(1.0, 2.0), progress=False)
     corpus = fmt.write_corpus(root / "corpus", arrays, meta)
     p_arrays, p_meta, wav = world.make_person(1, size=24, num_frames=80, progress=False)
-    person = fmt.write_person(root / "person", p_arrays, p_meta, wav)
+    fmt.write_person(root / "person", p_arrays, p_meta, wav)
     # A SyncNet run and a stage-1 run at their initial parameters.
     sc = SyncNetConfig(feature_dim=80, base=8, mouth_in=8, layers_per_block=2)
     optim = a2m.OptimConfig(warmup_steps=10)
@@ -76,20 +81,29 @@ def world_dirs(tmp_path_factory):
     return root
 
 
-ARGS = ("--config=small", "--batch_size=8", "--window=16", "--samples_per_utterance=1",
-        "--person_samples=2", "--log_every=3", "--checkpoint_every=3", "--eval_samples=4")
+def _config(**overrides):
+    """The `tiny` preset (6 steps of 8 x 16 frames, pool checks every 2 steps) with
+    `overrides` of its top-level keys and sections (`run={'steps': 3}`)."""
+    c = presets.get_config("tiny")
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            c[key].update(value)
+        else:
+            c[key] = value
+    return c
 
 
-def _train(root, workdir, steps, *extra, check=True):
-    return _run("experiments.train_postnet", f"--data={root / 'person'}",
-                f"--audio2motion={root / 'a2m'}", f"--syncnet={root / 'sync'}",
-                f"--workdir={workdir}", f"--steps={steps}", *ARGS, *extra, check=check)
+def _train(root, workdir, **overrides):
+    """`train_postnet --config=tiny` in process, on one device (as the command runs on a
+    one-device machine)."""
+    return tp.train_postnet(_config(**overrides), workdir, root / "person", root / "a2m",
+                            syncnet=root / "sync", mesh=make_mesh(jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
 def trained(world_dirs):
     work = world_dirs / "postnet"
-    _train(world_dirs, work, 6, "--eval_every=2")
+    _train(world_dirs, work)
     return work
 
 
@@ -103,6 +117,7 @@ def test_train_and_evaluate(world_dirs, trained, tmp_path):
     assert m["pool_samples"] == n_train + 2 and m["train_g_sync"] > 0
     cfg = json.loads((trained / "config.json").read_text())
     assert cfg["stage"] == "postnet" and cfg["corpus"] == str(world_dirs / "corpus")
+    assert cfg["run"] == presets.get_config("tiny").run.to_dict()
     # Identity = the person's mean train landmarks; units = the stage-1 run's std.
     person = fmt.load_person(world_dirs / "person")
     np.testing.assert_allclose(np.load(trained / "identity.npy"),
@@ -110,11 +125,13 @@ def test_train_and_evaluate(world_dirs, trained, tmp_path):
                                atol=1e-6)
     config, g_vars, _, std, _ = predict.load_postnet(trained)
     np.testing.assert_array_equal(std, np.load(world_dirs / "a2m" / "landmark_std.npy"))
-    assert config.hidden == 64 and "block3_1" in g_vars["params"]
+    assert config.hidden == presets.get_config("tiny").model.hidden
+    assert "block3_1" in g_vars["params"]
 
     ev = tmp_path / "eval"
-    _run("experiments.eval_postnet", f"--postnet={trained}", f"--workdir={ev}")
+    out = tp.evaluate_postnet(trained, ev)
     e = json.loads((ev / "metrics.json").read_text())
+    assert e == json.loads(json.dumps(out))
     print("eval", {k: v for k, v in e.items() if k != "per_source"})
     for key in ("fd_before", "fd_after", "fd_mouth_before", "fd_mouth_after", "sync_before",
                 "sync_after"):
@@ -127,26 +144,45 @@ def test_train_and_evaluate(world_dirs, trained, tmp_path):
     assert e["per_source"]["person"]["frames"] == 8          # the person's valid frames
 
 
-def test_bad_inputs_give_one_clear_error(world_dirs, trained, tmp_path):
-    clash = _train(world_dirs, trained, 6, "--window=20", check=False)
-    assert clash.returncode == 2 and "different configuration" in clash.stderr
+def test_bad_inputs_raise_one_clear_error(world_dirs, trained, tmp_path):
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _train(world_dirs, trained, window=20)
+    with pytest.raises(CheckpointError, match="expected 'audio2motion'"):
+        tp.train_postnet(_config(), tmp_path / "w", world_dirs / "person",
+                         world_dirs / "sync")
+    with pytest.raises(GenefaceError, match="corpus"):
+        tp.train_postnet(_config(), tmp_path / "w", world_dirs / "corpus", world_dirs / "a2m")
+    with pytest.raises(ShapeError, match="window must be at least 8"):
+        _train(world_dirs, tmp_path / "w", window=4)
+    with pytest.raises(InputError, match="mse_target must be one of"):
+        _train(world_dirs, tmp_path / "w", loss={"mse_target": "nearest"})
+    with pytest.raises(InputError, match="needs samples on the person's audio"):
+        _train(world_dirs, tmp_path / "w", loss={"mse_target": "person"},
+               pool={"person_samples": 0})
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(CheckpointError, match="expected 'postnet'"):
+        tp.evaluate_postnet(world_dirs / "a2m", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_commands_print_one_error_line_and_write_nothing(world_dirs, tmp_path):
+    """The command-line contract: flags (a preset, a --config override) parsed, a bad input
+    is one `error:` line with exit status 2 and no traceback, nothing written."""
     p = _run("experiments.train_postnet", f"--data={world_dirs / 'person'}",
              f"--audio2motion={world_dirs / 'sync'}", f"--workdir={tmp_path / 'w'}",
-             "--steps=1", check=False)
+             "--config=tiny", "--config.loss.mse_target=person", "--steps=1", check=False)
     assert p.returncode == 2 and "expected 'audio2motion'" in p.stderr
-    assert "Traceback" not in p.stderr
-    p = _run("experiments.train_postnet", f"--data={world_dirs / 'corpus'}",
-             f"--audio2motion={world_dirs / 'a2m'}", f"--workdir={tmp_path / 'w'}",
-             "--steps=1", check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "corpus" in p.stderr
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    assert not (tmp_path / "w").exists()
     p = _run("experiments.eval_postnet", f"--postnet={world_dirs / 'a2m'}",
              f"--workdir={tmp_path / 'e'}", check=False)
     assert p.returncode == 2 and "expected 'postnet'" in p.stderr
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr
     assert not (tmp_path / "e").exists()
 
 
 def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, trained, tmp_path):
-    """--select (default): every pool check (here every 2 steps) may replace the
+    """select (default): every pool check (here every 2 steps) may replace the
     generator inference uses; load_postnet returns the one with the lowest pool FD."""
     # A run without a selected generator (no pool check ran; here its record removed):
     # inference uses the last EMA.
@@ -178,20 +214,21 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     config = predict.load_postnet(work)[0]
     assert abs(tp.pool_fd_fn(pool, real, config, ids, std)(g_vars) - fds[best]) \
         <= 1e-6 * fds[best]
-    # --noselect: no selection file, inference uses the last checkpoint's EMA.
+    # select=False: no selection file, inference uses the last checkpoint's EMA.
     plain = tmp_path / "plain"
-    _train(world_dirs, plain, 4, "--eval_every=2", "--noselect")
+    _train(world_dirs, plain, select=False, run={"steps": 4})
     assert predict.read_selected_info(plain) is None
     assert predict.load_postnet(plain)[2]["inference_generator"] == dict(source="final_ema", step=4)
 
 
 @pytest.mark.slow
-def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
+def test_resume_is_exact(world_dirs, trained, tmp_path, capsys):
     whole, part = tmp_path / "whole", tmp_path / "part"
-    _train(world_dirs, whole, 6)
-    _train(world_dirs, part, 3)
-    resumed = _train(world_dirs, part, 6)
-    assert "resumed from step 3" in resumed.stderr
+    _train(world_dirs, whole, run={"eval_every": 0})
+    _train(world_dirs, part, run={"steps": 3, "eval_every": 0})
+    capsys.readouterr()
+    _train(world_dirs, part, run={"eval_every": 0})
+    assert "resumed from step 3" in capsys.readouterr().err
     a = jax.tree.leaves(predict.load_postnet(whole)[1])
     b = jax.tree.leaves(predict.load_postnet(part)[1])
     for x, y in zip(a, b):
@@ -199,8 +236,8 @@ def test_cli_resume_is_exact(world_dirs, trained, tmp_path):
     # With pool checks every 2 steps (the `trained` run) the selection survives the
     # interruption too.
     split = tmp_path / "split"
-    _train(world_dirs, split, 3, "--eval_every=2")
-    _train(world_dirs, split, 6, "--eval_every=2")
+    _train(world_dirs, split, run={"steps": 3})
+    _train(world_dirs, split)
     assert predict.read_selected_info(split) == predict.read_selected_info(trained)
     for x, y in zip(jax.tree.leaves(predict.load_postnet(trained)[1]),
                     jax.tree.leaves(predict.load_postnet(split)[1])):

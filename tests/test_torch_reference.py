@@ -98,7 +98,8 @@ def test_vae_training_pass_matches_the_library():
 def test_postnet_and_discriminator_match_the_library(static_coords):
     from geneface_jax.motion import postnet as pn
     from experiments.bench.torch_reference.postnet import GAN
-    cfg = pn.PostNetConfig.named("small", static_coords=static_coords)
+    from experiments.configs import postnet as presets
+    cfg = pn.PostNetConfig(static_coords=static_coords, **presets.get_config("cpu").model)
     gen, disc, variables = pn.init_postnet(cfg, 0)
     variables = _perturbed(variables, 2)
     x = np.random.default_rng(0).standard_normal((2, 16, cfg.motion_dim)).astype(np.float32)

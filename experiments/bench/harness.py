@@ -55,13 +55,14 @@ class Run:
                 "wall_seconds": round(time.perf_counter() - self.t_start, 1)}
 
 
-def define_flags(config, steps, warmup, seed, malloc=True):
-    """The flags every JAX-vs-PyTorch bench defines: --config, --steps, --warmup (with
-    these defaults), --threads, --seed (`seed`: its help) and with `malloc`
+def define_flags(config, steps, warmup, seed, malloc=True, presets=("paper", "small")):
+    """The flags every JAX-vs-PyTorch bench defines: --config (one of `presets`), --steps,
+    --warmup (with these defaults), --threads, --seed (`seed`: its help) and with `malloc`
     --system_malloc."""
     from absl import flags
-    flags.DEFINE_enum("config", config, ["paper", "small"],
-                      "paper: GeneFace's sizes; small: the documented CPU config.")
+    flags.DEFINE_enum("config", config, list(presets),
+                      "paper: GeneFace's sizes; small / cpu: the documented CPU config; "
+                      "tiny: the smoke-run sizes (experiments/configs/).")
     flags.DEFINE_integer("steps", steps, "Timed calls per contender.")
     flags.DEFINE_integer("warmup", warmup, "Untimed calls per contender after the first "
                          "(compiling) one.")

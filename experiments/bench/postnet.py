@@ -1,10 +1,13 @@
 r"""Post-net GAN training step (generator + discriminator), JAX vs PyTorch, steps/s.
 
   python -m experiments.bench.postnet                       # paper config, 32 x 64 frames
-  python -m experiments.bench.postnet --config=small
+  python -m experiments.bench.postnet --config=cpu
   python -m experiments.bench.postnet --torch_compile=auto  # also try torch.compile
   python -m experiments.bench.postnet --smoke               # seconds; for the tests
 
+Sizes, loss weights and optimisers are a preset of `experiments/configs/postnet.py` (the
+SyncNet: the same preset of `experiments/configs/syncnet.py`); the batch is the preset's
+`batch_size` crops of `window` frames unless --batch_size / --frames say otherwise.
 Both sides run the same step on the same batch: the generator (GeneFace's `CNNPostNet`)
 refines stage-1 motion windows under 0.85 LSGAN + 0.1 SyncNet + 0.05 MSE-to-input loss, the
 discriminator (`MLPDiscriminator`, dropout 0.25, on frames scaled by
@@ -28,17 +31,18 @@ from absl import app
 from absl import flags
 
 from experiments.bench import harness
+from experiments.configs import PRESETS
 from experiments.bench.harness import log
 
 FLAGS = flags.FLAGS
 harness.define_flags("paper", 20, 3, "Seed of the parameters and the random batch.",
-                     malloc=False)
-flags.DEFINE_integer("batch_size", 32, "Windows per step.")
-flags.DEFINE_integer("frames", 64, "Frames per window.")
+                     malloc=False, presets=PRESETS)
+flags.DEFINE_integer("batch_size", None, "Windows per step (default: the preset's).")
+flags.DEFINE_integer("frames", None, "Frames per window (default: the preset's window).")
 flags.DEFINE_integer("feature_dim", 80, "Audio feature channels.")
 flags.DEFINE_enum("torch_compile", "off", ["auto", "on", "off"],
                   "Also time a torch.compile'd objective (auto: skip it if it fails).")
-flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, batch 4 x 16, "
+flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: tiny preset, batch 4 x 16, "
                   "2 steps, no warm-up.")
 
 STEP_METRICS = ("g_adv", "g_mse", "g_sync", "g_loss", "d_loss", "d_fake_loss", "d_real_loss",
@@ -76,10 +80,15 @@ def torch_variables(state, ema=True):
 
 def main(argv):
     del argv
+    from experiments.configs import postnet as postnet_presets
+    from experiments.configs import syncnet as syncnet_presets
     cfg_name, batch_size, frames = FLAGS.config, FLAGS.batch_size, FLAGS.frames
     steps, warmup, compile_mode = FLAGS.steps, FLAGS.warmup, FLAGS.torch_compile
     if FLAGS.smoke:
-        cfg_name, batch_size, frames, steps, warmup, compile_mode = "small", 4, 16, 2, 0, "off"
+        cfg_name, batch_size, frames, steps, warmup, compile_mode = "tiny", 4, 16, 2, 0, "off"
+    preset = postnet_presets.get_config(cfg_name)
+    batch_size = preset.batch_size if batch_size is None else batch_size
+    frames = preset.window if frames is None else frames
     if frames < 8 or batch_size < 1 or steps < 1:
         raise app.UsageError("--frames >= 8, --batch_size >= 1 and --steps >= 1 are needed")
     run = harness.Run(FLAGS.threads, tune_malloc=False)
@@ -96,9 +105,11 @@ def main(argv):
     from experiments.bench.torch_reference.postnet import GANRunner
 
     torch.set_num_threads(run.threads)
-    config = pn.PostNetConfig.named(cfg_name)
-    sync_config = sync_lib.SyncNetConfig.named(cfg_name, feature_dim=FLAGS.feature_dim)
-    losses, optim = tp.PostNetLossConfig(), tp.PostNetOptimConfig()
+    config = pn.PostNetConfig(**preset.model)
+    sync_config = sync_lib.SyncNetConfig(feature_dim=FLAGS.feature_dim,
+                                         **syncnet_presets.get_config(cfg_name).model)
+    losses = tp.PostNetLossConfig(**preset.loss)
+    optim = tp.PostNetOptimConfig(**preset.optim)
     rng = np.random.default_rng(FLAGS.seed)
     batch = random_batch(rng, batch_size, frames, FLAGS.feature_dim)
     disc_scale = (0.5 + rng.random(204)).astype(np.float32)

@@ -61,7 +61,8 @@ from geneface_jax.motion.wavenet import WNConv1d, check_mask, check_sequence
 @dataclasses.dataclass(frozen=True)
 class PostNetConfig:
     """Sizes of the post-net and its discriminator; defaults are GeneFace's
-    (`CNNPostNet(in_out_dim=204)`, `MLPDiscriminator(in_dim=204)`)."""
+    (`CNNPostNet(in_out_dim=204)`, `MLPDiscriminator(in_dim=204)`). The presets (paper,
+    cpu, tiny) are `experiments/configs/postnet.py`'s `model` dicts."""
     motion_dim: int = 204                       # D
     hidden: int = 128                           # width of blocks 1 and 3
     wide: int = 256                             # width of block 2
@@ -86,17 +87,6 @@ class PostNetConfig:
                              f"{self.disc_slopes} must have the same length")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
-
-    @classmethod
-    def named(cls, name, **overrides):
-        """'paper' (GeneFace's sizes) or 'small' (the CPU config: every width halved)."""
-        if name == "paper":
-            return cls(**overrides)
-        if name == "small":
-            base = dict(hidden=64, wide=128, disc_hidden=(64, 128, 128, 64))
-            base.update(overrides)
-            return cls(**base)
-        raise ValueError(f"unknown config {name!r} (expected 'paper' or 'small')")
 
     def residual_mask(self):
         """`[D]` float32: 0 on `static_coords`, 1 elsewhere."""

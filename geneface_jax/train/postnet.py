@@ -47,9 +47,7 @@ gradient skips that network's update.
 """
 
 import dataclasses
-import os
 import pathlib
-import tempfile
 from typing import Any, NamedTuple
 
 import flax
@@ -59,7 +57,8 @@ import numpy as np
 import optax
 
 from geneface_jax.data.epochs import epoch_indices
-from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.errors import CheckpointError, DatasetError, InputError, ShapeError
+from geneface_jax.files import atomic_path, write_bytes_atomic
 from geneface_jax.motion import postnet as pn
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion.predict import SELECTED_FILE, SELECTED_INFO
@@ -433,15 +432,8 @@ class SamplePool:
     def save(self, path):
         """Atomic `.npz` write."""
         path = pathlib.Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, ".npz") as tmp:
             np.savez(tmp, **{k: getattr(self, k) for k in self.FIELDS})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         return path
 
     @classmethod
@@ -637,8 +629,331 @@ def save_selected_generator(workdir, variables, step, pool_fd):
     names variables that are not on disk)."""
     from geneface_jax.train.metrics import write_json_atomic
     w = pathlib.Path(workdir)
-    fd, tmp = tempfile.mkstemp(dir=w, prefix=f".{SELECTED_FILE}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(flax.serialization.to_bytes(jax.device_get(variables)))
-    os.replace(tmp, w / SELECTED_FILE)
+    write_bytes_atomic(w / SELECTED_FILE, flax.serialization.to_bytes(jax.device_get(variables)))
     write_json_atomic(w / SELECTED_INFO, {"step": int(step), "pool_fd": float(pool_fd)})
+
+
+# --------------------------------------------------------------------------- runs
+
+def _check_config(config):
+    """ShapeError / InputError for settings no run can train with (before anything is
+    written)."""
+    if config.window < 8:
+        raise ShapeError(f"window must be at least 8 frames, got {config.window}")
+    if not 0.0 <= config.person_fraction <= 1.0:
+        raise InputError(f"person_fraction must be in [0, 1], got {config.person_fraction}")
+    if config.loss.mse_target not in MSE_TARGETS:
+        raise InputError(f"loss.mse_target must be one of {MSE_TARGETS}, "
+                         f"got {config.loss.mse_target!r}")
+    if config.loss.mse_target == "person" and (config.pool.person_samples < 1
+                                               or config.person_fraction <= 0):
+        raise InputError("loss.mse_target=person needs samples on the person's audio "
+                         "(pool.person_samples >= 1, person_fraction > 0)")
+    if config.disc_view not in ("landmarks", "normalized"):
+        raise InputError(f"disc_view must be landmarks or normalized, got "
+                         f"{config.disc_view!r}")
+
+
+def _draw_pool(path, predictor, corpus, corpus_dir, person, pool_cfg, seed):
+    """The stage-1 sample pool of a run: read from `path`, or drawn and saved there."""
+    from geneface_jax.train.metrics import Progress
+    if path.is_file():
+        return SamplePool.load(path)
+    sequences = [(corpus.utterance(int(i))["mel"], 0, pool_cfg.samples_per_utterance)
+                 for split in pool_cfg.corpus_splits for i in corpus.split(split)]
+    train_idx = person.split("train")
+    person_mel = np.asarray(person["mel"][2 * train_idx[0]:2 * (train_idx[-1] + 1)])
+    if pool_cfg.person_samples > 0:
+        sequences.append((person_mel, 1, pool_cfg.person_samples))
+    if not sequences:
+        raise DatasetError(f"{corpus_dir}: no utterances in splits "
+                           f"{list(pool_cfg.corpus_splits)} and pool.person_samples=0: "
+                           "nothing to train on")
+    progress = Progress(sum(n for _, _, n in sequences), name="stage-1 pool ")
+    report = lambda done, total: (progress.report(done) if done % 200 == 0  # noqa: E731
+                                  or done == total else None)
+    pool = build_pool(lambda mel, key: predictor.sample_motion(mel, key, pool_cfg.temperature),
+                      sequences, seed=seed, progress=report)
+    if parallel.is_main_process():        # every process drew the same pool
+        pool.save(path)
+    return pool
+
+
+def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=None,
+                  mesh=None):
+    """Trains (or resumes) the post-net of a target person; the `train_postnet` run.
+
+    1. Representation: the person's train frames become identity-removed motion in stage
+       1's units, `(landmarks - identity) / std` (identity = the person's mean train
+       landmarks, std = the corpus std of the stage-1 run; `motion.postnet`);
+       `identity.npy` and `landmark_std.npy` go to the workdir for inference. Coordinates
+       the corpus never moves (std at its floor) are left unchanged by the post-net
+       (`PostNetConfig.static_coords`) and hidden from the critic, which sees frames in
+       landmark geometry (`disc_view`, `discriminator_scale`).
+    2. Pool: stage-1 samples at `pool.temperature`, `pool.samples_per_utterance` per
+       utterance of the corpus' `pool.corpus_splits` and `pool.person_samples` on the audio
+       of the person's train frames, drawn once and cached in `WORKDIR/pool.npz`.
+    3. Adversarial training: every step refines `batch_size` random `window`-frame crops of
+       pool samples (`person_fraction` of them on the person's audio) and updates the
+       generator (`loss`: LSGAN + SyncNet against the driving audio + MSE) and the
+       frame-level critic (real = crops of the person's train motion); `optim` gives the
+       two Adams and the generator EMA. With `select`, every pool check (every
+       `run.eval_every` steps, on a fixed grid, so a resumed run selects what an
+       uninterrupted one does) may replace the EMA inference uses
+       (`selected_generator.msgpack`, the one with the lowest pool Fréchet distance); the
+       game does not converge, so the last step is not the best one.
+
+    Args:
+      config: `experiments/configs/postnet.py`'s ConfigDict.
+      workdir: run directory: config.json (what `motion.predict.load_postnet` reads),
+        identity.npy, landmark_std.npy, pool.npz, checkpoints, metrics.jsonl, metrics.json,
+        selected_generator.msgpack / .json.
+      data: the target person's dataset directory.
+      audio2motion: a trained stage-1 run (`train_audio2motion --model=vae`).
+      corpus, syncnet: corpus directory and SyncNet run (default: the stage-1 run's); no
+        SyncNet (or `loss.sync` 0) trains without the sync term.
+      mesh: the device mesh (default: every device; the global batch is rounded down to a
+        multiple of its size).
+    Returns:
+      the final metrics, also in metrics.json: the last logged losses as `train_*`,
+      `pool_fd_before` / `pool_fd_after` (Fréchet distance between the identity-removed
+      landmarks, head units, of `eval_samples` corpus samples of the pool before / after
+      refinement and the person's train frames), `pool_fd_selected` and `selected_step` of
+      the generator inference uses, `steps`, `steps_per_s`, `minutes`, `devices`,
+      `pool_samples`, `pool_frames`.
+    """
+    import time
+
+    from geneface_jax.data import format as fmt
+    from geneface_jax.mesh import DATA_AXIS, make_mesh
+    from geneface_jax.motion import predict
+    from geneface_jax.train import audio2motion as a2m
+    from geneface_jax.train import loop as loop_lib
+    from geneface_jax.train import metrics as metrics_lib
+
+    t0 = time.time()
+    _check_config(config)
+    person = fmt.load_person(data)
+    mc, a2m_vars, a2m_cfg, std = predict.load_audio2motion(audio2motion)
+    corpus_dir = corpus or a2m_cfg.get("data")
+    corpus = fmt.load_corpus(corpus_dir)
+    for where, name, dim in ((data, "person dataset", person.meta["feature_dim"]),
+                             (corpus_dir, "corpus", corpus.meta["feature_dim"])):
+        if int(dim) != mc.feature_dim:
+            raise DatasetError(f"{where}: {name} has {dim}-d audio features, the stage-1 run "
+                               f"{audio2motion} expects {mc.feature_dim}")
+    syncnet_dir = syncnet or a2m_cfg.get("syncnet")
+    sync_model, sync_vars, sync_cfg = None, None, None
+    if config.loss.sync > 0 and syncnet_dir:
+        sync_model, sync_vars, sync_cfg = a2m.load_syncnet(syncnet_dir)
+    real, identity = person_motion(person, std, "train")
+    cfg = pn.PostNetConfig(motion_dim=mc.motion_dim, static_coords=static_coordinates(std),
+                           **config.model)
+    optim = PostNetOptimConfig(**config.optim)
+    losses = PostNetLossConfig(**dict(config.loss.to_dict(),
+                                      sync=config.loss.sync if sync_model else 0.0))
+    mesh = mesh or make_mesh()
+    n_dev = mesh.shape[DATA_AXIS]
+    batch_size = config.batch_size - config.batch_size % n_dev or n_dev
+    absolute = lambda p: str(pathlib.Path(p).absolute()) if p else None  # noqa: E731
+    pool_cfg = dict(config.pool.to_dict(), corpus_splits=list(config.pool.corpus_splits))
+    run_cfg = dict(stage="postnet", model=dataclasses.asdict(cfg), data=absolute(data),
+                   corpus=absolute(corpus_dir), audio2motion=absolute(audio2motion),
+                   seed=config.seed, batch_size=batch_size, window=config.window,
+                   person_fraction=config.person_fraction, pool=pool_cfg,
+                   optim=dataclasses.asdict(optim), losses=dataclasses.asdict(losses),
+                   disc_view=config.disc_view, select=config.select,
+                   eval_samples=config.eval_samples,
+                   syncnet=absolute(syncnet_dir) if sync_model else None,
+                   syncnet_model=sync_cfg["model"] if sync_model else None,
+                   run=config.run.to_dict())
+    workdir = loop_lib.prepare_workdir(workdir, run_cfg)
+    if parallel.is_main_process():
+        for name, arr in (("landmark_std", std), ("identity", identity)):
+            with atomic_path(workdir / f"{name}.npy", ".npy") as tmp:
+                np.save(tmp, arr)
+    pool = _draw_pool(workdir / "pool.npz", predict.MotionPredictor(mc, a2m_vars, chunk=128),
+                      corpus, corpus_dir, person, config.pool, config.seed)
+
+    disc_scale = (discriminator_scale(std, cfg.static_coords)
+                  if config.disc_view == "landmarks" else None)
+    gen, disc, state = create_postnet_state(cfg, optim, config.seed, sync_vars, disc_scale)
+    steps = make_postnet_steps(gen, disc, losses, sync_model, num_frames=config.window)
+    get_batch = make_batch_fn(pool, real, batch_size=batch_size, window=config.window,
+                              seed=config.seed, person_fraction=config.person_fraction,
+                              paired=real if config.loss.mse_target == "person" else None)
+    corpus_ids = pool.domain_samples(0)
+    if not len(corpus_ids):
+        corpus_ids = pool.domain_samples(1)
+    eval_ids = corpus_ids[np.random.default_rng(config.seed).permutation(
+        len(corpus_ids))[:config.eval_samples]]
+    pool_fd = pool_fd_fn(pool, real, cfg, eval_ids, std)
+    selected = [predict.read_selected_info(workdir)]
+
+    def evaluate(st, step):
+        """The pool check; keeps the EMA as the inference generator if it beats the
+        selection."""
+        variables = jax.device_get(st.generator_variables())
+        fd = pool_fd(variables)
+        best = selected[0]
+        if config.select and (best is None or fd < best["pool_fd"]):
+            selected[0] = {"step": int(step), "pool_fd": float(fd)}
+            if parallel.is_main_process():
+                save_selected_generator(workdir, variables, step, fd)
+        return {"pool_fd": fd}
+
+    num_steps = int(config.run.steps)
+    fd_before = pool_fd(None)
+    start = time.time()
+    state, last = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=steps.train_step, get_batch=get_batch,
+        num_steps=num_steps, mesh=mesh, log_every=config.run.log_every,
+        checkpoint_every=config.run.checkpoint_every,
+        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
+        eval_every=config.run.eval_every, name="postnet ")
+    fd_after = pool_fd(jax.device_get(state.generator_variables()))
+    sel = selected[0] or {"step": num_steps, "pool_fd": fd_after}
+    out = dict(pool_fd_before=fd_before, pool_fd_after=fd_after,
+               pool_fd_selected=sel["pool_fd"], selected_step=sel["step"],
+               **{f"train_{k}": v for k, v in last.items() if not k.startswith("eval_")},
+               steps=num_steps, steps_per_s=num_steps / max(time.time() - start, 1e-9),
+               minutes=(time.time() - t0) / 60.0, devices=n_dev,
+               pool_samples=int(len(pool.samples)), pool_frames=int(len(pool.motion)))
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def held_out_sequences(corpus, person, splits, person_split):
+    """[(name, source, mel [2T, C], oracle_open [T] or None)] of the held-out audio."""
+    out = []
+    for split in splits:
+        for i in corpus.split(split):
+            u = corpus.utterance(int(i))
+            out.append((f"corpus/{int(i)}", "corpus", u["mel"], u.get("oracle_open")))
+    if person_split:
+        idx = person.split(person_split)
+        if len(idx):
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            oracle = person["oracle_open"][lo:hi] if "oracle_open" in person.arrays else None
+            out.append((f"person/{person_split}", "person",
+                        np.asarray(person["mel"][2 * lo:2 * hi]),
+                        None if oracle is None else np.asarray(oracle)))
+    return out
+
+
+def landmark_figures(outputs, reference, oracles):
+    """FD (whole face, mouth) against `reference` [N, 68, 3] and the sync correlation of
+    the landmark sequences `outputs` (list of [T, 68, 3]) with their `oracles` (mouth
+    openings or None), averaged weighted by length."""
+    from geneface_jax.data import landmarks as lm
+    frames = np.concatenate(outputs)
+    ref = np.asarray(reference)
+    corr, weights = [], []
+    for seq, oracle in zip(outputs, oracles):
+        if oracle is not None and len(seq) > 2 and np.std(oracle) > 1e-6:
+            corr.append(lm.pearson(lm.mouth_opening(seq), oracle))
+            weights.append(len(seq))
+    out = dict(sync=float(np.average(corr, weights=weights)) if corr else float("nan"),
+               frames=int(len(frames)), sequences=len(outputs))
+    if len(frames) >= 2:
+        x, r = frames.reshape(len(frames), -1), ref.reshape(len(ref), -1)
+        out["fd"] = frechet_distance(x, r)
+        # Diagnostics: the FD's mean term and the ratio of total variances.
+        out["fd_mean_term"] = float(np.sum(np.square(x.mean(0) - r.mean(0))))
+        out["var_ratio"] = float(x.var(0, ddof=1).sum() / max(r.var(0, ddof=1).sum(), 1e-30))
+        out["fd_mouth"] = frechet_distance(frames[:, lm.MOUTH].reshape(len(frames), -1),
+                                           ref[:, lm.MOUTH].reshape(len(ref), -1))
+    return out
+
+
+def evaluate_postnet(postnet, workdir, *, data=None, corpus=None, audio2motion=None,
+                     splits=("test",), person_split="valid", reference="all",
+                     generator="selected", samples=1, temperature=1.0, seed=0,
+                     bar_fd_reduction=0.5, bar_sync_drop=0.05):
+    """Evaluates a post-net run on held-out audio; the `eval_postnet` run.
+
+    For every held-out sequence (the corpus' `splits`, the person's `person_split`),
+    `samples` stage-1 samples at `temperature` are refined by the post-net (`generator`:
+    `selected`, the one inference uses, or `final`, the EMA of the last checkpoint); both
+    become landmarks with the person's identity (`motion * std + identity`) and are
+    compared with the person's tracked landmarks (`reference`: all, train or valid
+    frames).
+
+    Args:
+      postnet: a `train_postnet` workdir; data, corpus, audio2motion default to its own.
+      workdir: where metrics.json goes (created only once the figures are computed).
+    Returns:
+      the metrics of metrics.json: `fd_before` / `fd_after` (Fréchet distance of the 204-d
+      landmark vectors, squared head units), `fd_mouth_*` (the 20 mouth points),
+      `sync_*` (Pearson correlation of the mouth opening with the articulation oracle's),
+      `fd_mean_term_*`, `var_ratio_*`, `fd_reduction`, `fd_mouth_reduction`,
+      `sync_drop`, `bar_met` (fd_reduction >= bar_fd_reduction and sync_drop <=
+      bar_sync_drop), `per_source` figures, `inference_generator`, the settings,
+      `reference_frames`, `units`, `minutes`.
+    """
+    import time
+
+    from geneface_jax.data import format as fmt
+    from geneface_jax.data.batching import denormalize_motion
+    from geneface_jax.motion import predict
+    from geneface_jax.train import metrics as metrics_lib
+
+    t0 = time.time()
+    config, g_vars, run_cfg, std, identity = predict.load_postnet(
+        postnet, selected=generator == "selected")
+    person = fmt.load_person(data or run_cfg["data"])
+    corpus = fmt.load_corpus(corpus or run_cfg["corpus"])
+    mc, a2m_vars, _, a2m_std = predict.load_audio2motion(audio2motion
+                                                         or run_cfg["audio2motion"])
+    if not np.allclose(a2m_std, std):
+        raise DatasetError(f"{postnet}: the post-net was trained in the units of another "
+                           "stage-1 run (landmark_std.npy differs)")
+    predictor = predict.MotionPredictor(mc, a2m_vars, chunk=128)
+    sequences = held_out_sequences(corpus, person, splits, person_split)
+    if not sequences:
+        raise DatasetError(f"no held-out audio in corpus splits {list(splits)} / person "
+                           f"split {person_split!r}")
+    before, after, oracles, sources = [], [], [], []
+    for s, (_, source, mel, oracle) in enumerate(sequences):
+        for k in range(samples):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), s * 1000 + k)
+            motion = predictor.sample_motion(mel, key, temperature)
+            refined = pn.refine_motion(config, g_vars, motion)
+            before.append(denormalize_motion(motion, identity, std))
+            after.append(denormalize_motion(refined, identity, std))
+            oracles.append(oracle)
+            sources.append(source)
+    ref_idx = (np.arange(person.num_frames) if reference == "all"
+               else person.split(reference))
+    ref = np.asarray(person["landmarks"])[ref_idx]
+
+    per_source = {}
+    for src in [None, *sorted(set(sources))]:
+        keep = [i for i, s in enumerate(sources) if src is None or s == src]
+        orc = [oracles[i] for i in keep]
+        fb = landmark_figures([before[i] for i in keep], ref, orc)
+        fa = landmark_figures([after[i] for i in keep], ref, orc)
+        entry = {f"{k}_before": v for k, v in fb.items() if k not in ("frames", "sequences")}
+        entry.update({f"{k}_after": v for k, v in fa.items()
+                      if k not in ("frames", "sequences")})
+        per_source[src or "all"] = dict(entry, frames=fb["frames"], sequences=fb["sequences"])
+    al = per_source["all"]
+    out = {}
+    for name in ("fd", "fd_mouth", "sync", "fd_mean_term", "var_ratio"):
+        for tag in ("before", "after"):
+            out[f"{name}_{tag}"] = al[f"{name}_{tag}"]
+    out.update(fd_reduction=1.0 - out["fd_after"] / max(out["fd_before"], 1e-30),
+               fd_mouth_reduction=1.0 - out["fd_mouth_after"] / max(out["fd_mouth_before"],
+                                                                      1e-30),
+               sync_drop=out["sync_before"] - out["sync_after"])
+    out["bar_met"] = bool(out["fd_reduction"] >= bar_fd_reduction
+                          and out["sync_drop"] <= bar_sync_drop)
+    out.update(per_source=per_source, inference_generator=run_cfg["inference_generator"],
+               reference=reference, splits=list(splits), person_split=person_split,
+               samples=samples, temperature=temperature, reference_frames=int(len(ref)),
+               units="fd in squared landmark (head) units", minutes=(time.time() - t0) / 60)
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
