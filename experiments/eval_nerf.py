@@ -18,10 +18,16 @@ torso over the static background) and compared with the ground truth
                mouth region (box of both projected mouths grown by `--mouth_margin` px)
                to the mean change outside it
   train_minutes  head + torso training minutes (their metrics.json)
+  tracked_*, floor_*
+               renders and ground truth tracked with the face tracker: faces found,
+               landmark distance (px and at 512 px), tracked mouth-opening r, and the
+               same figures of the ground truth's own H.264 round trip
+               (docs/tracking_metric.md; `--notrack` skips them)
 
 Without `--torso` only the head is evaluated (over the ground-truth torso and background)
 and psnr_full is that image's. Writes WORKDIR/metrics.json and, with `--save_frames`,
-WORKDIR/frames.npz (predictions and ground truth, uint8); prints the metrics as JSON.
+WORKDIR/frames.npz (predictions and ground truth, uint8) and WORKDIR/frames.png (six
+renders over their ground truth); prints the metrics as JSON.
 """
 
 import json
@@ -39,7 +45,9 @@ flags.DEFINE_string("split", "valid", "Held-out split.")
 flags.DEFINE_integer("max_frames", 0, "Evaluate only this many evenly spaced frames (0: all).")
 flags.DEFINE_integer("mouth_margin", 3, "Pixels added around the mouth box.")
 flags.DEFINE_integer("chunk", 4096, "Rays per device evaluated at once.")
-flags.DEFINE_bool("save_frames", False, "Also write frames.npz.")
+flags.DEFINE_bool("save_frames", False, "Also write frames.npz and frames.png.")
+flags.DEFINE_bool("track", True, "Track renders and ground truth with the face tracker "
+                  "(needs the face models).")
 
 
 def main(argv):
@@ -49,7 +57,7 @@ def main(argv):
     print(json.dumps(nerf.evaluate_nerf(
         FLAGS.head, FLAGS.workdir, torso=FLAGS.torso, data=FLAGS.data, split=FLAGS.split,
         max_frames=FLAGS.max_frames, mouth_margin=FLAGS.mouth_margin, chunk=FLAGS.chunk,
-        save_frames=FLAGS.save_frames)))
+        save_frames=FLAGS.save_frames, track=FLAGS.track)))
 
 
 if __name__ == "__main__":

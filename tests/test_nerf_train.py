@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from geneface_jax import train
@@ -352,7 +353,8 @@ def test_evaluate_nerf_scores_held_out_frames(runs, tmp_path):
     root, m, tm = runs
     e = tn.evaluate_nerf(root / "head", tmp_path / "ev", torso=root / "torso", max_frames=2,
                          save_frames=True, mesh=_one_device())
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == pytest.approx(e)
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == pytest.approx(
+        e, nan_ok=True)
     for k in ("psnr_head", "psnr_full", "ssim_full", "mouth_control_ratio",
               "mouth_change_inside", "mouth_change_outside", "minutes"):
         assert np.isfinite(e[k]), k
@@ -364,10 +366,20 @@ def test_evaluate_nerf_scores_held_out_frames(runs, tmp_path):
     assert saved["mouth_closed"].shape == saved["mouth_open"].shape == (32, 32, 3)
     assert saved["mouth_open"].dtype == np.uint8
     assert e["mouth_control_frames"][0] == saved["indices"][0]
-    # The head alone: over the ground-truth torso; no frames.npz unless asked.
-    h = tn.evaluate_nerf(root / "head", tmp_path / "h", max_frames=1, mesh=_one_device())
+    strip = np.asarray(Image.open(tmp_path / "ev" / "frames.png"))   # renders over truth
+    assert strip.shape == (2 * 32 * 3, 2 * 32 * 3, 3)
+    np.testing.assert_array_equal(strip[::3, ::3][32:, :32], saved["gt"][0])
+    # The tracker figures: counted frames, and the noise floor of the ground truth.
+    assert e["tracked_face_found_reference"] in (0.0, 0.5, 1.0)
+    assert 0 <= e["tracked_frames_both"] <= 2 and 0.0 <= e["tracked_face_found"] <= 1.0
+    assert {"tracked_lmd_mouth", "tracked_lmd_face_512", "tracked_mouth_r",
+            "floor_lmd_mouth", "floor_tracked_mouth_r"} <= set(e)
+    # The head alone: over the ground-truth torso; no frames.npz unless asked; untracked.
+    h = tn.evaluate_nerf(root / "head", tmp_path / "h", max_frames=1, mesh=_one_device(),
+                         track=False)
     assert not h["torso"] and h["frames"] == 1 and np.isfinite(h["psnr_full"])
     assert not (tmp_path / "h" / "frames.npz").exists()
+    assert not any(k.startswith(("tracked_", "floor_")) for k in h)
 
 
 def test_runs_refuse_bad_input_before_writing(runs, person_dir, tmp_path):

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from geneface_jax import files
 from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
@@ -499,7 +500,7 @@ def _over_gt_torso(views, t, out, gt):
 
 
 def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frames=0,
-                  mouth_margin=3, chunk=4096, save_frames=False, mesh=None):
+                  mouth_margin=3, chunk=4096, save_frames=False, mesh=None, track=True):
     """Scores trained NeRFs on held-out frames: the `eval_nerf` run.
 
     Every frame of `split` (`max_frames` evenly spaced ones when > 0) is rendered from its
@@ -509,18 +510,28 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
     Args:
       head, torso: workdirs of the head run and (optional) the torso run.
       workdir: where metrics.json (and with `save_frames` frames.npz: predictions, ground
-        truth, indices, the two mouth-control renders, uint8) go.
+        truth, indices, the two mouth-control renders, uint8; and frames.png: six evenly
+        spaced renders over their ground truth, 3x nearest-neighbour) go.
       data: the person dataset (default: the head run's).
       mouth_margin: pixels added around the mouth box of the mouth-control ratio.
       chunk, mesh: rays per device rendered at once; the devices (default: all).
+      track: also track renders and ground truth with the face tracker
+        (`render.face_tracking`, needs the face models; checked before rendering).
     Returns:
       psnr_head (face rectangle, pooled MSE), psnr_full, ssim_full (mean over frames),
       mouth_control_ratio (the first frame rendered with the most closed and the most open
       training mouth: mean change inside the mouth box over the mean change outside) with
       mouth_change_inside/outside and mouth_control_frames, train_minutes (head + torso
-      metrics.json), frames, split, torso, minutes; also written to metrics.json.
+      metrics.json), frames, split, torso, minutes; with `track` the tracker figures
+      prefixed `tracked_` (face_found, face_found_reference, lmd_mouth, lmd_face and their
+      `_512` forms, mouth_r, frames_both) and their H.264 noise floor `floor_*`
+      (docs/tracking_metric.md); also written to metrics.json.
     """
     t_start = time.time()
+    tracker = None
+    if track:                              # missing face models fail before any rendering
+        from geneface_jax.render import face_tracking
+        tracker = face_tracking.FrameTracker()
     head_cfg, head_vars, head_run, normalizer = load_nerf(head, HEAD)
     torso_cfg = torso_vars = None
     if torso:
@@ -591,16 +602,39 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
                mouth_change_inside=inside, mouth_change_outside=outside,
                mouth_control_frames=[t0, closed_t, open_t],
                train_minutes=minutes, frames=int(len(ts)), split=split,
-               torso=bool(torso), minutes=(time.time() - t_start) / 60.0)
+               torso=bool(torso))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if tracker is not None:
+        import tempfile
+        tracked = face_tracking.track_and_compare(np.stack(preds), views.frames[ts], tracker)
+        out.update({k if k.startswith("tracked_") else f"tracked_{k}": v
+                    for k, v in tracked.items() if k != "frames"})
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            out.update(face_tracking.noise_floor(views.frames[ts], tmp, tracker))
+    out["minutes"] = (time.time() - t_start) / 60.0
     if save_frames:
-        np.savez_compressed(workdir / "frames.npz", pred=np.stack(preds),
-                            gt=views.frames[ts], indices=ts,
-                            mouth_closed=_to_uint8(variants[0]),
-                            mouth_open=_to_uint8(variants[1]))
+        with files.atomic_path(workdir / "frames.npz", ".npz") as tmp:
+            np.savez_compressed(tmp, pred=np.stack(preds), gt=views.frames[ts], indices=ts,
+                                mouth_closed=_to_uint8(variants[0]),
+                                mouth_open=_to_uint8(variants[1]))
+        save_frame_strip(workdir / "frames.png", np.stack(preds), views.frames[ts])
     metrics_lib.write_final_metrics(workdir, out)
     return out
+
+
+def save_frame_strip(path, renders, references, count=6, scale=3):
+    """A PNG of `count` evenly spaced renders (top row) over their references (bottom
+    row), each `scale`x nearest-neighbour enlarged: uint8 `[N, H, W, 3]` each."""
+    from PIL import Image
+    idx = np.unique(np.linspace(0, len(renders) - 1, count).round().astype(int))
+    grid = np.concatenate([np.concatenate(list(renders[idx]), 1),
+                           np.concatenate(list(references[idx]), 1)], 0)
+    image = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale),
+                                         Image.NEAREST)
+    with files.atomic_path(path, ".png") as tmp:
+        image.save(tmp)
+    return path
 
 
 def _to_uint8(image):
