@@ -10,8 +10,11 @@ reference frames through the trained NeRF, and prints one JSON line
 `lip_energy_corr`), `pixels_opening` (how faithfully the NeRF draws the landmarks' mouth
 opening) and `opening_energy`; `reference_pixels_opening` (the NeRF on the person's own
 landmarks). The oracle's `pixels_energy` is the most the renderer lets `lip_energy_corr`
-reach with perfect landmarks. Needs checkpoints trained on a synthetic person
-(`make_dataset --kind=person`, its seed is read from the dataset).
+reach with perfect landmarks. With `--track` (default) each rendering is also tracked with
+the face tracker: `face_found` and `tracked_opening` (the tracked mouth opening vs the
+landmarks', docs/tracking_metric.md), and `reference_tracked_opening`. Needs checkpoints
+trained on a synthetic person (`make_dataset --kind=person`, its seed is read from the
+dataset).
 """
 
 import json
@@ -28,6 +31,8 @@ flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("max_frames", 0, "Use only the first N frames (0: all).")
 flags.DEFINE_integer("own_frames", 50, "Reference frames rendered for the NeRF's own check.")
+flags.DEFINE_bool("track", True, "Also track the renders with the face tracker (needs the "
+                  "face models).")
 
 
 def main(argv):
@@ -40,6 +45,10 @@ def main(argv):
 
     audio = FLAGS.audio or str(speech.default_clip())
     samples = audio_io.load_audio(audio)
+    tracker = None
+    if FLAGS.track:                        # missing face models fail before rendering
+        from geneface_jax.render import face_tracking
+        tracker = face_tracking.FrameTracker()
     pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints)
     data = pipe.head_run.get("data")
     meta_path = pathlib.Path(data or "") / "meta.json"
@@ -49,7 +58,7 @@ def main(argv):
                            "not a synthetic person: no ground-truth landmarks to compare")
     oracle = world.person_oracle(int(meta["seed"]), samples)["landmarks"]
     out = pl.lip_sync_breakdown(
-        pipe, samples, oracle, own_frames=FLAGS.own_frames,
+        pipe, samples, oracle, own_frames=FLAGS.own_frames, tracker=tracker,
         options=pl.SynthesisOptions(temperature=FLAGS.temperature, seed=FLAGS.seed,
                                     max_frames=FLAGS.max_frames))
     print(json.dumps(dict(out, audio=audio, temperature=FLAGS.temperature,

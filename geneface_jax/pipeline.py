@@ -586,7 +586,8 @@ def tracked_video_report(video_path, landmarks, truth=None, *, tracker=None, chu
 
 
 def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
-                       options: SynthesisOptions = SynthesisOptions(), own_frames=50):
+                       options: SynthesisOptions = SynthesisOptions(), own_frames=50,
+                       tracker=None):
     """Where lip sync is lost: audio -> landmarks -> rendered mouth pixels.
 
     Renders (no video file) the predicted landmarks of `wav` (16 kHz mono) and the
@@ -599,7 +600,11 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
       with the loudness in dB: `lip_energy_corr`), `pixels_opening` (darkening vs the
       rendered landmarks' mouth opening: how faithfully the NeRF draws the mouth),
       `opening_energy` (opening vs loudness); `reference_pixels_opening` (the same NeRF
-      on the person's own landmarks and poses); `frames`.
+      on the person's own landmarks and poses); `frames`. With a `tracker`
+      (`render.face_tracking.FrameTracker`) also, per rendering, `face_found` and
+      `tracked_opening` (r of the tracked inner-lip opening with the rendered landmarks'
+      opening: what a viewer sees of the mouth the landmarks ask for), and
+      `reference_tracked_opening`.
     """
     wav = feat.pad_or_trim(np.asarray(wav, np.float32))
     n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
@@ -616,19 +621,27 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
     res = pipe.landmarks(pipe.features(wav), energy, options=options, track=track)
     oracle[:, EYES] = ref.landmarks[track][:, EYES]
 
-    def darkening(landmarks, frames_track):
+    def rendered(landmarks, frames_track):
+        """(mouth-region darkening per frame, tracker figures or {}) of the renders."""
         frames = np.concatenate(list(pipe.render_frames(landmarks, frames_track,
                                                         options=options)))
         boxes = mouth_boxes(landmarks, ref.poses[frames_track], ref.intrinsics,
                             ref.height, ref.width)
-        return mouth_pixel_activity(frames, boxes)
+        tracked = {}
+        if tracker is not None:
+            from geneface_jax.render import face_tracking
+            s = face_tracking.tracked_sync(frames, lm.mouth_opening(landmarks), tracker)
+            tracked = dict(face_found=s["face_found"], tracked_opening=s["r"])
+        return mouth_pixel_activity(frames, boxes), tracked
 
     out = dict(frames=n)
     for name, lms in (("predicted", res["landmarks"]), ("oracle", oracle)):
-        act, opening = darkening(lms, track), lm.mouth_opening(lms)
+        (act, tracked), opening = rendered(lms, track), lm.mouth_opening(lms)
         out[name] = dict(pixels_energy=pearson(act, loud), pixels_opening=pearson(act, opening),
-                         opening_energy=pearson(opening, loud))
+                         opening_energy=pearson(opening, loud), **tracked)
     own = np.arange(min(own_frames, len(ref)))
-    out["reference_pixels_opening"] = pearson(darkening(ref.landmarks[own], own),
-                                              lm.mouth_opening(ref.landmarks[own]))
+    act, tracked = rendered(ref.landmarks[own], own)
+    out["reference_pixels_opening"] = pearson(act, lm.mouth_opening(ref.landmarks[own]))
+    if tracked:
+        out["reference_tracked_opening"] = tracked["tracked_opening"]
     return out

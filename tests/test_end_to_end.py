@@ -211,6 +211,9 @@ def test_lip_sync_breakdown(pipe, demo, clip):
              f"--audio={clip}", "--max_frames=8", "--own_frames=8")   # the demo's
     res = json.loads(p.stdout.strip().splitlines()[-1])          # compiled 8-frame renders
     assert res["frames"] == 8 and "reference_pixels_opening" in res
+    for part in ("predicted", "oracle"):                          # tracked by default
+        assert 0.0 <= res[part]["face_found"] <= 1.0 and "tracked_opening" in res[part]
+    assert "reference_tracked_opening" in res
 
 
 def test_bad_input_is_refused_with_one_message_and_no_file(demo, clip, tmp_path):
