@@ -183,8 +183,8 @@ def main(argv):
            **{"config.run.eval_every": 0})
     st.run("audio2motion", ck / "audio2motion" / "metrics.json", "train_audio2motion",
            data=data / "corpus", workdir=ck / "audio2motion", syncnet=ck / "syncnet",
-           config="small", steps=s["a2m_steps"], batch_size=16,
-           warmup=min(200, s["a2m_steps"] // 5), seed=seed, eval_every=0)
+           config="cpu", steps=s["a2m_steps"], seed=seed,
+           **{"config.run.eval_every": 0, "config.optim.warmup": min(200, s["a2m_steps"] // 5)})
     st.run("postnet", ck / "postnet" / "metrics.json", "train_postnet", data=data / "person",
            audio2motion=ck / "audio2motion", workdir=ck / "postnet", config="cpu",
            steps=s["postnet_steps"], seed=seed)

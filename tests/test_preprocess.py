@@ -312,8 +312,8 @@ def test_lrs3_tree_builds_a_corpus_that_stage1_trains_on(models, tmp_path, speec
     # stage 1 trains on it
     work = tmp_path / "a2m"
     run_module("experiments.train_audio2motion", f"--data={out}", f"--workdir={work}",
-               "--config=small", "--steps=2", "--batch_size=2", "--window=40",
-               "--eval_every=0", "--warmup=1")
+               "--config=tiny", "--steps=2", "--config.batch_size=2", "--config.window=40",
+               "--config.optim.warmup=1")
     metrics = json.loads((work / "metrics.json").read_text())
     assert metrics["steps"] == 2 and np.isfinite(metrics["train_loss"])
 

@@ -1,8 +1,11 @@
-"""Stage 1 end to end through its entry points on a tiny synthetic corpus: SyncNet learns
-to tell in-sync from shifted pairs, the VAE lowers the validation reconstruction loss by
+"""Stage 1 end to end on a tiny synthetic corpus: SyncNet learns to tell in-sync from
+shifted pairs, the VAE (the `tiny` preset) lowers the validation reconstruction loss by
 >= 50 %, the evaluation writes its figures, bad input gives one clear error, and (slow) an
-interrupted run resumes to exactly the same parameters. The in-process resume test of the
-same step is in test_vae.py."""
+interrupted run resumes to exactly the same parameters. The runs call the library
+(`train.audio2motion`) in process on one device; the command-line contract (flags,
+`--model`, printed JSON, one `error:` line with exit status 2, no partial output) is checked
+through the entry points. The in-process resume test of the step alone is in
+test_vae.py."""
 
 import json
 import os
@@ -14,9 +17,14 @@ import jax
 import numpy as np
 import pytest
 
+from experiments.configs import audio2motion as a2m_configs
+from experiments.configs import syncnet as sync_configs
 from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
+from geneface_jax.errors import CheckpointError, DatasetError, ShapeError
+from geneface_jax.mesh import make_mesh
 from geneface_jax.motion import predict
+from geneface_jax.train import audio2motion as a2m
 
 from conftest import SUBPROCESS_XLA_FLAGS
 
@@ -32,6 +40,19 @@ def _run(module, *args, check=True):
     return proc
 
 
+def _one_device():
+    return make_mesh(jax.devices()[:1])
+
+
+def _train(workdir, corpus_dir, syncnet_dir=None, steps=None, **overrides):
+    """The `tiny` preset's run in process on one device (`overrides`: top-level keys)."""
+    config = a2m_configs.get_config("tiny")
+    if steps is not None:
+        config.run.steps = steps
+    config.update(overrides)
+    return a2m.train_audio2motion(config, workdir, corpus_dir, syncnet_dir, mesh=_one_device())
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1") / "corpus"
@@ -44,9 +65,9 @@ def corpus_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def syncnet_dir(corpus_dir):
     work = corpus_dir.parent / "syncnet"
-    _run("experiments.train_syncnet", f"--data={corpus_dir}", f"--workdir={work}",
-         "--config=cpu", "--steps=200", "--config.run.eval_every=0",
-         "--config.run.log_every=100")
+    config = sync_configs.get_config("cpu")
+    config.run.update(steps=200, eval_every=0, log_every=100)
+    a2m.train_syncnet(config, work, corpus_dir, mesh=_one_device())
     return work
 
 
@@ -54,10 +75,6 @@ def test_syncnet_learns(syncnet_dir):
     m = json.loads((syncnet_dir / "metrics.json").read_text())
     print("syncnet", m)
     assert m["val_accuracy"] > 0.75 and m["val_d_pos"] > m["val_d_neg"] + 0.2
-
-
-A2M_ARGS = ("--config=small", "--batch_size=8", "--window=48", "--warmup=20", "--lr=1e-3",
-            "--eval_every=0", "--log_every=20", "--checkpoint_every=40")
 
 
 def _params(workdir):
@@ -68,9 +85,8 @@ def _params(workdir):
 @pytest.fixture(scope="module")
 def vae_dir(corpus_dir, syncnet_dir):
     full = corpus_dir.parent / "vae"
-    # 60 steps: the validation L2 is at ~0.30 of its start (0.35 at 40, 0.24 at 120).
-    _run("experiments.train_audio2motion", f"--workdir={full}", "--steps=60",
-         f"--data={corpus_dir}", f"--syncnet={syncnet_dir}", *A2M_ARGS)
+    # tiny: 60 steps, the validation L2 at ~0.31 of its start
+    _train(full, corpus_dir, syncnet_dir)
     return full
 
 
@@ -82,9 +98,9 @@ def test_vae_learns_and_evaluates(corpus_dir, vae_dir, tmp_path):
     assert np.isfinite(m["train_sync"]) and m["train_kl"] > 0
 
     ev = tmp_path / "eval"
-    _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={full}",
-         f"--regression={full}", f"--workdir={ev}", "--samples=2")
+    out = a2m.evaluate_audio2motion(corpus_dir, ev, full, full, samples=2)
     e = json.loads((ev / "metrics.json").read_text())
+    assert e == json.loads(json.dumps(out))
     for key in ("lmd", "lmd_mouth", "sync_corr", "std_ratio_vae", "std_ratio_regression"):
         assert np.isfinite(e[key]), key
     assert 0 < e["lmd_mouth"] < 0.05 and e["per_split"]["vae"]["test"]["utterances"] > 0
@@ -98,34 +114,57 @@ def test_vae_learns_and_evaluates(corpus_dir, vae_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_resume_is_exact(corpus_dir, syncnet_dir, vae_dir, tmp_path):
+def test_resume_is_exact(corpus_dir, syncnet_dir, vae_dir, tmp_path, capfd):
     part = tmp_path / "part"
-    common = (f"--data={corpus_dir}", f"--syncnet={syncnet_dir}", *A2M_ARGS)
     # Interrupted at step 40 (a checkpoint), then resumed to 60: the same parameters.
-    _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=40", *common)
-    resumed = _run("experiments.train_audio2motion", f"--workdir={part}", "--steps=60", *common)
-    assert "resumed from step 40" in resumed.stderr
+    _train(part, corpus_dir, syncnet_dir, steps=40)
+    capfd.readouterr()
+    _train(part, corpus_dir, syncnet_dir, steps=60)
+    assert "resumed from step 40" in capfd.readouterr().err
     for a, b in zip(_params(vae_dir), _params(part)):
         np.testing.assert_array_equal(a, b)
 
 
-def test_bad_inputs_give_one_clear_error(tmp_path, corpus_dir, vae_dir):
+def test_bad_inputs_raise_one_clear_error(tmp_path, corpus_dir, vae_dir):
     # A different configuration in an existing workdir is refused.
-    clash = _run("experiments.train_audio2motion", f"--workdir={vae_dir}", "--steps=200",
-                 f"--data={corpus_dir}", *A2M_ARGS[:2], "--window=52", check=False)
-    assert clash.returncode == 2 and "different configuration" in clash.stderr
-    p = _run("experiments.train_audio2motion", f"--data={tmp_path / 'nope'}",
-             f"--workdir={tmp_path / 'w'}", "--steps=1", check=False)
-    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
-    p = _run("experiments.train_audio2motion", f"--data={corpus_dir}",
-             f"--workdir={tmp_path / 'w'}", "--steps=1", "--window=30", check=False)
-    assert p.returncode == 2 and "multiple of 4" in p.stderr
-    p = _run("experiments.train_audio2motion", f"--data={corpus_dir}",
-             f"--workdir={tmp_path / 'w2'}", "--steps=1", f"--syncnet={tmp_path}", check=False)
-    assert p.returncode == 2 and "config.json" in p.stderr and "Traceback" not in p.stderr
-    p = _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={tmp_path}",
-             f"--workdir={tmp_path / 'e'}", check=False)
-    assert p.returncode == 2 and "no audio2motion run" in p.stderr
+    with pytest.raises(CheckpointError, match="different configuration"):
+        _train(vae_dir, corpus_dir, steps=200, window=52)
+    with pytest.raises(DatasetError, match="does not exist"):
+        _train(tmp_path / "w", tmp_path / "nope", steps=1)
+    with pytest.raises(ShapeError, match="multiple of 4"):
+        _train(tmp_path / "w", corpus_dir, steps=1, window=30)
+    with pytest.raises(CheckpointError, match="config.json"):
+        _train(tmp_path / "w2", corpus_dir, tmp_path, steps=1)
+    with pytest.raises(CheckpointError, match="no audio2motion run"):
+        a2m.evaluate_audio2motion(corpus_dir, tmp_path / "e", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_commands(tmp_path, corpus_dir):
+    """The entry points: --model and --config overrides reach the run, the final metrics
+    are printed as JSON; bad input is one `error:` line, exit status 2, no output."""
+    work, ev = tmp_path / "reg", tmp_path / "eval"
+    p = _run("experiments.train_audio2motion", f"--data={corpus_dir}", f"--workdir={work}",
+             "--config=tiny", "--steps=2", "--model=regression", "--config.window=32")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == json.loads((work / "metrics.json").read_text())
+    assert out["model_type"] == "regression" and out["steps"] == 2
+    cfg = json.loads((work / "config.json").read_text())
+    assert cfg["window"] == 32 and cfg["run"]["steps"] == 2 and not cfg["model"]["use_latent"]
+    p = _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={work}",
+             f"--workdir={ev}", "--samples=1", "--splits=test")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["splits"] == ["test"] and np.isfinite(out["lmd"]) and "per_split" not in out
+    for module, args, message in [
+            ("experiments.train_audio2motion", ("--config=tiny", "--config.window=30"),
+             "multiple of 4"),
+            ("experiments.train_audio2motion", ("--config=tiny", "--config.model.kind=gan"),
+             "config.model.kind must be one of"),
+            ("experiments.eval_audio2motion", (f"--vae={tmp_path}",), "no audio2motion run")]:
+        out_dir = tmp_path / "bad"
+        p = _run(module, f"--data={corpus_dir}", f"--workdir={out_dir}", *args, check=False)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and message in p.stderr
+        assert "Traceback" not in p.stderr and not out_dir.exists()
 
 
 @pytest.mark.slow

@@ -122,7 +122,8 @@ def test_postnet_and_discriminator_match_the_library(static_coords):
 def test_syncnet_matches_the_library():
     from geneface_jax.motion import syncnet as sync_lib
     from experiments.bench.torch_reference.syncnet import SyncNet
-    sc = sync_lib.SyncNetConfig.named("small", feature_dim=8)
+    from experiments.configs import syncnet as sync_presets
+    sc = sync_lib.SyncNetConfig(feature_dim=8, **sync_presets.get_config("cpu").model)
     model, variables = sync_lib.init_syncnet(sc, 0)
     variables = _perturbed(variables, 3)
     rng = np.random.default_rng(0)

@@ -259,13 +259,15 @@ def test_model_inits_compile_one_program_each():
     from geneface_jax.motion import postnet, syncnet, vae
     from geneface_jax.render import fields
     from geneface_jax.train import nerf
-    from experiments.configs import postnet as postnet_presets
     from experiments.configs import nerf as nerf_presets
+    from experiments.configs import postnet as postnet_presets
+    from experiments.configs import syncnet as syncnet_presets
 
     inits = {
         "syncnet": lambda: syncnet.init_syncnet(
-            syncnet.SyncNetConfig.named("small", feature_dim=13), 0)[1],
-        "audio2motion": lambda: vae.init_audio2motion(vae.Audio2MotionConfig.small(), 0)[1],
+            syncnet.SyncNetConfig(feature_dim=13, **syncnet_presets.get_config("cpu").model),
+            0)[1],
+        "audio2motion": lambda: vae.init_audio2motion(vae.Audio2MotionConfig(), 0)[1],
         "postnet": lambda: postnet.init_postnet(
             postnet.PostNetConfig(**postnet_presets.get_config("cpu").model), 0)[2],
         "nerf": lambda: nerf.create_nerf_state(

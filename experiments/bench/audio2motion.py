@@ -1,9 +1,9 @@
 r"""Stage-1 VAE training step, JAX vs PyTorch, steps/s on this machine's CPU.
 
   python -m experiments.bench.audio2motion                       # paper config, 32 x 200
-  python -m experiments.bench.audio2motion --config=small
+  python -m experiments.bench.audio2motion --config=cpu
   python -m experiments.bench.audio2motion --sync                # + SyncNet sync loss
-  python -m experiments.bench.audio2motion --smoke               # ~40 s; for the tests
+  python -m experiments.bench.audio2motion --smoke               # ~20 s; for the tests
 
 Both sides build the same network (GeneFace's FVAE with its flow prior and the audio
 condition net) and run the same training step: masked L2 + L1 + 3 * continuity + 0.5 *
@@ -25,6 +25,10 @@ times one WaveNet conv direct vs Winograd (`jax_one_conv`: the library computes 
 WaveNets' 5-tap convs with Winograd F(4, 5) on the CPU, 0.4x the multiply-adds); `limits`
 says in words what bounds the step. The runs quoted in the README and what limited them:
 docs/benchmarks.md ("Stage 1"). The last line printed is one JSON object.
+
+Sizes: the model and SyncNet of a preset of `experiments/configs/audio2motion.py` and
+`syncnet.py` (`--config=paper|cpu|tiny`; `--smoke`: tiny); losses and optimiser are the
+library's defaults (the paper preset's).
 """
 
 import json
@@ -36,7 +40,8 @@ from experiments.bench import harness
 from experiments.bench.harness import log
 
 FLAGS = flags.FLAGS
-harness.define_flags("paper", 5, 1, "Seed of the initial parameters and the random batch.")
+harness.define_flags("paper", 5, 1, "Seed of the initial parameters and the random batch.",
+                     presets=("paper", "cpu", "tiny"))
 flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 flags.DEFINE_integer("frames", 200, "Video frames per sequence (a multiple of 4).")
 flags.DEFINE_integer("feature_dim", 80, "Audio feature channels (80 log-mel, 1024 HuBERT).")
@@ -50,7 +55,7 @@ flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
                   "fails); off: eager only.")
 flags.DEFINE_bool("profile", True, "Time forward / backward / optimizer separately on both "
                   "sides and list PyTorch's top operators.")
-flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: small config, batch 2 x 16, "
+flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: tiny preset, batch 2 x 16, "
                   "2 steps, no warm-up, no torch.compile, no profile, 1 core unless "
                   "--threads is given.")
 
@@ -182,7 +187,7 @@ def main(argv):
                                                FLAGS.profile)
     threads_wanted = FLAGS.threads
     if FLAGS.smoke:
-        cfg_name, batch_size, frames, steps, warmup = "small", 2, 16, 2, 0
+        cfg_name, batch_size, frames, steps, warmup = "tiny", 2, 16, 2, 0
         compile_mode, do_profile = "off", False
         # 1 core unless asked: on a loaded machine a tiny 2-thread PyTorch step can stall
         # for seconds in OpenMP barriers; 1 thread halves the smoke run (~40 s).
@@ -206,12 +211,15 @@ def main(argv):
 
     torch.set_num_threads(run.threads)
     torch.manual_seed(FLAGS.seed)
-    config = vae_lib.Audio2MotionConfig.named(cfg_name, feature_dim=FLAGS.feature_dim,
-                                              conv_algorithm=FLAGS.conv_algorithm)
+    from experiments.configs import audio2motion as a2m_configs, syncnet as sync_configs
+    run_config = a2m_configs.get_config(cfg_name)
+    run_config.model.conv_algorithm = FLAGS.conv_algorithm
+    config, _ = a2m.model_config(run_config, FLAGS.feature_dim, motion_dim=204)
     losses, optim = a2m.VAELossConfig(), a2m.OptimConfig()
     sync_config = syncnet = sync_vars = starts = None
     if FLAGS.sync:
-        sync_config = sync_lib.SyncNetConfig.named(cfg_name, feature_dim=FLAGS.feature_dim)
+        sync_config = sync_lib.SyncNetConfig(
+            feature_dim=FLAGS.feature_dim, **sync_configs.get_config(cfg_name).model)
         starts = sync_lib.window_starts(frames, sync_config.window, losses.sync_hop)
         syncnet, sync_vars = sync_lib.init_syncnet(sync_config, FLAGS.seed + 1)
     batch = random_batch(np.random.default_rng(FLAGS.seed), batch_size, frames,

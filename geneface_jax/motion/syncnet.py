@@ -45,16 +45,6 @@ class SyncNetConfig:
     def mouth_dim(self):
         return 3 * len(MOUTH)
 
-    @classmethod
-    def named(cls, name, **overrides):
-        if name == "paper":
-            return cls(**overrides)
-        if name == "small":
-            base = dict(base=32, mouth_in=32, layers_per_block=2)
-            base.update(overrides)
-            return cls(**base)
-        raise ValueError(f"unknown config {name!r} (expected 'paper' or 'small')")
-
 
 def mouth_of_motion(motion):
     """Normalised motion `[..., 204]` (68 x 3, point-major) -> mouth `[..., 60]`."""

@@ -44,7 +44,8 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 @dataclasses.dataclass(frozen=True)
 class Audio2MotionConfig:
-    """Sizes of the stage-1 generator. Defaults are GeneFace's (`VAEModel(in_out_dim=204)`)."""
+    """Sizes of the stage-1 generator. Defaults are GeneFace's (`VAEModel(in_out_dim=204)`);
+    the presets of a training run are `experiments/configs/audio2motion.py`'s."""
     feature_dim: int = 80        # C: audio feature channels (80 log-mel, 1024 HuBERT)
     motion_dim: int = 204        # D: 68 x 3 normalised landmarks (64 for expression coeffs)
     cond_dim: int = 64           # audio condition channels
@@ -64,25 +65,6 @@ class Audio2MotionConfig:
     # how the encoder/decoder WaveNets' K-tap convs are computed (same parameters, same
     # function): 'auto' = Winograd F(4, K) on CPU, direct elsewhere; see WNConv1d
     conv_algorithm: str = "auto"
-
-    @classmethod
-    def paper(cls, **overrides):
-        return cls(**overrides)
-
-    @classmethod
-    def small(cls, **overrides):
-        """The documented CPU config: same structure, narrower and shallower."""
-        base = dict(hidden=128, enc_layers=4, dec_layers=3, flow_hidden=32, flow_layers=3)
-        base.update(overrides)
-        return cls(**base)
-
-    @classmethod
-    def named(cls, name, **overrides):
-        if name == "paper":
-            return cls.paper(**overrides)
-        if name == "small":
-            return cls.small(**overrides)
-        raise ValueError(f"unknown config {name!r} (expected 'paper' or 'small')")
 
 
 def pad_to_stride(x, mask, stride=4):

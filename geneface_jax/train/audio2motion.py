@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from geneface_jax.checkpoint import Checkpointer, read_run_config
-from geneface_jax.errors import CheckpointError
+from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion import vae as vae_lib
 from geneface_jax.train import parallel
@@ -218,7 +218,7 @@ def make_vae_steps(model, losses: VAELossConfig = VAELossConfig(), syncnet=None,
 
 # --------------------------------------------------------------------------- runs
 
-def train_syncnet(config, workdir, data):
+def train_syncnet(config, workdir, data, *, mesh=None):
     """Trains (or resumes) the landmark-audio SyncNet on a corpus; the `train_syncnet` run.
 
     Pairs of a 5-frame mouth window and the audio of the same frames (label 1) or of frames
@@ -231,6 +231,7 @@ def train_syncnet(config, workdir, data):
       workdir: run directory; writes config.json (what `load_syncnet` reads), checkpoints,
         metrics.jsonl and metrics.json.
       data: corpus directory (`data.format.load_corpus`).
+      mesh: the device mesh (default: every device, `mesh.make_mesh()`).
     Returns:
       the final metrics (`loss`, `accuracy` of the last logged step; `val_loss`,
       `val_accuracy`, `val_d_pos`, `val_d_neg` on the validation pairs; `steps_per_s`,
@@ -259,7 +260,7 @@ def train_syncnet(config, workdir, data):
     optim = OptimConfig(lr=config.optim.lr, warmup_steps=0, decay_rate=1.0, decay_steps=1,
                         cosine_steps=steps if config.optim.schedule == "cosine" else 0)
 
-    mesh = make_mesh()
+    mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.shape[DATA_AXIS]
     batch_size = config.batch_size - config.batch_size % n_dev or n_dev
     get_batch = batching.make_sync_batch_fn(train_set, batch_size=batch_size,
@@ -294,6 +295,281 @@ def train_syncnet(config, workdir, data):
                val_d_pos=final["d_pos"], val_d_neg=final["d_neg"], steps=steps,
                steps_per_s=steps / max(time.time() - start, 1e-9),
                minutes=(time.time() - t0) / 60.0, devices=n_dev)
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
+
+
+def model_config(config, feature_dim, motion_dim):
+    """(`Audio2MotionConfig` of `config.model` for the corpus' widths, model kind);
+    InputError for an unknown kind, conv algorithm or continuity form."""
+    from geneface_jax.motion.wavenet import CONV_ALGORITHMS
+    model = dict(config.model)
+    kind = model.pop("kind")
+    for key, value, allowed in (("model.kind", kind, MODEL_KINDS),
+                                ("model.conv_algorithm", model["conv_algorithm"],
+                                 CONV_ALGORITHMS),
+                                ("loss.continuity", config.loss.continuity, CONTINUITY_FORMS)):
+        if value not in allowed:
+            raise InputError(f"config.{key} must be one of {allowed}, got {value!r}")
+    return vae_lib.Audio2MotionConfig(feature_dim=feature_dim, motion_dim=motion_dim,
+                                      use_latent=kind == "vae", **model), kind
+
+
+MODEL_KINDS = ("vae", "regression")
+
+
+def _validation_batches(valid_set, n_dev, keys, rows=32):
+    """Every valid utterance whole, `rows` (rounded to the devices) at a time, all padded
+    to the longest utterance (one compiled eval step) and to a multiple of the devices."""
+    import numpy as np
+
+    from geneface_jax.data import batching
+
+    batches = [{k: b[k] for k in keys}
+               for _, b in batching.full_batches(valid_set, n_dev * max(1, rows // n_dev))]
+    longest = max(b["mask"].shape[1] for b in batches)
+    for b in batches:
+        pad = longest - b["mask"].shape[1]
+        for k in keys:
+            widths = [(0, 0)] * b[k].ndim
+            widths[1] = (0, pad * (2 if k == "mel" else 1))    # mel: 2 frames per video frame
+            b[k] = np.pad(b[k], widths)
+        extra = -b["mask"].shape[0] % n_dev
+        if extra:
+            for k in keys:
+                b[k] = np.concatenate([b[k], np.zeros((extra,) + b[k].shape[1:], b[k].dtype)])
+    return batches
+
+
+def train_audio2motion(config, workdir, data, syncnet=None, *, mesh=None):
+    """Trains (or resumes) stage 1, the audio-to-motion VAE with its flow prior or the
+    regression baseline; the `train_audio2motion` run.
+
+    Random `config.window`-frame crops of the corpus' train utterances (shorter ones padded
+    and masked); targets are identity-removed landmarks (each speaker's mean landmarks
+    subtracted) divided by their train-split std (`data.batching`). Losses: L2 + L1 +
+    continuity + KL (+ the frozen SyncNet's sync loss with `syncnet`), weights from
+    `config.loss`. Validation reconstruction losses over the whole valid split are logged
+    every `config.run.eval_every` steps and computed at the start and the end.
+
+    Args:
+      config: `experiments/configs/audio2motion.py`'s ConfigDict (model incl. kind,
+        optim, loss, batch_size, window, seed, run: steps / log_every / checkpoint_every /
+        eval_every).
+      workdir: run directory; writes config.json (what `motion.predict.load_audio2motion`
+        reads: model, data, syncnet), landmark_std.npy, checkpoints, metrics.jsonl and
+        metrics.json.
+      data: corpus directory (`data.format.load_corpus`).
+      syncnet: workdir of a `train_syncnet` run, or None (no sync loss).
+      mesh: the device mesh (default: every device, `mesh.make_mesh()`).
+    Returns:
+      the final metrics (`val_l2`, `val_l1`, `val_kl`, `val_l2_start`, `val_l1_start`,
+      `train_*` of the last logged step, `steps`, `steps_per_s`, `minutes`, `devices`,
+      `model_type`), also written to metrics.json.
+    """
+    import time
+
+    import numpy as np
+
+    from geneface_jax.data import batching
+    from geneface_jax.data import format as fmt
+    from geneface_jax.mesh import DATA_AXIS, make_mesh
+
+    t0 = time.time()
+    window, steps, seed = int(config.window), int(config.run.steps), int(config.seed)
+    if window % 4 or window < 4:
+        raise ShapeError(f"config.window must be a positive multiple of 4, got {window}")
+    corpus = fmt.load_corpus(data)
+    identities = batching.speaker_identities(corpus)
+    std = batching.expression_std(corpus, identities)
+    train_set = batching.UtteranceSet.from_corpus(corpus, "train", std, identities)
+    valid_set = batching.UtteranceSet.from_corpus(corpus, "valid", std, identities)
+    cfg, kind = model_config(config, int(corpus.meta["feature_dim"]),
+                              train_set.motion[0].shape[1])
+    optim = OptimConfig(lr=config.optim.lr, warmup_steps=config.optim.warmup,
+                        decay_rate=config.optim.decay_rate,
+                        decay_steps=config.optim.decay_steps, clip_norm=config.optim.clip_norm)
+    lc = config.loss
+    losses = VAELossConfig(kl=lc.lambda_kl, l1=lc.lambda_l1, l2=lc.lambda_l2,
+                           continuity=lc.lambda_continuity, continuity_form=lc.continuity,
+                           sync=lc.lambda_sync if syncnet else 0.0, sync_hop=lc.sync_hop)
+    sync_net, sync_vars, sync_cfg = None, None, None
+    if syncnet and losses.sync > 0:
+        sync_net, sync_vars, sync_cfg = load_syncnet(syncnet)
+
+    mesh = make_mesh() if mesh is None else mesh
+    n_dev = mesh.shape[DATA_AXIS]
+    batch_size = config.batch_size - config.batch_size % n_dev or n_dev
+    keys = ("mel", "motion", "mask")
+    crops = batching.make_batch_fn(train_set, batch_size=batch_size, window=window, seed=seed)
+    get_batch = lambda step: {k: v for k, v in crops(step).items() if k in keys}  # noqa: E731
+    eval_batches = _validation_batches(valid_set, n_dev, keys)
+
+    def evaluate(st, step):
+        tot, weight = {}, 0.0
+        for i, b in enumerate(eval_batches):
+            _, m = run_eval(st, parallel.shard_batch(b, mesh), jax.random.PRNGKey(1000 + i))
+            w = float(b["mask"].sum())
+            for k, v in jax.device_get(m).items():
+                tot[k] = tot.get(k, 0.0) + float(v) * w
+            weight += w
+        return {k: v / weight for k, v in tot.items()}
+
+    run_cfg = dict(stage="audio2motion", model_type=kind, model=dataclasses.asdict(cfg),
+                   data=str(pathlib.Path(data).absolute()), seed=seed,
+                   batch_size=batch_size, window=window, optim=dataclasses.asdict(optim),
+                   losses=dataclasses.asdict(losses),
+                   syncnet=str(pathlib.Path(syncnet).absolute()) if sync_net else None,
+                   syncnet_model=sync_cfg["model"] if sync_net else None,
+                   run=config.run.to_dict())
+    workdir = loop_lib.prepare_workdir(workdir, run_cfg)
+    if parallel.is_main_process():
+        np.save(workdir / "landmark_std.npy", std)   # motion = (landmarks - identity) / std
+    # The model is built (and compiled) once the workdir has accepted this configuration.
+    model, state = create_vae_state(cfg, optim, seed, sync_vars)
+    train_step, _ = make_vae_steps(model, losses, sync_net, num_frames=window)
+    _, eval_step = make_vae_steps(model, dataclasses.replace(losses, sync=0.0))
+    run_eval = parallel.data_parallel(eval_step, mesh, donate_state=False)
+    start_eval = evaluate(parallel.replicate(state, mesh), 0)
+    start = time.time()
+    state, last = loop_lib.train_loop(
+        workdir=workdir, state=state, step_fn=train_step, get_batch=get_batch,
+        num_steps=steps, mesh=mesh, log_every=config.run.log_every,
+        checkpoint_every=config.run.checkpoint_every,
+        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
+        eval_every=config.run.eval_every, name=f"{kind} ")
+    final = evaluate(state, steps)
+    out = dict(val_l2=final["l2"], val_l1=final["l1"], val_kl=final["kl"],
+               val_l2_start=start_eval["l2"], val_l1_start=start_eval["l1"],
+               **{f"train_{k}": v for k, v in last.items() if not k.startswith("eval_")},
+               steps=steps, steps_per_s=steps / max(time.time() - start, 1e-9),
+               minutes=(time.time() - t0) / 60.0, devices=n_dev, model_type=kind)
+    metrics_lib.write_final_metrics(workdir, out)
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def utterance_stats(predictor, corpus, i, identities, std, seed, temperature, s):
+    """One prior sample `s` of utterance `i`: (per-frame mean landmark distance [T], its
+    mouth part [T], predicted and tracked mouth opening [T], (pearson with the oracle
+    opening, T) or None). Sample 0 uses key `PRNGKey(seed * 100003 + i)`, sample s > 0 that
+    key folded with s, so one sample reproduces single-sample evaluations."""
+    import numpy as np
+
+    from geneface_jax.data import landmarks as lm
+    u = corpus.utterance(int(i))
+    key = jax.random.PRNGKey(seed * 100003 + int(i))
+    if s:
+        key = jax.random.fold_in(key, s)
+    pred = predictor.predict_landmarks(u["mel"], key, temperature,
+                                       identity=identities[u["speaker"]], std=std)
+    dist = np.linalg.norm(pred - u["landmarks"], axis=-1)        # [T, 68]
+    po = lm.mouth_opening(pred)
+    corr = None
+    if "oracle_open" in u and np.std(u["oracle_open"]) > 1e-6:
+        corr = (lm.pearson(po, u["oracle_open"]), len(po))
+    return dist.mean(1), dist[:, lm.MOUTH].mean(1), po, lm.mouth_opening(u["landmarks"]), corr
+
+
+def evaluate_model(predictor, corpus, indices, identities, std, seed, temperature, samples=1,
+                   cache=None):
+    """Figures of one model over the utterances `indices`, averaged over `samples`
+    independent prior samples per utterance (`*_per_sample` lists keep each sample's).
+    `cache` (a dict, shared between calls for the same model and settings) keeps each
+    utterance's `utterance_stats`, so an utterance evaluated for its split is not
+    predicted again for "all"."""
+    import numpy as np
+    cache = {} if cache is None else cache
+    figures = []
+    for s in range(samples):
+        lmd, lmd_m, corr, weights, pred_open, true_open = [], [], [], [], [], []
+        for i in indices:
+            if (int(i), s) not in cache:
+                cache[int(i), s] = utterance_stats(predictor, corpus, i, identities, std,
+                                                   seed, temperature, s)
+            d, dm, po, to, c = cache[int(i), s]
+            lmd.append(d)
+            lmd_m.append(dm)
+            pred_open.append(po)
+            true_open.append(to)
+            if c is not None:
+                corr.append(c[0])
+                weights.append(c[1])
+        pred_open, true_open = np.concatenate(pred_open), np.concatenate(true_open)
+        figures.append(dict(
+            lmd=float(np.concatenate(lmd).mean()), lmd_mouth=float(np.concatenate(lmd_m).mean()),
+            sync_corr=float(np.average(corr, weights=weights)) if corr else float("nan"),
+            std_ratio=float(pred_open.std() / max(true_open.std(), 1e-12))))
+    out = {k: float(np.mean([f[k] for f in figures])) for k in figures[0]}
+    if samples > 1:
+        out.update({f"{k}_per_sample": [f[k] for f in figures]
+                    for k in ("sync_corr", "std_ratio")})
+    return dict(out, samples=samples, frames=int(len(pred_open)),
+                utterances=int(len(indices)))
+
+
+def evaluate_audio2motion(data, workdir, vae, regression=None, *, splits=("test", "valid"),
+                          temperature=1.0, seed=0, samples=4):
+    """Stage 1 on held-out speakers and utterances, with the mean-face test; the
+    `eval_audio2motion` run.
+
+    For every utterance of `splits`, landmarks are sampled from the VAE run `vae` (prior
+    noise x `temperature`, chunked inference, `samples` independent samples whose figures
+    are averaged) and predicted by the regression run `regression` (deterministic: one
+    sample), the speaker's identity (its mean landmarks) is added back, and they are
+    compared with the tracked landmarks: `lmd` / `lmd_mouth` (mean L2 distance of the 68 /
+    20 mouth points), `sync_corr` (Pearson r of the predicted mouth opening with the
+    articulation oracle's, length-weighted; synthetic data only), `std_ratio` (std of the
+    predicted / true mouth opening: < 1 for the "mean face").
+
+    Returns the figures written to `workdir/metrics.json`: `lmd`, `lmd_mouth`,
+    `sync_corr`, `std_ratio_vae`, with `regression` also `std_ratio_regression`,
+    `lmd_regression`, `lmd_mouth_regression`, `sync_corr_regression`; `bar_met`,
+    `temperature`, `samples`, `splits`, `minutes` and `per_split[model][split | 'all']`.
+    """
+    import time
+
+    import numpy as np
+
+    from geneface_jax.data import batching
+    from geneface_jax.data import format as fmt
+    from geneface_jax.motion import predict
+
+    t0 = time.time()
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}")
+    corpus = fmt.load_corpus(data)
+    identities = batching.speaker_identities(corpus)   # each speaker's mean landmarks
+    models = {"vae": (vae, samples)}
+    if regression:
+        models["regression"] = (regression, 1)
+    results = {}
+    for name, (run_dir, n_samples) in models.items():
+        mc, variables, _, std = predict.load_audio2motion(run_dir)
+        predictor = predict.MotionPredictor(mc, variables, chunk=256)
+        per_split, all_idx, cache = {}, [], {}
+        for split in splits:
+            idx = corpus.split(split)
+            if len(idx):
+                per_split[split] = evaluate_model(predictor, corpus, idx, identities, std,
+                                                  seed, temperature, n_samples, cache)
+                all_idx.extend(idx)
+        per_split["all"] = evaluate_model(predictor, corpus, np.asarray(all_idx), identities,
+                                          std, seed, temperature, n_samples, cache)
+        results[name] = per_split
+    v = results["vae"]["all"]
+    out = dict(lmd=v["lmd"], lmd_mouth=v["lmd_mouth"], sync_corr=v["sync_corr"],
+               std_ratio_vae=v["std_ratio"], temperature=temperature, samples=samples,
+               splits=list(splits), per_split=results)
+    if "regression" in results:
+        r = results["regression"]["all"]
+        out.update(std_ratio_regression=r["std_ratio"], lmd_regression=r["lmd"],
+                   lmd_mouth_regression=r["lmd_mouth"], sync_corr_regression=r["sync_corr"])
+    out["bar_met"] = bool(0.8 <= out["std_ratio_vae"] <= 1.25 and out["sync_corr"] >= 0.7
+                          and out.get("std_ratio_regression", 0.0) < 0.8)
+    out["minutes"] = (time.time() - t0) / 60.0
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
     metrics_lib.write_final_metrics(workdir, out)
     return out
 
