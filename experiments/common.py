@@ -1,9 +1,10 @@
 """Shared pieces of the absl entry points: the common flag vocabulary and error handling.
 
-Every training entry point takes `--data`, `--workdir`, `--steps`, `--batch_size`,
-`--seed`, `--config=paper|small` and the multi-host flags (`--distributed`, ...); bad
-input (a `GenefaceError`) is printed as one line without a traceback and exits with
-status 2.
+Every training entry point takes `--data`, `--workdir`, `--steps`, `--seed`,
+`--config=paper|cpu|tiny` (a preset of `experiments/configs/STAGE.py`, overridable as
+`--config.model.width=64`) and the multi-host flags (`--distributed`, ...); bad input (a
+`GenefaceError`, a bad config) is printed as one `error:` line without a traceback and
+exits with status 2.
 """
 
 import ctypes
@@ -21,21 +22,6 @@ from geneface_jax.errors import GenefaceError
 FLAGS = flags.FLAGS
 
 
-def define_common_flags(*, steps, batch_size, data_help="Dataset directory."):
-    """Defines --data, --workdir, --steps, --batch_size, --seed, --config."""
-    flags.DEFINE_string("data", None, data_help)
-    flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, "
-                        "metrics.json. An existing run there is resumed.")
-    flags.DEFINE_integer("steps", steps, "Total training steps (paper default).")
-    flags.DEFINE_integer("batch_size", batch_size, "Global batch size (split over devices).")
-    flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, sampling).")
-    flags.DEFINE_enum("config", "paper", ["paper", "small"],
-                      "paper: GeneFace's sizes; small: the documented CPU config.")
-    flags.DEFINE_integer("log_every", 50, "Log/progress interval in steps.")
-    flags.DEFINE_integer("checkpoint_every", 500, "Checkpoint interval in steps.")
-    define_distributed_flags()
-
-
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
@@ -48,12 +34,7 @@ def define_run_flags(stage, *, data_help="Dataset directory.", models=None):
     `models` ({name: config file stem}, the first the default) also defines --model, which
     picks the config file that --config's preset names (and its default) refer to, e.g.
     {"mlp": "nerf", "grid": "grid"}; `stage` is then the default model's file."""
-    config_flags.DEFINE_config_file(
-        "config", str(CONFIG_DIR / f"{stage}.py") + ":paper",
-        f"Preset of experiments/configs/{stage}.py (paper, cpu, tiny) or FILE.py:ARG; "
-        "override single values with --config.model.base=64 and the like.",
-        lock_config=True)
-    _CONFIG_FILES["config"] = CONFIG_DIR / f"{stage}.py"
+    define_config_flag(stage)
     if models:
         flags.DEFINE_enum("model", next(iter(models)), list(models),
                           "Model family; picks the config file: " + ", ".join(
@@ -65,6 +46,16 @@ def define_run_flags(stage, *, data_help="Dataset directory.", models=None):
     flags.DEFINE_integer("steps", None, "Total training steps (default: the config's).")
     flags.DEFINE_integer("seed", None, "Random seed (default: the config's, 0).")
     define_distributed_flags()
+
+
+def define_config_flag(stage, default="paper", presets="paper, cpu, tiny"):
+    """Defines --config: a preset of `experiments/configs/STAGE.py` by name (`--config=cpu`),
+    or `FILE.py:ARG`, with `--config.a.b=value` overrides."""
+    config_flags.DEFINE_config_file(
+        "config", str(CONFIG_DIR / f"{stage}.py") + f":{default}",
+        f"Preset of experiments/configs/{stage}.py ({presets}) or FILE.py:ARG; override "
+        "single values with --config.a.b=value.", lock_config=True)
+    _CONFIG_FILES["config"] = CONFIG_DIR / f"{stage}.py"
 
 
 def run_config():

@@ -1,38 +1,46 @@
 r"""The embedded default: everything from nothing to a talking-face video, on this machine.
 
-  python -m experiments.demo [--out=demo_out] [--audio=FILE]
+  python -m experiments.demo [--out=demo_out] [--audio=FILE] [--config=cpu|quick|tiny]
 
 1. makes the synthetic multi-speaker corpus and the target person (`make_dataset`);
 2. trains SyncNet, stage 1 (VAE + flow prior), stage 2 (post-net), the head NeRF and the
-   head-aware torso NeRF with the small CPU configs (`train_*`), and scores the NeRF on
-   the person's held-out frames (`eval_nerf`);
-3. synthesizes `--audio` (default: the shipped `en_us_male.wav`) with
-   `geneface_jax.pipeline` and scores the result against the synthetic person's ground
-   truth for that audio (`data.synthetic.world.person_oracle`).
+   head-aware torso NeRF (`train_*`, each stage's preset named by the demo's config), and
+   scores the NeRF on the person's held-out frames (`eval_nerf`, with the face tracker);
+3. synthesizes `--audio` (default: the packaged `en_us_male.wav`) with
+   `geneface_jax.pipeline`, scores the result against the synthetic person's ground
+   truth for that audio (`data.synthetic.world.person_oracle`) and tracks the video.
+
+Sizes and step counts: `experiments/configs/demo.py` (presets cpu, the default; quick;
+tiny, the test suite's). The face models must be fetched once
+(`python -m geneface_jax.data.face_models --fetch`); the demo checks that first.
 
 Writes to `--out`: `video.mp4`, `checkpoints/` (`audio2motion/ postnet/ head/ torso/
 reference.npz`: what `synthesize --checkpoints` takes; `syncnet/` too), `data/`
-(datasets), `eval/` (stage evaluations), `landmarks.png` (predicted vs ground-truth mouth
-opening over time, under the waveform) and `metrics.json`:
+(datasets), `eval/` (stage evaluations; `eval/nerf/frames.png`: held-out renders over the
+ground truth), `landmarks.png` (predicted vs ground-truth mouth opening over time, under
+the waveform) and `metrics.json`:
 
   lmd, lmd_mouth    mean L2 distance (head units) between the rendered landmarks and the
                     ground truth of the person saying the audio (all 68 / mouth points)
   sync_corr         Pearson r of predicted vs ground-truth mouth opening
   lip_energy_corr   Pearson r of the decoded video's mouth-region darkening
                     (`pipeline.mouth_pixel_activity`) with the audio energy (dB)
-  psnr_full, psnr_head, ssim_full, mouth_control_ratio   `eval_nerf` on held-out frames
+  video_face_found, tracked_sync_r, tracked_oracle_r
+                    the video tracked with the face tracker: share of frames with a face,
+                    r of the tracked mouth opening with the rendered landmarks' and with
+                    the ground truth's (`pipeline.tracked_video_report`)
+  psnr_full, psnr_head, ssim_full, mouth_control_ratio, tracked_*, floor_*
+                    `eval_nerf` on the held-out frames (docs/tracking_metric.md)
   frames, seconds, render_fps, minutes (whole demo), stage_minutes
 
 Every stage checkpoints into its directory and is skipped when finished, so a second run
 (or a run after an interruption) only does what is left; the synthesis too is skipped when
-`metrics.json` records the same audio (path and content), temperature, pose mode and seed. Changing the training flags
-between runs on one `--out` is refused (`demo_settings.json` records them); `--audio`,
-`--temperature` and `--pose_mode` only change the synthesis. `--quick` is a tiny configuration (64 px,
-a few hundred steps) for smoke runs; it does not make a good video.
+`metrics.json` records the same audio (path and content), temperature, pose mode and seed.
+Another config on the same `--out` is refused (`demo_settings.json` records it); `--audio`,
+`--temperature` and `--pose_mode` only change the synthesis.
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -44,70 +52,12 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out", "Output directory.")
-flags.DEFINE_string("audio", None, "Audio to synthesize (default: the shipped "
+flags.DEFINE_string("audio", None, "Audio to synthesize (default: the packaged "
                     "en_us_male.wav).")
 flags.DEFINE_integer("seed", 0, "Seed of the datasets and of every training run.")
-flags.DEFINE_integer("size", 96, "Person video size in pixels.")
-flags.DEFINE_integer("frames", 250, "Person video frames.")
-flags.DEFINE_integer("utterances", 200, "Corpus utterances.")
-flags.DEFINE_integer("speakers", 20, "Corpus speakers.")
-flags.DEFINE_integer("syncnet_steps", 800, "SyncNet training steps.")
-flags.DEFINE_integer("a2m_steps", 1000, "Stage-1 training steps.")
-flags.DEFINE_integer("postnet_steps", 1000, "Stage-2 training steps.")
-flags.DEFINE_integer("head_steps", 700, "Head NeRF training steps.")
-flags.DEFINE_integer("torso_steps", 120, "Torso NeRF training steps.")
-flags.DEFINE_integer("rays", 1024, "Rays per NeRF training step.")
-flags.DEFINE_integer("nerf_width", None, "Head and torso density MLP width (default: the "
-                     "small config's, 128).")
-flags.DEFINE_integer("nerf_depth", None, "Density MLP layers (default 6); the skip "
-                     "connection goes after layer depth // 2.")
-flags.DEFINE_integer("nerf_samples", None, "Coarse and fine samples per ray, each (default "
-                     "24).")
-flags.DEFINE_float("mouth_percent", 0.25, "Share of the head's rays drawn in the mouth box.")
-flags.DEFINE_integer("eval_frames", 4, "Held-out frames scored by eval_nerf.")
 flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature at synthesis.")
 flags.DEFINE_enum("pose_mode", "loop", ["loop", "mirror"], "Reference pose track mode.")
-flags.DEFINE_bool("quick", False, "Tiny sizes and step counts (smoke runs, notebooks).")
-
-QUICK = dict(size=64, frames=100, utterances=48, speakers=8, syncnet_steps=150,
-             a2m_steps=300, postnet_steps=200, head_steps=300, torso_steps=60, rays=512,
-             eval_frames=2)
-
-
-def settings():
-    """The effective sizes: the flags, or QUICK for flags left at their defaults."""
-    names = ("size", "frames", "utterances", "speakers", "syncnet_steps", "a2m_steps",
-             "postnet_steps", "head_steps", "torso_steps", "rays", "mouth_percent",
-             "eval_frames", "nerf_width", "nerf_depth", "nerf_samples")
-    out = {n: getattr(FLAGS, n) for n in names}
-    if FLAGS.quick:
-        out.update({n: v for n, v in QUICK.items() if not FLAGS[n].present})
-    return out
-
-
-def nerf_size_flags(s):
-    """`train_nerf` config overrides (`config.model.*`) from the demo's `--nerf_*` settings
-    (None: the cpu preset's value)."""
-    depth = s["nerf_depth"]
-    sizes = dict(width=s["nerf_width"], depth=depth, num_coarse=s["nerf_samples"],
-                 num_fine=s["nerf_samples"],
-                 skip=None if depth is None else max(0, min(depth // 2, depth - 2)))
-    return {f"config.model.{k}": v for k, v in sizes.items()}
-
-
-def check_nerf_sizes(s):
-    """InputError unless the `--nerf_*` sizes make a valid NeRF configuration."""
-    from experiments.configs import nerf as nerf_presets
-    from geneface_jax.errors import InputError
-    from geneface_jax.render import fields
-    if s["nerf_depth"] is not None and s["nerf_depth"] < 2:
-        raise InputError(f"--nerf_depth must be >= 2 (the skip connection goes after "
-                         f"layer depth // 2), got {s['nerf_depth']}")
-    sizes = {k.rsplit(".", 1)[1]: v for k, v in nerf_size_flags(s).items() if v is not None}
-    try:
-        fields.NeRFConfig(**dict(nerf_presets.get_config("cpu").model.to_dict(), **sizes))
-    except (TypeError, ValueError) as e:
-        raise InputError(f"--nerf_width/--nerf_depth/--nerf_samples: {e}") from e
+common.define_config_flag("demo", default="cpu", presets="cpu, quick, tiny")
 
 
 def check_settings(out, settings):
@@ -159,47 +109,53 @@ def main(argv):
     from geneface_jax.data import format as fmt
     from geneface_jax.data.synthetic import speech
     from geneface_jax.data.synthetic import world
+    from geneface_jax.render import face_tracking
     from geneface_jax.train import metrics as metrics_lib
 
     t0 = time.time()
-    s = settings()
+    c = FLAGS.config
     out = pathlib.Path(FLAGS.out).absolute()
     audio = pathlib.Path(FLAGS.audio) if FLAGS.audio else speech.default_clip()
-    check_nerf_sizes(s)                        # bad sizes and bad audio fail now, not
-    audio_io.load_audio(audio)                 # after training
+    audio_io.load_audio(audio)             # bad audio and missing face models fail now,
+    tracker = face_tracking.FrameTracker()  # not after training
     data, ck, ev = out / "data", out / "checkpoints", out / "eval"
     seed = FLAGS.seed
-    check_settings(out, dict(s, seed=seed))
+    settings = dict(c.to_dict(), seed=seed)
+    check_settings(out, settings)
     for d in (data, ck, ev):
         d.mkdir(parents=True, exist_ok=True)
     st = Stages()
+    stage = c.stage_preset
     st.run("corpus", data / "corpus" / "meta.json", "make_dataset", kind="corpus",
-           out=data / "corpus", seed=seed, utterances=s["utterances"],
-           speakers=s["speakers"], held_out_speakers=max(1, s["speakers"] // 7), tfds=False)
+           out=data / "corpus", seed=seed, utterances=c.corpus.utterances,
+           speakers=c.corpus.speakers, held_out_speakers=max(1, c.corpus.speakers // 7),
+           tfds=False)
     st.run("person", data / "person" / "meta.json", "make_dataset", kind="person",
-           out=data / "person", seed=seed, size=s["size"], frames=s["frames"], tfds=False)
+           out=data / "person", seed=seed, size=c.person.size, frames=c.person.frames,
+           tfds=False)
     st.run("syncnet", ck / "syncnet" / "metrics.json", "train_syncnet", data=data / "corpus",
-           workdir=ck / "syncnet", config="cpu", steps=s["syncnet_steps"], seed=seed,
+           workdir=ck / "syncnet", config=stage, steps=c.steps.syncnet, seed=seed,
            **{"config.run.eval_every": 0})
     st.run("audio2motion", ck / "audio2motion" / "metrics.json", "train_audio2motion",
            data=data / "corpus", workdir=ck / "audio2motion", syncnet=ck / "syncnet",
-           config="cpu", steps=s["a2m_steps"], seed=seed,
-           **{"config.run.eval_every": 0, "config.optim.warmup": min(200, s["a2m_steps"] // 5)})
+           config=stage, steps=c.steps.audio2motion, seed=seed,
+           **{"config.run.eval_every": 0,
+              "config.optim.warmup": min(200, c.steps.audio2motion // 5)})
     st.run("postnet", ck / "postnet" / "metrics.json", "train_postnet", data=data / "person",
-           audio2motion=ck / "audio2motion", workdir=ck / "postnet", config="cpu",
-           steps=s["postnet_steps"], seed=seed)
-    sizes = nerf_size_flags(s)
+           audio2motion=ck / "audio2motion", workdir=ck / "postnet", config=stage,
+           steps=c.steps.postnet, seed=seed)
     st.run("head", ck / "head" / "metrics.json", "train_nerf", part="head",
-           data=data / "person", workdir=ck / "head", config="cpu", steps=s["head_steps"],
-           seed=seed, **{"config.head.rays": s["rays"],
-                         "config.head.lr_decay_steps": s["head_steps"],
-                         "config.head.mouth_percent": s["mouth_percent"]}, **sizes)
+           data=data / "person", workdir=ck / "head", config=stage, steps=c.steps.head,
+           seed=seed, **{"config.head.rays": c.rays,
+                         "config.head.lr_decay_steps": c.steps.head,
+                         "config.head.mouth_percent": c.mouth_percent})
     st.run("torso", ck / "torso" / "metrics.json", "train_nerf", part="torso",
-           head=ck / "head", workdir=ck / "torso", config="cpu", steps=s["torso_steps"],
-           seed=seed, **{"config.torso.rays": s["rays"],
-                         "config.torso.lr_decay_steps": max(1, s["torso_steps"])}, **sizes)
+           head=ck / "head", workdir=ck / "torso", config=stage, steps=c.steps.torso,
+           seed=seed, **{"config.torso.rays": c.rays,
+                         "config.torso.lr_decay_steps": max(1, c.steps.torso)})
     st.run("eval_nerf", ev / "nerf" / "metrics.json", "eval_nerf", head=ck / "head",
-           torso=ck / "torso", workdir=ev / "nerf", max_frames=s["eval_frames"])
+           torso=ck / "torso", workdir=ev / "nerf", max_frames=c.eval_frames,
+           save_frames=True)
 
     person = fmt.load_person(data / "person")
     pl.ReferenceTrack.from_person(person).save(ck / pl.REFERENCE_FILE)
@@ -229,6 +185,8 @@ def main(argv):
                                     pipe.reference.poses[res["track"]],
                                     pipe.reference.intrinsics, res["energy"])
     plot_landmarks(out / "landmarks.png", wav, res, truth)
+    video = pl.tracked_video_report(out / "video.mp4", res["landmarks"], truth["landmarks"],
+                                    tracker=tracker)
     nerf = json.loads((ev / "nerf" / "metrics.json").read_text())
     metrics = dict(
         lmd=scores["lmd"], lmd_mouth=scores["lmd_mouth"], sync_corr=scores["sync_corr"],
@@ -236,9 +194,12 @@ def main(argv):
         sync_corr_stage1=scores_stage1["sync_corr"], lip_energy_corr=lip,
         psnr_full=nerf["psnr_full"], psnr_head=nerf["psnr_head"],
         ssim_full=nerf["ssim_full"], mouth_control_ratio=nerf["mouth_control_ratio"],
+        video_face_found=video["face_found"], tracked_sync_r=video["tracked_sync_r"],
+        tracked_oracle_r=video["tracked_oracle_r"],
+        **{k: v for k, v in nerf.items() if k.startswith(("tracked_", "floor_"))},
         frames=res["frames"], seconds=res["seconds"], render_fps=res["render_fps"],
         minutes=(time.time() - t0) / 60.0, stage_minutes=st.minutes,
-        audio=str(audio), settings=s, quick=FLAGS.quick, synthesis=synthesis)
+        audio=str(audio), settings=settings, synthesis=synthesis)
     metrics_lib.write_final_metrics(out, metrics)
     print_metrics(metrics)
 
@@ -257,6 +218,7 @@ def plot_landmarks(path, wav, res, truth):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from geneface_jax import files
     from geneface_jax.audio import features as feat
     from geneface_jax.data import landmarks as lm
 
@@ -273,10 +235,9 @@ def plot_landmarks(path, wav, res, truth):
     ax_m.set_ylabel("mouth opening (head units)")
     ax_m.legend(loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with files.atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

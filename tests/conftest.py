@@ -48,10 +48,7 @@ def speech_dir():
 # trains for a few steps on a 32-pixel person (NeRFs 32 wide, 3 layers, 8 + 8 samples: the
 # synthesis tests render hundreds of frames), then a 1.2 s clip is synthesized. Shared
 # by the end-to-end tests and the entry-point tests of the stages.
-TINY_DEMO = ("--size=32", "--frames=30", "--utterances=12", "--speakers=4",
-             "--syncnet_steps=10", "--a2m_steps=8", "--postnet_steps=10", "--head_steps=10",
-             "--torso_steps=4", "--rays=128", "--eval_frames=1", "--nerf_width=32",
-             "--nerf_depth=3", "--nerf_samples=8")
+TINY_DEMO = ("--config=tiny",)
 
 
 def run_module(module, *args, check=True, devices=1, timeout=1800):

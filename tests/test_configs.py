@@ -11,8 +11,9 @@ import pytest
 
 from conftest import REPO
 
+# The stages' files (presets paper, cpu, tiny); the demo's has its own presets.
 CONFIG_FILES = sorted(p.stem for p in (REPO / "experiments" / "configs").glob("*.py")
-                      if p.stem != "__init__")
+                      if p.stem not in ("__init__", "demo"))
 
 
 @pytest.mark.parametrize("stage", CONFIG_FILES)
@@ -25,6 +26,18 @@ def test_every_preset_loads_and_tiny_is_small(stage):
     assert configs["tiny"].run.steps < configs["cpu"].run.steps <= configs["paper"].run.steps
     with pytest.raises(ValueError, match="unknown preset"):
         module.get_config("small")
+
+
+def test_demo_presets_name_stage_presets():
+    from experiments.configs import demo, syncnet
+    configs = {p: demo.get_config(p) for p in demo.PRESETS}
+    assert demo.get_config("").to_dict() == configs["cpu"].to_dict()
+    for c in configs.values():
+        syncnet.get_config(c.stage_preset)               # a preset every stage file has
+    sizes = [configs[p].person.size for p in ("tiny", "quick", "cpu")]
+    assert sizes == sorted(sizes) and configs["cpu"].eval_frames == 0      # all frames
+    with pytest.raises(ValueError, match="unknown preset"):
+        demo.get_config("paper")
 
 
 def test_workdir_accepts_other_run_controls_and_refuses_another_model(tmp_path):

@@ -74,6 +74,12 @@ def test_demo_writes_video_checkpoints_plot_and_metrics(demo, clip):
         assert k in m and np.isfinite(m[k]), k
     assert 0 < m["lmd_mouth"] < 0.05 and 5 < m["psnr_full"] < 60
     assert (out / "landmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "eval" / "nerf" / "frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The video and the held-out renders tracked with the face tracker (at 32 px the face
+    # may not be found: the figures are there, the frames counted).
+    assert 0.0 <= m["video_face_found"] <= 1.0
+    assert {"tracked_sync_r", "tracked_oracle_r", "tracked_face_found", "tracked_lmd_mouth",
+            "floor_lmd_mouth", "tracked_frames_both"} <= set(m)
     for stage in ("syncnet", "audio2motion", "postnet", "head", "torso"):
         assert (out / "checkpoints" / stage / "metrics.json").is_file(), stage
     assert (out / "checkpoints" / pl.REFERENCE_FILE).is_file()
@@ -99,12 +105,12 @@ def test_second_demo_run_skips_finished_stages(demo, clip, tmp_path):
         temperature=1.0, pose_mode="loop", seed=0)
     # Changed training flags are refused, not silently mixed with the finished stages.
     p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY,
-             "--torso_steps=5", check=False)
-    assert p.returncode == 2 and "other settings" in p.stderr and "torso_steps" in p.stderr
+             "--config.steps.torso=5", check=False)
+    assert p.returncode == 2 and "other settings" in p.stderr and "'steps'" in p.stderr
     assert "Traceback" not in p.stderr
-    # NeRF sizes that make no model are refused before anything is written.
-    p = _run("experiments.demo", f"--out={tmp_path / 'x'}", "--nerf_depth=1", check=False)
-    assert p.returncode == 2 and "--nerf_depth must be >= 2" in p.stderr
+    # An unknown preset is refused before anything is written.
+    p = _run("experiments.demo", f"--out={tmp_path / 'x'}", "--config=huge", check=False)
+    assert p.returncode == 2 and "unknown preset 'huge'" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
 
 

@@ -77,7 +77,7 @@ def test_checkpointer_round_trip_keep_n_and_partial(tmp_path):
     ck = Checkpointer(tmp_path / "ck", max_to_keep=2)
     for step in (1, 2, 3):
         bumped = state.replace(step=jnp.asarray(step, jnp.int32),
-                               params=jax.tree.map(lambda p: p + step, state.params))
+                               params=jax.tree.map(lambda p, s=step: p + s, state.params))
         ck.save(step, bumped, extra={"config": "small"}, force=True)
     ck.wait()
     assert ck.all_steps() == [2, 3]

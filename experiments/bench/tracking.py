@@ -8,8 +8,8 @@ and prints the median frames/s over `--repeats` passes, the share of frames with
 where a frame's time goes (upsampling, detection, mesh) from one more pass, and the
 metric's calibration on the same frames: the figures of the frames shifted right by one
 pixel (`shift_*`: LMD should read ~1 px) and of their H.264 round trip (`floor_*`: the
-noise floor). The last line printed is one JSON object. There is no PyTorch reference: the metric runs the same
-LiteRT models any implementation would.
+noise floor). The last line printed is one JSON object. There is no PyTorch reference:
+the metric runs the same LiteRT models any implementation would.
 """
 
 import json

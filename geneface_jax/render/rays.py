@@ -111,6 +111,7 @@ def ray_intrinsics(intrinsics: Intrinsics, height: int, width: int,
     centre = jnp.asarray([width / 2.0 + 0.5, height / 2.0 + 0.5], jnp.float32)
     return jnp.concatenate([k[..., :2], jnp.broadcast_to(centre, k.shape[:-1] + (2,))], -1)
 
+
 def pixel_rays(poses, intrinsics: Intrinsics, height: int, width: int) -> Tuple[Array, Array]:
     """Rays through the centres of every pixel of an image.
 
