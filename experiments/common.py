@@ -11,7 +11,6 @@ import ctypes
 import os
 import pathlib
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -229,17 +228,3 @@ def _config_error(e):
         message = f"no such key {message} in the config"
     print(f"error: --config: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-class Timer:
-    def __init__(self):
-        self.t0 = time.time()
-
-    def minutes(self):
-        return (time.time() - self.t0) / 60.0
-
-
-def prepare_workdir(workdir, run_cfg):
-    """`train.loop.prepare_workdir`: writes config.json, refuses another configuration."""
-    from geneface_jax.train.loop import prepare_workdir as prepare
-    return prepare(workdir, run_cfg)
