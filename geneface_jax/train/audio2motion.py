@@ -283,12 +283,10 @@ def train_syncnet(config, workdir, data, *, mesh=None):
         return {k: float(v) for k, v in jax.device_get(m).items()}
 
     start = time.time()
-    state, last = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=train_step, get_batch=get_batch,
-        num_steps=steps, mesh=mesh, log_every=config.run.log_every,
-        checkpoint_every=config.run.checkpoint_every,
-        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
-        eval_every=config.run.eval_every, name="syncnet ")
+    state, last = loop_lib.train_configured(
+        run=config.run, run_config=run_cfg, workdir=workdir, state=state,
+        step_fn=train_step, get_batch=get_batch, num_steps=steps, mesh=mesh,
+        eval_fn=evaluate, name="syncnet ")
     final = evaluate(state, steps)
     out = dict(loss=last.get("loss"), accuracy=last.get("accuracy"),
                val_loss=final["loss"], val_accuracy=final["accuracy"],
@@ -432,12 +430,10 @@ def train_audio2motion(config, workdir, data, syncnet=None, *, mesh=None):
     run_eval = parallel.data_parallel(eval_step, mesh, donate_state=False)
     start_eval = evaluate(parallel.replicate(state, mesh), 0)
     start = time.time()
-    state, last = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=train_step, get_batch=get_batch,
-        num_steps=steps, mesh=mesh, log_every=config.run.log_every,
-        checkpoint_every=config.run.checkpoint_every,
-        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
-        eval_every=config.run.eval_every, name=f"{kind} ")
+    state, last = loop_lib.train_configured(
+        run=config.run, run_config=run_cfg, workdir=workdir, state=state,
+        step_fn=train_step, get_batch=get_batch, num_steps=steps, mesh=mesh,
+        eval_fn=evaluate, name=f"{kind} ")
     final = evaluate(state, steps)
     out = dict(val_l2=final["l2"], val_l1=final["l1"], val_kl=final["kl"],
                val_l2_start=start_eval["l2"], val_l1_start=start_eval["l1"],

@@ -45,6 +45,16 @@ def prepare_workdir(workdir, run_config, run_controls=("run",)):
     return workdir
 
 
+def train_configured(*, run, run_config, run_controls=("run",), **kwargs):
+    """`train_loop` driven by a run's configuration: the log, checkpoint and evaluation
+    intervals from `run` (a config's `run` section), and `run_config` without its run
+    controls (what `prepare_workdir` lets differ on resume) saved with every checkpoint."""
+    return train_loop(log_every=run.log_every, checkpoint_every=run.checkpoint_every,
+                      eval_every=run.eval_every,
+                      extra={k: v for k, v in run_config.items() if k not in run_controls},
+                      **kwargs)
+
+
 def step_key(state, step):
     """The RNG key of `step`: a pure function of the state's key and the step number."""
     return jax.random.fold_in(state.rng, step)

@@ -469,13 +469,10 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
     start_step = ck.latest_step() or 0
     ck.close()
     start = time.time()
-    state, last = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=step_fn, get_batch=get_batch, num_steps=steps,
-        mesh=mesh, log_every=config.run.log_every,
-        checkpoint_every=config.run.checkpoint_every,
-        extra={k: v for k, v in run_cfg.items() if k not in ("run", "eval")},
-        eval_fn=evaluate, eval_every=config.run.eval_every, name=f"{part} nerf ",
-        replicated=("frames",))
+    state, last = loop_lib.train_configured(
+        run=config.run, run_config=run_cfg, run_controls=("run", "eval"), workdir=workdir,
+        state=state, step_fn=step_fn, get_batch=get_batch, num_steps=steps, mesh=mesh,
+        eval_fn=evaluate, name=f"{part} nerf ", replicated=("frames",))
     train_s = max(time.time() - start, 1e-9)
     ran = max(steps - start_step, 0)
     final = evaluate(state, steps)

@@ -805,12 +805,10 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
     num_steps = int(config.run.steps)
     fd_before = pool_fd(None)
     start = time.time()
-    state, last = loop_lib.train_loop(
-        workdir=workdir, state=state, step_fn=steps.train_step, get_batch=get_batch,
-        num_steps=num_steps, mesh=mesh, log_every=config.run.log_every,
-        checkpoint_every=config.run.checkpoint_every,
-        extra={k: v for k, v in run_cfg.items() if k != "run"}, eval_fn=evaluate,
-        eval_every=config.run.eval_every, name="postnet ")
+    state, last = loop_lib.train_configured(
+        run=config.run, run_config=run_cfg, workdir=workdir, state=state,
+        step_fn=steps.train_step, get_batch=get_batch, num_steps=num_steps, mesh=mesh,
+        eval_fn=evaluate, name="postnet ")
     fd_after = pool_fd(jax.device_get(state.generator_variables()))
     sel = selected[0] or {"step": num_steps, "pool_fd": fd_after}
     out = dict(pool_fd_before=fd_before, pool_fd_after=fd_after,
