@@ -98,3 +98,16 @@ _FILE_WEIGHT = {"test_end_to_end.py": 550, "test_postnet.py": 240, "test_vae.py"
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -_FILE_WEIGHT.get(item.path.name, 0))     # stable
+
+
+def optimizer_moves(tx, steps):
+    """How far an optax optimizer moves a parameter under a constant unit gradient, step
+    by step (Adam's first steps move by ~ the learning rate): list of `steps` floats."""
+    import jax.numpy as jnp
+    params = {"w": jnp.zeros(3)}
+    opt = tx.init(params)
+    moves = []
+    for _ in range(steps):
+        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
+        moves.append(float(-upd["w"][0]))
+    return moves

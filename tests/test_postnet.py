@@ -3,10 +3,10 @@ separation of the D and G updates, learning on toy domain shifts, 1 vs 8 devices
 resume, the stage-1 sample pool and batches, and the Fréchet distance."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import optimizer_moves
 from geneface_jax import train
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
@@ -365,13 +365,7 @@ def test_training_resumes_exactly(tmp_path):
 
 def test_discriminator_learning_rate_halves_on_schedule():
     optim = tp.PostNetOptimConfig(disc_lr=1e-3, disc_decay_steps=2, clip_norm=0.0)
-    params = {"w": jnp.zeros(3)}
-    tx = optim.discriminator_tx()
-    opt = tx.init(params)
-    moves = []
-    for _ in range(5):
-        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
-        moves.append(float(-upd["w"][0]))
+    moves = optimizer_moves(optim.discriminator_tx(), 5)
     # Adam's first steps move by ~lr per unit-sign gradient: 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4.
     np.testing.assert_allclose(moves, [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4], rtol=1e-3)
 
@@ -380,22 +374,13 @@ def test_generator_learning_rate_warms_up_and_decays():
     """GeneFace's generator schedule: linear warm-up, then decay_rate ** (t / steps)."""
     optim = tp.PostNetOptimConfig(lr=1e-3, warmup_steps=2, decay_rate=0.5, decay_steps=2,
                                   clip_norm=0.0)
-    params = {"w": jnp.zeros(3)}
-    tx = optim.generator_tx()
-    opt = tx.init(params)
-    moves = []
-    for _ in range(5):
-        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
-        moves.append(float(-upd["w"][0]))
+    moves = optimizer_moves(optim.generator_tx(), 5)
     # lr(t) = 1e-3 min(1, (t + 1) / 2) 0.5 ** (max(0, t - 2) / 2)
     want = [1e-3 * min(1.0, (k + 1) / 2) * 0.5 ** (max(0, k - 2) / 2) for k in range(5)]
     np.testing.assert_allclose(moves, want, rtol=1e-3)
     # the default stays constant
     tx = tp.PostNetOptimConfig(lr=1e-3, clip_norm=0.0).generator_tx()
-    opt = tx.init(params)
-    for _ in range(3):
-        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
-    assert float(-upd["w"][0]) == pytest.approx(1e-3, rel=1e-3)
+    assert optimizer_moves(tx, 3)[-1] == pytest.approx(1e-3, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- data

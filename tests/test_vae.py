@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import optimizer_moves
 from geneface_jax import train
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
@@ -222,13 +223,7 @@ def test_cosine_learning_rate_schedule():
     """`cosine_steps`: GeneFace's SyncNet schedule, 0.5 (1 + cos(pi step / N)) lr."""
     optim = a2m.OptimConfig(lr=1e-3, warmup_steps=0, decay_rate=1.0, decay_steps=1,
                             clip_norm=0.0, cosine_steps=4)
-    params = {"w": jnp.zeros(3)}
-    tx = optim.optimizer()
-    opt = tx.init(params)
-    moves = []
-    for _ in range(5):
-        upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
-        moves.append(float(-upd["w"][0]))
+    moves = optimizer_moves(optim.optimizer(), 5)
     # Adam moves ~lr per step on a constant unit gradient
     want = [1e-3 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(5)]
     np.testing.assert_allclose(moves, want, rtol=1e-3, atol=1e-9)
