@@ -14,18 +14,16 @@ video of one person talking into a person dataset (`geneface_jax.data.preprocess
 `--kind=lrs3` the LRS3 corpus into an audio->motion corpus (`geneface_jax.data.lrs3`;
 resumable, bad clips skipped and listed). Real data needs the face models, fetched once:
 `python -m geneface_jax.data.face_models --fetch`. All write the formats of
-docs/dataset_format.md. A summary is
-printed and written to OUT/summary.json (and, with --workdir, WORKDIR/metrics.json).
+docs/dataset_format.md (`geneface_jax.data.make.make_dataset`). A summary is printed and
+written to OUT/summary.json (and, with --workdir, WORKDIR/metrics.json). Bad input prints
+one `error:` line and exits with status 2; nothing is left in OUT.
 """
 
 import json
-import sys
-import time
 
-from absl import app
 from absl import flags
 
-from geneface_jax.errors import GenefaceError
+from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kind", "person", ["person", "corpus", "video", "lrs3"],
@@ -59,115 +57,21 @@ flags.DEFINE_bool("progress", True, "Show progress bars.")
 flags.DEFINE_string("workdir", None, "Optional: also write the summary to WORKDIR/metrics.json.")
 
 
-def summarize(kind, arrays, meta, seconds):
-    """Small JSON-able summary of a generated dataset."""
-    import numpy as np
-    from geneface_jax.data import landmarks as lm
-    out = dict(kind=kind, seed=meta["seed"], generate_seconds=round(seconds, 2))
-    lms = arrays["landmarks"]
-    opening = lm.mouth_opening(lms)
-    out.update(num_frames=int(len(lms)), mouth_opening_mean=float(opening.mean()),
-               mouth_opening_max=float(opening.max()))
-    if kind == "person":
-        n, h, w, _ = arrays["frames"].shape
-        out.update(height=h, width=w, seconds=n / 25.0, splits=meta["splits"],
-                   head_pixels_mean=float((arrays["masks"] == 1).sum((1, 2)).mean()),
-                   torso_pixels_mean=float((arrays["masks"] == 2).sum((1, 2)).mean()),
-                   blinks=int(np.sum(np.diff((arrays["blink"] > 0.5).astype(int)) == 1)))
-    else:
-        utt = arrays["utterances"]
-        out.update(num_utterances=int(len(utt)), num_speakers=int(utt[:, 0].max() + 1),
-                   hours=float(len(lms) / 25.0 / 3600.0),
-                   split_sizes={s: int((utt[:, 3] == i).sum())
-                                for i, s in enumerate(("train", "valid", "test"))})
-    return out
+# Every flag but --kind and --out is a keyword argument of make_dataset of the same name.
+OPTIONS = ("seed", "size", "frames", "utterances", "speakers", "held_out_speakers",
+           "speech_dir", "video", "max_gap", "min_frames", "focal", "crop_scale", "lrs3_dir",
+           "workers", "work_dir", "hubert_checkpoint", "face_models", "tfds", "overwrite",
+           "progress", "workdir")
 
 
 def main(argv):
     del argv
-    from geneface_jax.data import format as fmt
-    from geneface_jax.data.synthetic import world
-
-    if not FLAGS.out:
-        raise app.UsageError("--out is required")
-    t0 = time.time()
-    if FLAGS.kind == "video":
-        return _video()
-    if FLAGS.kind == "lrs3":
-        return _lrs3()
-    if FLAGS.kind == "person":
-        arrays, meta, wav = world.make_person(
-            FLAGS.seed, size=FLAGS.size or 128, num_frames=FLAGS.frames,
-            speech_dir=FLAGS.speech_dir, progress=FLAGS.progress)
-        gen_s = time.time() - t0
-        fmt.write_person(FLAGS.out, arrays, meta, wav, overwrite=FLAGS.overwrite)
-    else:
-        arrays, meta = world.make_corpus(
-            FLAGS.seed, num_utterances=FLAGS.utterances, num_speakers=FLAGS.speakers,
-            held_out_speakers=FLAGS.held_out_speakers, speech_dir=FLAGS.speech_dir,
-            progress=FLAGS.progress)
-        gen_s = time.time() - t0
-        fmt.write_corpus(FLAGS.out, arrays, meta, overwrite=FLAGS.overwrite)
-    _finish(summarize(FLAGS.kind, arrays, meta, gen_s), FLAGS.kind, t0)
-
-
-def _finish(summary, tfds_kind, t0):
-    """Builds the TFDS dataset (when `tfds_kind` and --tfds), writes OUT/summary.json (and
-    WORKDIR/metrics.json) and prints the summary."""
-    from geneface_jax.data import tfds_builders
-    from geneface_jax.train import metrics as metrics_lib
-    if FLAGS.tfds and tfds_kind:
-        t1 = time.time()
-        tfds_builders.build(tfds_kind, FLAGS.out, progress=FLAGS.progress)
-        summary["tfds_seconds"] = round(time.time() - t1, 2)
-    summary["total_seconds"] = round(time.time() - t0, 2)
-    metrics_lib.write_json_atomic(f"{FLAGS.out}/summary.json", summary)
-    if FLAGS.workdir:
-        metrics_lib.write_final_metrics(FLAGS.workdir, summary)
+    common.require("out", *{"video": ("video",), "lrs3": ("lrs3_dir",)}.get(FLAGS.kind, ()))
+    from geneface_jax.data import make
+    summary = make.make_dataset(FLAGS.kind, FLAGS.out,
+                                **{name: FLAGS[name].value for name in OPTIONS})
     print(json.dumps(summary))
 
 
-def _video():
-    from geneface_jax.data import preprocess
-
-    if not FLAGS.video:
-        raise app.UsageError("--kind=video needs --video=FILE")
-    cfg = preprocess.PreprocessConfig(
-        size=FLAGS.size or 512, max_gap=FLAGS.max_gap, min_frames=FLAGS.min_frames,
-        crop_scale=FLAGS.crop_scale,
-        focal=FLAGS.focal)
-    t0 = time.time()
-    summary = preprocess.preprocess_video(
-        FLAGS.video, FLAGS.out, cfg, models_dir=FLAGS.face_models,
-        hubert_checkpoint=FLAGS.hubert_checkpoint, overwrite=FLAGS.overwrite,
-        progress=FLAGS.progress)
-    if summary["interpolated"]:
-        print(f"note: no face in {len(summary['interpolated'])} short gap(s), interpolated: "
-              + ", ".join(f"frames {a}-{b}" for a, b in summary["interpolated"]),
-              file=sys.stderr)
-    _finish(summary, "person", t0)
-
-
-def _lrs3():
-    from geneface_jax.data import lrs3
-
-    if not FLAGS.lrs3_dir:
-        raise app.UsageError("--kind=lrs3 needs --lrs3_dir=ROOT")
-    t0 = time.time()
-    summary = lrs3.build(FLAGS.lrs3_dir, FLAGS.out, work_dir=FLAGS.work_dir,
-                         workers=FLAGS.workers, models_dir=FLAGS.face_models,
-                         hubert_checkpoint=FLAGS.hubert_checkpoint, tfds_build=FLAGS.tfds,
-                         overwrite=FLAGS.overwrite, progress=FLAGS.progress)
-    _finish(summary, None, t0)          # the Lrs3 TFDS build is made by lrs3.build
-
-
-def run():
-    try:
-        app.run(main)
-    except GenefaceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    run()
+    common.run(main)
