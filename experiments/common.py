@@ -4,7 +4,9 @@ Every training entry point takes `--data`, `--workdir`, `--steps`, `--seed`,
 `--config=paper|cpu|tiny` (a preset of `experiments/configs/STAGE.py`, overridable as
 `--config.model.width=64`) and the multi-host flags (`--distributed`, ...); bad input (a
 `GenefaceError`, a bad config) is printed as one `error:` line without a traceback and
-exits with status 2.
+exits with status 2. A training run stopped by SIGTERM / SIGINT (`errors.Preempted`: the
+step it stopped at is saved) prints its `error: ... preempted ...` line and exits with
+status 75 (`errors.PREEMPTED_EXIT_STATUS`, EX_TEMPFAIL): rerun the same command to resume.
 """
 
 import ctypes
@@ -16,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from geneface_jax.errors import GenefaceError
+from geneface_jax.errors import PREEMPTED_EXIT_STATUS, GenefaceError, Preempted
 
 FLAGS = flags.FLAGS
 
@@ -184,7 +186,8 @@ def require(*names):
 
 
 def run(main):
-    """`app.run(main)`, printing GenefaceErrors as `error: ...` and exiting with 2; the
+    """`app.run(main)`, printing GenefaceErrors as `error: ...` and exiting with 2 (75,
+    `PREEMPTED_EXIT_STATUS`, for a preempted training run: rerunning resumes it); the
     host allocator is tuned for XLA:CPU first (`tune_host_malloc`)."""
     def wrapped(argv):
         tune_host_malloc()
@@ -194,6 +197,9 @@ def run(main):
         try:
             _maybe_initialize_distributed()
             return main(argv)
+        except Preempted as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_STATUS)
         except GenefaceError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

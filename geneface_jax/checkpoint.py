@@ -6,15 +6,26 @@ Inference reads a run's `config.json` (`read_run_config`) and its latest checkpo
 saved (`restore_run`: plain nested dicts of arrays, no template, so no optimizer, optax or
 training code is needed), then checks the variables it takes against the shapes its model
 expects (`check_like`).
+
+Every read first checks the checkpoint's files (`Checkpointer.verify`): truncated or
+missing array files and unreadable metadata raise `CheckpointDamaged` naming the step's
+directory, never a traceback and never a configuration mismatch; a checkpoint that reads
+on its own terms but not into the template is the configuration error (`CheckpointError`).
+Training moves a damaged step aside (`move_aside`: `<step>.damaged`, never deleted) and
+resumes from the newest intact one (`train.loop`).
 """
 
 import json
+import os
 import pathlib
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
-from geneface_jax.errors import CheckpointError
+from geneface_jax.errors import CheckpointDamaged, CheckpointError
+
+DAMAGED_SUFFIX = ".damaged"
 
 
 class Checkpointer:
@@ -30,6 +41,42 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def step_dir(self, step):
+        """The directory of checkpoint `step`."""
+        return self.directory / str(int(step))
+
+    def verify(self, step):
+        """Checks checkpoint `step`'s files without a template: its state's metadata parses
+        and every byte of its array database can be read (a truncated or missing data file
+        fails), and its `extra` JSON parses. Raises CheckpointDamaged naming the step's
+        directory and the first problem; returns None when the files are intact."""
+        problem = damage(self.step_dir(step))
+        if problem:
+            raise CheckpointDamaged(f"{self.step_dir(step)}: checkpoint {int(step)} is "
+                                    f"damaged ({problem})", step=int(step))
+
+    def move_aside(self, step):
+        """Renames checkpoint `step` to `<step>.damaged` (`.damaged.1`, ... if taken) so the
+        run resumes from an older step; nothing is deleted. On several hosts every process
+        calls this and process 0 renames. Returns the new path."""
+        src = self.step_dir(step)
+        dst = src.with_name(src.name + DAMAGED_SUFFIX)
+        i = 0
+        while dst.exists():
+            i += 1
+            dst = src.with_name(f"{src.name}{DAMAGED_SUFFIX}.{i}")
+        _sync_hosts(f"geneface_move_aside_{int(step)}_a")
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        _sync_hosts(f"geneface_move_aside_{int(step)}_b")
+        self._manager.reload()
+        return dst
+
+    def reached_preemption(self, step):
+        """True when every host of a multi-host run has reached the preemption sync point
+        `step` (the JAX preemption service, through orbax); False on one host."""
+        return self._manager.reached_preemption(int(step))
 
     def latest_step(self):
         """The newest complete checkpoint's step, or None."""
@@ -62,13 +109,25 @@ class Checkpointer:
                 s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here)
             return s
 
+        self.verify(step)
         abstract = jax.tree.map(target, template)
         try:
             out = self._manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:                  # noqa: BLE001 - classified below
+            # Intact files that do not restore into the template: read the checkpoint on
+            # its own terms; if that works, the model/config differs, else it is damaged.
+            try:
+                saved = self._read_saved(step)
+            except CheckpointDamaged:
+                raise
+            except Exception as e2:             # noqa: BLE001
+                raise CheckpointDamaged(f"{self.step_dir(step)}: checkpoint {step} is "
+                                        f"damaged (cannot be decoded: {_short(e2)})",
+                                        step=step) from e
+            detail = tree_difference(saved, template) or _short(e)
             raise CheckpointError(f"{self.directory}: checkpoint {step} does not match this "
-                                  f"model/config ({e})") from e
+                                  f"model/config ({detail})") from e
         return out["state"]
 
     def restore_saved(self, step=None):
@@ -79,6 +138,14 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             return None
+        self.verify(step)
+        try:
+            return self._read_saved(step)
+        except Exception as e:                  # noqa: BLE001 - any failure to decode
+            raise CheckpointDamaged(f"{self.step_dir(step)}: checkpoint {step} is damaged "
+                                    f"(cannot be decoded: {_short(e)})", step=step) from e
+
+    def _read_saved(self, step):
         reader = ocp.CheckpointManager(
             self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
                                            "extra": ocp.JsonCheckpointHandler()})
@@ -90,22 +157,21 @@ class Checkpointer:
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), tree)
             out = reader.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory}: checkpoint {step} cannot be read "
-                                  f"({type(e).__name__}: {e})") from e
         finally:
             reader.close()
         return out["state"]
 
     def restore_extra(self, step=None):
-        """The JSON dict saved with `step` (default latest), or None."""
+        """The JSON dict saved with `step` (default latest), or None (no checkpoint, or
+        one saved without it); CheckpointDamaged if it is there but unreadable."""
         step = self.latest_step() if step is None else step
-        if step is None:
+        if step is None or not (self.step_dir(step) / "extra").is_dir():
             return None
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError):
-            return None
+        except Exception as e:                  # noqa: BLE001 - any unreadable JSON
+            raise CheckpointDamaged(f"{self.step_dir(step)}: checkpoint {step} is damaged "
+                                    f"(extra: {_short(e)})", step=step) from e
         return out["extra"]
 
     def wait(self):
@@ -114,6 +180,101 @@ class Checkpointer:
     def close(self):
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _sync_hosts(name):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _short(e, limit=400):
+    text = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else str(e)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def damage(step_dir):
+    """What is wrong with the files of the checkpoint in `step_dir` (a string naming the
+    first problem found), or None when they are intact: the state's `_METADATA` must parse,
+    every value of its OCDBT array database must read in full (tensorstore checks each
+    stored byte range against its file: a truncated or missing file fails), `extra`'s JSON
+    must parse. Reads without a template, so a model or config mismatch is not damage."""
+    step_dir = pathlib.Path(step_dir)
+    if not step_dir.is_dir():
+        return "its directory is missing"
+    state = step_dir / "state"
+    if not state.is_dir():
+        return "state/ is missing"
+    try:
+        meta = json.loads((state / "_METADATA").read_text())
+        if not isinstance(meta, dict) or "tree_metadata" not in meta:
+            raise ValueError("no tree_metadata")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"state/_METADATA is unreadable: {_short(e)}"
+    if meta.get("use_ocdbt", True):
+        problem = _ocdbt_damage(state)
+        if problem:
+            return problem
+    extra = step_dir / "extra"
+    if extra.is_dir():
+        try:
+            json.loads((extra / "metadata").read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            return f"extra/metadata is unreadable: {_short(e)}"
+    return None
+
+
+def _ocdbt_damage(state):
+    import tensorstore as ts
+    if not (state / "manifest.ocdbt").is_file():
+        return "state/manifest.ocdbt is missing"
+    try:
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state}/"}).result()
+        keys = kv.list().result()
+        if not keys:
+            return "state/ holds no arrays"
+        for key in keys:
+            kv.read(key).result()
+    except Exception as e:                      # noqa: BLE001 - tensorstore's errors
+        return f"array data unreadable: {_short(e)}"
+    return None
+
+
+def _path_shapes(tree):
+    """{path of names: shape} of a pytree's leaves: attribute, key and index entries all
+    become names, so a dataclass state and the nested dicts it is saved as compare."""
+    def name(k):
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return {"/".join(name(k) for k in path): tuple(getattr(v, "shape", ()))
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def tree_difference(saved, template):
+    """The first difference between a saved tree and a template (leaf paths and shapes) as
+    a short string, or None when they agree."""
+    got, want = _path_shapes(saved), _path_shapes(template)
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing:
+        return f"the checkpoint lacks {missing[:3]}"
+    if unexpected:
+        return f"the checkpoint has {unexpected[:3]}, which this model does not"
+    if shapes:
+        return f"{shapes[0]} is {got[shapes[0]]}, this model's is {want[shapes[0]]}"
+    return None
+
+
+def free_bytes(path):
+    """Free bytes on the disk that holds `path` (its nearest existing ancestor)."""
+    path = pathlib.Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 # --------------------------------------------------------------------------- reading runs

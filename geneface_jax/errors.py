@@ -30,5 +30,32 @@ class CheckpointError(GenefaceError):
     """A checkpoint directory is missing, or holds a different config or stage."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files are damaged: truncated or missing array files, unreadable
+    metadata. Names the checkpoint's directory; `step` is its step."""
+
+    def __init__(self, message, step=None):
+        super().__init__(message)
+        self.step = step
+
+
+class WorkdirError(GenefaceError):
+    """A run directory cannot be used: it cannot be written, or its disk is too full to
+    hold one checkpoint."""
+
+
+class Preempted(GenefaceError):
+    """Training stopped on SIGTERM / SIGINT (or a multi-host preemption notice) after
+    saving a checkpoint at `step`: rerunning the same command resumes from there.
+    Entry points exit with `PREEMPTED_EXIT_STATUS` (75, EX_TEMPFAIL: try again)."""
+
+    def __init__(self, message, step=None):
+        super().__init__(message)
+        self.step = step
+
+
+PREEMPTED_EXIT_STATUS = 75
+
+
 class VideoError(GenefaceError):
     """A video input is unusable: unreadable, no face, no audio track, too few frames."""

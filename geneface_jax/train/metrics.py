@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -45,18 +46,55 @@ def write_final_metrics(workdir, metrics):
         write_json_atomic(pathlib.Path(workdir) / "metrics.json", metrics)
 
 
+def truncate_jsonl(path, last_step):
+    """Drops the rows of a metrics.jsonl whose step is past `last_step` (written by a run
+    that was stopped after its last checkpoint) and any torn line; rewrites the file (write
+    then rename) only if something goes. Returns the number of rows dropped."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            if int(row["step"]) <= last_step:
+                keep.append(line)
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        dropped += 1
+    if dropped:
+        with files.atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+    return dropped
+
+
 class MetricsWriter:
     """Appends `{"step": s, **scalars}` to WORKDIR/metrics.jsonl and TensorBoard events
-    under WORKDIR/tb/ (tensorboardX, no TensorFlow)."""
+    under WORKDIR/tb/ (tensorboardX, no TensorFlow).
 
-    def __init__(self, workdir, *, tensorboard=True):
+    `start_step` (a run resumed from that step, 0 for a fresh one): rows past it are
+    dropped from metrics.jsonl and the new events file starts with TensorBoard's purge
+    marker at `start_step + 1` (`SummaryWriter(purge_step=)`: events of older files at
+    or past it are hidden), so every step appears once, as in an uninterrupted run. Each
+    writer opens its own events file (a name unique to the nanosecond and sorting in
+    time order), never appending to or overwriting an older one."""
+
+    def __init__(self, workdir, *, tensorboard=True, start_step=None):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if start_step is not None:
+            truncate_jsonl(self.workdir / "metrics.jsonl", int(start_step))
         self._jsonl = open(self.workdir / "metrics.jsonl", "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
+            tb = self.workdir / "tb"
+            resumed = start_step is not None and tb.is_dir() and any(
+                "tfevents" in p.name for p in tb.iterdir())
+            self._tb = SummaryWriter(logdir=str(tb),
+                                     purge_step=int(start_step) + 1 if resumed else None,
+                                     filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
     def write(self, step, scalars):
         scalars = {k: _plain(v) for k, v in scalars.items()}
