@@ -22,7 +22,7 @@ from absl import flags
 from experiments import common
 
 FLAGS = flags.FLAGS
-common.define_run_flags("nerf", models={"mlp": "nerf"},
+common.define_run_flags("grid", models={"grid": "grid", "mlp": "nerf"},
                         data_help="The person dataset (default for --part=torso: the head "
                                   "run's).")
 flags.DEFINE_enum("part", None, ["head", "torso"], "Which model to train.")

@@ -432,15 +432,17 @@ def test_head_run_resumes_exactly(person_dir, tmp_path):
 
 def test_train_nerf_command_line(person_dir, tmp_path):
     """The command's contract: a missing flag or an unknown --model is absl's usage error;
-    a config that makes no model is one `error:` line, exit status 2, nothing written."""
+    a config that makes no model is one `error:` line, exit status 2, nothing written
+    (`--model=mlp` picks experiments/configs/nerf.py; the grid renderer is the default)."""
     p = run_module("experiments.train_nerf", "--part=torso", f"--workdir={tmp_path / 'x'}",
                    check=False)
     assert p.returncode != 0 and "--head is required" in p.stderr
     p = run_module("experiments.train_nerf", "--part=head", f"--data={person_dir}",
-                   f"--workdir={tmp_path / 'x'}", "--model=grid", check=False)
-    assert p.returncode != 0 and "flag --model=grid" in p.stderr
+                   f"--workdir={tmp_path / 'x'}", "--model=voxels", check=False)
+    assert p.returncode != 0 and "flag --model=voxels" in p.stderr
     p = run_module("experiments.train_nerf", "--part=head", f"--data={person_dir}",
-                   f"--workdir={tmp_path / 'x'}", "--config=tiny", "--config.model.depth=4",
+                   f"--workdir={tmp_path / 'x'}", "--model=mlp", "--config=tiny",
+                   "--config.model.depth=4",
                    "--config.model.skip=3", check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: config.model: "), p.stderr
     assert "[0, depth - 2] = [0, 2]" in p.stderr

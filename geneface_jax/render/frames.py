@@ -25,6 +25,7 @@ from geneface_jax import checkpoint as ckpt_lib
 from geneface_jax.errors import CheckpointError, InputError, ShapeError
 from geneface_jax.mesh import make_mesh
 from geneface_jax.render import fields
+from geneface_jax.render import grid_fields
 from geneface_jax.render import rays as rays_lib
 from geneface_jax.render import sharded
 
@@ -73,10 +74,15 @@ def landmark_windows(landmarks, indices, window: int, lo: int = 0, hi: Optional[
     return np.asarray(landmarks)[np.clip(idx, lo, hi - 1)]
 
 
-def head_condition(head: fields.HeadNeRF, head_params, windows, smooth):
-    """Per-frame landmark features `[F, cond_dim]` of normalised windows `[F, W, 68, 3]`."""
-    return head.apply({"params": head_params}, windows, smooth,
-                      method=fields.HeadNeRF.condition)
+def head_condition(head, head_params, windows, smooth):
+    """Per-frame landmark features `[F, cond_dim]` of normalised windows `[F, W, 68, 3]`
+    (an MLP `fields.HeadNeRF` or a `grid_fields.GridHeadNeRF`)."""
+    return head.apply({"params": head_params}, windows, smooth, method=type(head).condition)
+
+
+def is_grid(config) -> bool:
+    """Whether a stage-3 config is the grid renderer's (`GridConfig`) or the MLP's."""
+    return isinstance(config, grid_fields.GridConfig)
 
 
 def head_smooth_enabled(config: fields.NeRFConfig, trained_steps: int) -> bool:
@@ -97,8 +103,12 @@ def _ray_intrinsics(intrinsics, config: fields.NeRFConfig, image_size):
 
 
 def init_nerf(config: fields.NeRFConfig, part: str, key):
-    """(model, params) of a fresh head or torso field (`part` HEAD or TORSO); the init runs
-    as one compiled program."""
+    """(model, params) of a fresh head or torso field (`part` HEAD or TORSO) of an MLP
+    (`NeRFConfig`) or grid (`GridConfig`) config; the init runs as one compiled program.
+    (A grid head's occupancy collection: `init_variables`.)"""
+    if is_grid(config):
+        model, variables = grid_fields.init_grid(config, part, key)
+        return model, variables["params"]
     o, d = jnp.zeros((2, 3)), jnp.array([[0.0, 0.0, -1.0]] * 2)
     bg = jnp.zeros((3,))
     if part == HEAD:
@@ -132,9 +142,17 @@ class FrameRenderer:
 
     def __init__(self, head_cfg, head_vars, views_or_meta, *, torso_cfg=None, torso_vars=None,
                  mesh=None, chunk=4096, smooth=True):
-        self.head = fields.HeadNeRF(head_cfg)
+        self.grid = is_grid(head_cfg)
+        if torso_vars is not None and is_grid(torso_cfg) != self.grid:
+            raise CheckpointError("FrameRenderer: the head and the torso come from different "
+                                  "renderers (grid and MLP)")
+        if self.grid:
+            self.head = grid_fields.GridHeadNeRF(head_cfg)
+            self.torso = grid_fields.GridTorso(torso_cfg) if torso_vars is not None else None
+        else:
+            self.head = fields.HeadNeRF(head_cfg)
+            self.torso = fields.TorsoNeRF(torso_cfg) if torso_vars is not None else None
         self.head_vars = head_vars
-        self.torso = fields.TorsoNeRF(torso_cfg) if torso_vars is not None else None
         self.torso_vars = torso_vars
         self.mesh = mesh or make_mesh()
         self.chunk = chunk
@@ -149,9 +167,14 @@ class FrameRenderer:
             _ray_intrinsics(self.intrinsics, torso_cfg, size))
         self.background = np.asarray(v.background, np.float32)
         self._cond = jax.jit(lambda p, w: head_condition(self.head, p, w, bool(smooth)))
-        self._head_fn = _head_render_fn(self.head)
-        self._full_fn = _full_render_fn(self.head, self.torso) if self.torso else None
-        self._torso_fn = _torso_render_fn(self.torso) if self.torso else None
+        if self.grid:
+            self._head_fn = _grid_head_render_fn(self.head)
+            self._full_fn = _grid_full_render_fn(self.head, self.torso) if self.torso else None
+            self._torso_fn = _grid_torso_render_fn(self.torso) if self.torso else None
+        else:
+            self._head_fn = _head_render_fn(self.head)
+            self._full_fn = _full_render_fn(self.head, self.torso) if self.torso else None
+            self._torso_fn = _torso_render_fn(self.torso) if self.torso else None
 
     def condition(self, windows):
         return np.asarray(self._cond(self.head_vars["params"], jnp.asarray(windows)))
@@ -209,12 +232,17 @@ class FrameRenderer:
         o, d = (np.asarray(a).reshape(f, -1, 3)
                 for a in rays_lib.pixel_rays(jnp.asarray(poses), self.head_ray_intrinsics, h,
                                              w))
-        params = {"head": self.head_vars["params"]}
+        params = {"head": self.head_vars}
         if self.torso is not None:
-            to, td = (np.asarray(a).reshape(-1, 3) for a in
-                      rays_lib.pixel_rays(jnp.asarray(torso_pose), self.torso_ray_intrinsics,
-                                          h, w))
-            params["torso"] = self.torso_vars["params"]
+            if self.grid:       # the 2-D torso reads pixel positions, not rays
+                yy, xx = np.divmod(np.arange(h * w), w)
+                to = np.asarray(grid_fields.pixel_uv(yy, xx, h, w))
+                td = None
+            else:
+                to, td = (np.asarray(a).reshape(-1, 3) for a in
+                          rays_lib.pixel_rays(jnp.asarray(torso_pose),
+                                              self.torso_ray_intrinsics, h, w))
+            params["torso"] = self.torso_vars
             pose_vec = np.asarray(fields.head_pose_vector(jnp.asarray(poses)), np.float32)
         bg = self.background.reshape(-1, 3)
         res = {"rgb": np.tile(bg, (f, 1, 1)), "head_rgb": np.tile(bg, (f, 1, 1)),
@@ -228,7 +256,10 @@ class FrameRenderer:
             rays = {"origins": o[:, sel].reshape(-1, 3), "directions": d[:, sel].reshape(-1, 3),
                     "background": np.tile(bg[sel], (f, 1)),
                     "cond": np.repeat(conds, n, axis=0)}
-            if self.torso is not None:
+            if self.torso is not None and self.grid:
+                rays.update(torso_uv=np.tile(to[sel], (f, 1)),
+                            pose=np.repeat(pose_vec, n, axis=0))
+            elif self.torso is not None:
                 rays.update(torso_origins=np.tile(to[sel], (f, 1)),
                             torso_directions=np.tile(td[sel], (f, 1)),
                             pose=np.repeat(pose_vec, n, axis=0))
@@ -241,7 +272,7 @@ class FrameRenderer:
 
 def _head_render_fn(head):
     def fn(params, rays):
-        out = head.apply({"params": params["head"]}, rays["origins"], rays["directions"],
+        out = head.apply(params["head"], rays["origins"], rays["directions"],
                          rays["cond"], rays["background"],
                          method=fields.HeadNeRF.render).final
         return {"rgb": out.rgb, "head_rgb": out.rgb, "head_acc": out.acc}
@@ -251,9 +282,9 @@ def _head_render_fn(head):
 def _full_render_fn(head, torso):
     def fn(params, rays):
         bg = rays["background"]
-        h = head.apply({"params": params["head"]}, rays["origins"], rays["directions"],
+        h = head.apply(params["head"], rays["origins"], rays["directions"],
                        rays["cond"], bg, method=fields.HeadNeRF.render).final
-        t = torso.apply({"params": params["torso"]}, rays["torso_origins"],
+        t = torso.apply(params["torso"], rays["torso_origins"],
                         rays["torso_directions"], rays["cond"], rays["pose"], bg,
                         h.rgb if torso.config.torso_color_dim else None).final
         return {"rgb": fields.composite_person(h, t, bg), "head_rgb": h.rgb,
@@ -265,12 +296,40 @@ def _torso_render_fn(torso):
     """The torso where the head is empty (zero opacity: its colour is the background)."""
     def fn(params, rays):
         bg = rays["background"]
-        t = torso.apply({"params": params["torso"]}, rays["torso_origins"],
+        t = torso.apply(params["torso"], rays["torso_origins"],
                         rays["torso_directions"], rays["cond"], rays["pose"], bg,
                         bg if torso.config.torso_color_dim else None).final
         zero = jnp.zeros(bg.shape[:1], bg.dtype)
         return {"rgb": t.fg_rgb + (1.0 - t.acc)[:, None] * bg, "head_rgb": bg,
                 "head_acc": zero, "torso_acc": t.acc}
+    return fn
+
+
+def _grid_head_render_fn(head):
+    def fn(params, rays):
+        out = head.apply(params["head"], rays["origins"], rays["directions"], rays["cond"],
+                         rays["background"], method=grid_fields.GridHeadNeRF.render).final
+        return {"rgb": out.rgb, "head_rgb": out.rgb, "head_acc": out.acc}
+    return fn
+
+
+def _grid_full_render_fn(head, torso):
+    def fn(params, rays):
+        bg = rays["background"]
+        h = head.apply(params["head"], rays["origins"], rays["directions"], rays["cond"], bg,
+                       method=grid_fields.GridHeadNeRF.render).final
+        alpha, rgb, _ = torso.apply(params["torso"], rays["torso_uv"], rays["pose"])
+        return {"rgb": grid_fields.composite_over_torso(h, alpha, rgb, bg), "head_rgb": h.rgb,
+                "head_acc": h.acc, "torso_acc": alpha}
+    return fn
+
+
+def _grid_torso_render_fn(torso):
+    def fn(params, rays):
+        bg = rays["background"]
+        alpha, rgb, _ = torso.apply(params["torso"], rays["torso_uv"], rays["pose"])
+        return {"rgb": alpha[:, None] * rgb + (1.0 - alpha[:, None]) * bg, "head_rgb": bg,
+                "head_acc": jnp.zeros_like(alpha), "torso_acc": alpha}
     return fn
 
 
@@ -288,24 +347,55 @@ def read_config(workdir):
 
 
 def nerf_config_from(run_cfg, key="model"):
-    return fields.NeRFConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in run_cfg[key].items()})
+    """The model config of a run's config.json: `GridConfig` for a grid run (`renderer:
+    grid`), `NeRFConfig` otherwise."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in run_cfg[key].items()}
+    if run_cfg.get("renderer") == grid_fields.RENDERER:
+        return grid_fields.GridConfig(**values)
+    return fields.NeRFConfig(**values)
+
+
+def init_variables(config, part, key):
+    """(model, variables) of a fresh head or torso: {"params"} and, for a grid head, its
+    "occupancy" collection."""
+    if is_grid(config):
+        return grid_fields.init_grid(config, part, key)
+    model, params = init_nerf(config, part, key)
+    return model, {"params": params}
+
+
+def check_image_size(run_cfg, height: int, width: int, what: str):
+    """InputError when a run trained on frames of another size than `height x width` is
+    used on them (`run_cfg["image_size"]`, recorded by training)."""
+    size = run_cfg.get("image_size")
+    if size is not None and tuple(size) != (int(height), int(width)):
+        raise InputError(f"{what}: the run was trained on {size[1]}x{size[0]} frames, the "
+                         f"dataset's are {width}x{height}; use the dataset it was trained on "
+                         "(or one of the same size)")
 
 
 def load_nerf(workdir, part):
-    """(NeRFConfig, variables {'params'}, run config, LandmarkNormalizer) of a trained
-    head or torso run (its last checkpoint); the run config gets `trained_steps`, the
-    checkpoint's step."""
+    """(config, variables, run config, LandmarkNormalizer) of a trained head or torso run
+    (its last checkpoint): `NeRFConfig` and {"params"} for the MLP renderer, `GridConfig`
+    and {"params", "occupancy"} (a head's occupancy grid) for the grid renderer; the run
+    config gets `trained_steps`, the checkpoint's step."""
     run_cfg = read_config(workdir)
     if run_cfg.get("part") != part:
         raise CheckpointError(f"{workdir}: a {run_cfg.get('part')!r} NeRF run, expected "
                               f"{part!r}")
-    cfg = nerf_config_from(run_cfg)
+    try:
+        cfg = nerf_config_from(run_cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{workdir}: config.json's model is not a "
+                              f"{run_cfg.get('renderer', 'mlp')} renderer's config ({e})") from e
     saved = ckpt_lib.restore_run(workdir)
     # checked against the shapes only: nothing is initialised or compiled
-    params = ckpt_lib.check_like(
-        saved["params"], jax.eval_shape(lambda: init_nerf(cfg, part, jax.random.PRNGKey(0))[1]),
-        f"{workdir}")
+    template = jax.eval_shape(lambda: init_variables(cfg, part, jax.random.PRNGKey(0))[1])
+    variables = {"params": ckpt_lib.check_like(saved["params"], template["params"],
+                                               f"{workdir}")}
+    if "occupancy" in template:
+        variables["occupancy"] = ckpt_lib.check_like(saved.get("batch_stats", {}),
+                                                     template["occupancy"], f"{workdir}")
     normalizer = LandmarkNormalizer.load(pathlib.Path(workdir) / "landmark_norm.npz")
     run_cfg = dict(run_cfg, trained_steps=int(saved["step"]))
-    return cfg, {"params": params}, run_cfg, normalizer
+    return cfg, variables, run_cfg, normalizer

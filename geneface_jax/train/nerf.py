@@ -55,6 +55,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from geneface_jax import files
@@ -65,10 +66,12 @@ from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import DatasetError, InputError
 from geneface_jax.mesh import DATA_AXIS, make_mesh
 from geneface_jax.render import fields
+from geneface_jax.render import grid_fields
 from geneface_jax.render import image_metrics as im
 from geneface_jax.render import rays as rays_lib
 from geneface_jax.render.frames import (HEAD, TORSO, FrameRenderer, LandmarkNormalizer,
-                                        _ray_intrinsics, head_condition, head_smooth_enabled,
+                                        _ray_intrinsics, check_image_size, head_condition,
+                                        head_smooth_enabled,
                                         init_nerf, landmark_windows, load_nerf)
 from geneface_jax.train import loop as loop_lib
 from geneface_jax.train import metrics as metrics_lib
@@ -197,7 +200,10 @@ def make_batch_fn(views: PersonViews, part: str, sampling: RaySamplingConfig, *,
                           "target": np.concatenate(target).astype(np.float32),
                           "background": np.concatenate(bg).astype(np.float32)},
                  "frames": {"pose": views.poses[ts],
-                            "windows": views.windows(ts, window, split)}}
+                            "windows": views.windows(ts, window, split),
+                            # the grid renderer's per-frame codes and ambient regulariser
+                            "code_index": (ts - lo).astype(np.int32),
+                            "face_rect": views.face_rect[ts].astype(np.int32)}}
         if part == TORSO:
             batch["frames"]["torso_pose"] = np.broadcast_to(views.torso_pose(),
                                                             (f, 4, 4)).copy()
@@ -342,6 +348,189 @@ def _frozen_head(head, head_params, frames, rays, k, background, noise, smooth):
     return jax.lax.stop_gradient(out.final), jax.lax.stop_gradient(cond)
 
 
+# --------------------------------------------------------------------------- grid renderer
+
+@dataclasses.dataclass(frozen=True)
+class GridOptimConfig:
+    """GeneFace's RAD-NeRF optimiser: Adam (eps 1e-15) at `lr` for the networks,
+    `grid_lr_scale` x lr for the grid tables and `smoother_lr_scale` x lr for the attention
+    smoother, all decaying as `decay_rate ** (step / decay_steps)`. Loss weights: weight
+    entropy `lambda_entropy` (1e-4), ambient regulariser `lambda_ambient` (0.1) on rays
+    outside the face rectangle, ramped up linearly over `ambient_ramp_steps` (250k)."""
+    lr: float = 5e-4
+    grid_lr_scale: float = 10.0
+    smoother_lr_scale: float = 5.0
+    decay_rate: float = 0.1
+    decay_steps: int = 250_000
+    lambda_entropy: float = 1e-4
+    lambda_ambient: float = 0.1
+    ambient_ramp_steps: int = 250_000
+
+
+def _param_group(path):
+    keys = [getattr(k, "key", str(k)) for k in path]
+    if "table" in keys:
+        return "grid"
+    if "smoother" in keys:
+        return "smoother"
+    return "net"
+
+
+def make_grid_optimizer(optim: GridOptimConfig, params):
+    """Adam per parameter group (`GridOptimConfig`)."""
+
+    def adam(scale):
+        sched = lambda step: optim.lr * scale * optim.decay_rate ** (        # noqa: E731
+            step / optim.decay_steps)
+        return optax.adam(sched, eps=1e-15)
+
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: _param_group(p), params)
+    return optax.multi_transform({"grid": adam(optim.grid_lr_scale),
+                                  "smoother": adam(optim.smoother_lr_scale),
+                                  "net": adam(1.0)}, labels)
+
+
+def create_grid_state(config: grid_fields.GridConfig, optim: GridOptimConfig, part: str,
+                      seed: int, head_variables=None):
+    """(model, TrainState) of the grid head (its occupancy collection in `batch_stats`) or
+    the grid torso (the frozen head's variables in `frozen['head']`)."""
+    k_init, k_state = jax.random.split(jax.random.PRNGKey(seed))
+    if part == TORSO and head_variables is None:
+        raise ValueError("create_grid_state: the torso needs the trained head variables")
+    model, variables = grid_fields.init_grid(config, part, k_init)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              tx=make_grid_optimizer(optim, variables["params"]),
+                              rng=k_state, batch_stats=variables.get("occupancy"),
+                              frozen={"head": head_variables} if part == TORSO else None)
+    return model, state
+
+
+def _in_rects(rows, cols, rects):
+    """Whether pixels lie in their frame's (x0, y0, x1, y1) rectangle `[R]` bool."""
+    return ((cols >= rects[:, 0]) & (cols < rects[:, 2]) & (rows >= rects[:, 1])
+            & (rows < rects[:, 3]))
+
+
+def _binary_entropy(acc):
+    a = jnp.clip(acc, 1e-5, 1.0 - 1e-5)
+    return -a * jnp.log2(a) - (1.0 - a) * jnp.log2(1.0 - a)
+
+
+def make_grid_head_step(model: grid_fields.GridHeadNeRF, optim: GridOptimConfig, intrinsics,
+                        image_size=None):
+    """Per-device `train_step(state, batch, rng)` of the grid head: every
+    `occupancy_every` steps the occupancy grid is updated first (under the condition of the
+    step's first frame), then one render of the rays over "everything but the head" (as
+    the MLP head) and the loss MSE + lambda_entropy * binary entropy of the opacity +
+    ramped lambda_ambient * weighted |ambient| outside the face rectangle."""
+    cfg = model.config
+    k = _ray_intrinsics(intrinsics, cfg, image_size)
+
+    def loss_fn(params, occupancy, batch, key, smooth, amb_weight):
+        rays, frames = batch["rays"], batch["frames"]
+        variables = {"params": params, "occupancy": occupancy}
+        cond = head_condition(model, params, frames["windows"], smooth)[rays["frame"]]
+        code = model.apply(variables, frames["code_index"],
+                           method=grid_fields.GridHeadNeRF.codes)[rays["frame"]]
+        origins, dirs = _rays(frames, rays, k)
+        r = origins.shape[0]
+        u = parallel.global_uniform(key, (r, cfg.num_samples))
+        out, amb = model.apply(variables, origins, dirs, cond, rays["background"], code,
+                               noise=u, return_ambient=True,
+                               method=grid_fields.GridHeadNeRF.render)
+        out = out.coarse
+        ones = jnp.ones((r, 1), jnp.float32)
+        mse = parallel.global_mean(jnp.square(out.rgb - rays["target"]), ones)
+        ent = parallel.global_mean(_binary_entropy(out.acc)[:, None], ones)
+        outside = ~_in_rects(rays["rows"], rays["cols"], frames["face_rect"][rays["frame"]])
+        amb_out = parallel.global_mean((amb * outside)[:, None], ones)
+        loss = mse + optim.lambda_entropy * ent + amb_weight * amb_out
+        return loss, {"mse": mse, "psnr": _psnr(mse), "entropy": ent, "ambient": amb_out,
+                      "acc": parallel.global_mean(out.acc[:, None], ones)}
+
+    def train_step(state, batch, rng):
+        k_occ, k_loss = jax.random.split(rng)
+        smooth = state.step >= cfg.smooth_warmup_steps
+
+        def update(_):
+            cond0 = head_condition(model, state.params, batch["frames"]["windows"][:1],
+                                   smooth)[0]
+            return grid_fields.update_occupancy(
+                grid_fields.head_density(model, state.params, jax.lax.stop_gradient(cond0)),
+                state.batch_stats, k_occ, cfg)
+
+        occupancy = jax.lax.cond(state.step % cfg.occupancy_every == 0, update,
+                                 lambda _: state.batch_stats, None)
+        amb_weight = optim.lambda_ambient * jnp.minimum(
+            state.step.astype(jnp.float32) / max(optim.ambient_ramp_steps, 1), 1.0)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, occupancy, batch, k_loss, smooth, amb_weight)
+        metrics["loss"] = loss
+        metrics["occupied"] = jnp.mean(occupancy["bits"])
+        return state.apply_gradients(grads, batch_stats=occupancy), metrics
+
+    return train_step
+
+
+def make_grid_torso_step(model: grid_fields.GridTorso, head: grid_fields.GridHeadNeRF,
+                         intrinsics, head_smooth: bool = True, image_size=None):
+    """Per-device `train_step(state, batch, rng)` of the 2-D torso: the frozen grid head
+    renders each ray in its frame's camera; the loss is the MSE of `head_fg + (1 -
+    head_acc) (alpha rgb + (1 - alpha) background)` against the frame."""
+    head_k = _ray_intrinsics(intrinsics, head.config, image_size)
+    h, w = image_size
+
+    def loss_fn(params, head_vars, batch, key):
+        rays, frames = batch["rays"], batch["frames"]
+        bg = rays["background"]
+        r = bg.shape[0]
+        head_vars = jax.lax.stop_gradient(head_vars)
+        cond = head_condition(head, head_vars["params"], frames["windows"],
+                              head_smooth)[rays["frame"]]
+        origins, dirs = _rays(frames, rays, head_k)
+        u = parallel.global_uniform(key, (r, head.config.num_samples))
+        head_out = head.apply(head_vars, origins, dirs, cond, bg, noise=u,
+                              method=grid_fields.GridHeadNeRF.render).coarse
+        head_out = jax.lax.stop_gradient(head_out)
+        pose = fields.head_pose_vector(frames["pose"])[rays["frame"]]
+        code = None
+        if model.config.torso_code_dim:
+            code = model.apply({"params": params}, frames["code_index"],
+                               method=grid_fields.GridTorso.codes)[rays["frame"]]
+        uv = grid_fields.pixel_uv(rays["rows"], rays["cols"], h, w)
+        alpha, rgb, _ = model.apply({"params": params}, uv, pose, code)
+        comp = grid_fields.composite_over_torso(head_out, alpha, rgb, bg)
+        ones = jnp.ones((r, 1), jnp.float32)
+        mse = parallel.global_mean(jnp.square(comp - rays["target"]), ones)
+        return mse, {"mse": mse, "psnr": _psnr(mse),
+                     "torso_alpha": parallel.global_mean(alpha[:, None], ones)}
+
+    def train_step(state, batch, rng):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.frozen["head"], batch, rng)
+        metrics["loss"] = loss
+        return state.apply_gradients(grads), metrics
+
+    return train_step
+
+
+def grid_model_config(model, *, near_far=None, head=None, num_codes=1):
+    """The `model` section of a grid config (`experiments/configs/grid.py`: every field of
+    `GridConfig`) as a GridConfig with `num_codes` per-frame codes; `near_far` replaces the
+    bounds and a torso takes the head run's condition sizes and pixel convention."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model).items()}
+    values["num_codes"] = int(num_codes)
+    if near_far is not None:
+        values["near"], values["far"] = near_far
+    if head is not None:
+        values.update(cond_dim=head.cond_dim, smooth_window=head.smooth_window,
+                      pixel_convention=head.pixel_convention)
+    try:
+        return grid_fields.GridConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"config.model: {e}") from e
+
+
 # --------------------------------------------------------------------------- runs
 
 def model_config(model, *, near_far=None, head: Optional[fields.NeRFConfig] = None):
@@ -399,14 +588,28 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
         data = data or head_run["data"]
     elif data is None:
         raise InputError("train_nerf: the head needs a person dataset (data=)")
+    renderer = config.get("renderer", "mlp")
+    grid = renderer == grid_fields.RENDERER
+    if head_run is not None and head_run.get("renderer", "mlp") != renderer:
+        raise InputError(f"train_nerf: the head run {head} is a "
+                         f"{head_run.get('renderer', 'mlp')} renderer's; this torso config "
+                         f"is the {renderer} renderer's (--model={head_run.get('renderer', 'mlp')}"
+                         " trains the matching torso)")
     person = fmt.load_person(data)
     views = PersonViews(person, normalizer)
     if config.bounds not in RAY_BOUND_SOURCES:
         raise InputError(f"config.bounds must be one of {RAY_BOUND_SOURCES}, got "
                          f"{config.bounds!r}")
-    cfg = model_config(config.model)
-    cfg = model_config(config.model, near_far=ray_bounds(person.meta, cfg, config.bounds),
-                       head=head_cfg)
+    if grid:
+        lo_t, hi_t = views.split_range("train")
+        cfg = grid_model_config(config.model, head=head_cfg, num_codes=hi_t - lo_t)
+        cfg = grid_model_config(config.model, near_far=ray_bounds(person.meta, cfg,
+                                                                  config.bounds),
+                                head=head_cfg, num_codes=hi_t - lo_t)
+    else:
+        cfg = model_config(config.model)
+        cfg = model_config(config.model, near_far=ray_bounds(person.meta, cfg, config.bounds),
+                           head=head_cfg)
 
     mesh = mesh or make_mesh()
     n_dev = mesh.shape[DATA_AXIS]
@@ -418,30 +621,48 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
     sampling = RaySamplingConfig(frames_per_step=fps, rays_per_frame=rays // fps,
                                  in_rect_percent=p.in_rect_percent,
                                  mouth_percent=p.mouth_percent if part == HEAD else 0.0)
-    optim = NeRFOptimConfig(lr=p.lr, decay_rate=p.lr_decay, decay_steps=p.lr_decay_steps)
+    if grid:
+        optim = GridOptimConfig(lr=p.lr, decay_rate=p.lr_decay, decay_steps=p.lr_decay_steps,
+                                **{k: p[k] for k in ("grid_lr_scale", "smoother_lr_scale",
+                                                     "lambda_entropy", "lambda_ambient",
+                                                     "ambient_ramp_steps") if k in p})
+    else:
+        optim = NeRFOptimConfig(lr=p.lr, decay_rate=p.lr_decay, decay_steps=p.lr_decay_steps)
     get_batch = make_batch_fn(views, part, sampling, window=cfg.smooth_window,
                               seed=config.seed)
     steps = int(config.run.steps if part == HEAD else config.run.torso_steps)
     run = dict(steps=steps, log_every=config.run.log_every,
                checkpoint_every=config.run.checkpoint_every, eval_every=config.run.eval_every)
-    run_cfg = dict(stage="nerf", part=part, renderer="mlp", model=dataclasses.asdict(cfg),
+    run_cfg = dict(stage="nerf", part=part, renderer=renderer, model=dataclasses.asdict(cfg),
                    bounds=config.bounds, data=str(pathlib.Path(data).absolute()),
                    seed=config.seed, sampling=dataclasses.asdict(sampling),
                    optim=dataclasses.asdict(optim),
                    head=str(pathlib.Path(head).absolute()) if head_run else None,
                    head_model=head_run["model"] if head_run else None,
-                   eval=config.eval.to_dict(), run=run)
+                   eval=config.eval.to_dict(), run=run,
+                   image_size=[int(views.height), int(views.width)])
+    if head_run is not None:
+        check_image_size(head_run, views.height, views.width, f"train_nerf: head run {head}")
     workdir = loop_lib.prepare_workdir(workdir, run_cfg, run_controls=("run", "eval"))
     if parallel.is_main_process():
         views.normalizer.save(workdir / "landmark_norm.npz")
-    if part == HEAD:
+    size = (views.height, views.width)
+    head_smooth = head_run is not None and head_smooth_enabled(head_cfg,
+                                                               head_run["trained_steps"])
+    if grid and part == HEAD:
+        model, state = create_grid_state(cfg, optim, HEAD, config.seed)
+        step_fn = make_grid_head_step(model, optim, views.intrinsics, size)
+    elif grid:
+        model, state = create_grid_state(cfg, optim, TORSO, config.seed, head_vars)
+        step_fn = make_grid_torso_step(model, grid_fields.GridHeadNeRF(head_cfg),
+                                       views.intrinsics, head_smooth, size)
+    elif part == HEAD:
         model, state = create_nerf_state(cfg, optim, HEAD, config.seed)
-        step_fn = make_head_step(model, views.intrinsics, (views.height, views.width))
+        step_fn = make_head_step(model, views.intrinsics, size)
     else:
         model, state = create_nerf_state(cfg, optim, TORSO, config.seed, head_vars)
-        head_smooth = head_smooth_enabled(head_cfg, head_run["trained_steps"])
         step_fn = make_torso_step(model, fields.HeadNeRF(head_cfg), views.intrinsics,
-                                  head_smooth, (views.height, views.width))
+                                  head_smooth, size)
 
     split = "valid" if "valid" in views.splits else "train"
     lo, hi = views.split_range(split)
@@ -450,6 +671,8 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
 
     def evaluate(st, step):
         params = {"params": jax.device_get(st.params)}
+        if grid and part == HEAD:
+            params["occupancy"] = jax.device_get(st.batch_stats)
         if part == HEAD:
             r = FrameRenderer(cfg, params, views, mesh=mesh, chunk=config.eval.chunk,
                               smooth=head_smooth_enabled(cfg, step))
@@ -530,13 +753,16 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         from geneface_jax.render import face_tracking
         tracker = face_tracking.FrameTracker()
     head_cfg, head_vars, head_run, normalizer = load_nerf(head, HEAD)
-    torso_cfg = torso_vars = None
+    torso_cfg = torso_vars = torso_run = None
     if torso:
         torso_cfg, torso_vars, torso_run, _ = load_nerf(torso, TORSO)
         if torso_run.get("head") != str(pathlib.Path(head).absolute()):
             print(f"warning: the torso run was trained with head {torso_run.get('head')}, "
                   f"evaluating with {head}", file=sys.stderr)
     views = PersonViews(fmt.load_person(data or head_run["data"]), normalizer)
+    for run_cfg, name in ((head_run, head), (torso_run if torso else None, torso)):
+        if run_cfg is not None:
+            check_image_size(run_cfg, views.height, views.width, f"eval_nerf: {name}")
     renderer = FrameRenderer(head_cfg, head_vars, views, torso_cfg=torso_cfg,
                              torso_vars=torso_vars, mesh=mesh, chunk=chunk,
                              smooth=head_smooth_enabled(head_cfg, head_run["trained_steps"]))

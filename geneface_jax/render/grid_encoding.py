@@ -1,0 +1,188 @@
+"""Multi-resolution grid encoding (Instant-NGP / RAD-NeRF style) and spherical harmonics.
+
+A `GridSpec` describes L levels of a d-dimensional grid (d = 2 or 3) with F features per
+vertex. Level l has `N_l = floor(base * b^l)` vertices per side, with the growth factor
+`b = exp((ln finest - ln base) / (L - 1))` so the last level has `finest` vertices per
+side. Level l's table holds `min(N_l^d, 2^T)` rows (rounded up to a multiple of 8): a
+level whose vertices fit is stored densely (vertex `v` at row `sum_i v_i N_l^i`), a
+finer one is hashed (Instant-NGP's spatial hash: `xor_i (v_i * pi_i) mod size`, primes
+pi = (1, 2654435761, 805459861), computed in wrapping uint32 arithmetic), so hash
+collisions share rows. All levels live in one parameter table `[sum of rows, F]` at
+`GridSpec.offsets`.
+
+Encoding a point `x` in `[0, 1]^d` (callers map their box onto the unit cube): on level
+l the point sits at `p = x (N_l - 1)`, its cell's lower vertex is `v0 = clip(floor(p), 0,
+N_l - 2)` and `w = p - v0`; the level's feature is the d-linear interpolation
+`sum_{c in {0,1}^d} prod_i (c_i w_i + (1 - c_i)(1 - w_i)) table[row(v0 + c)]`; the output
+concatenates the levels, `[..., L F]` (level-major). Points outside the unit cube are
+clipped onto it. A grid holding a linear function of the vertex positions therefore
+reproduces it exactly inside every cell, and the gradient with respect to `x` flows
+through the weights (the ambient path of the head needs it).
+
+Backward pass: autodiff of the one gather of all `L 2^d` corner rows is one scatter-add
+into the table (XLA's sorted/serial scatter on CPU, atomics on GPU); `docs/benchmarks.md`
+has its share of a training step.
+
+Spherical harmonics (`spherical_harmonics`): the real SH basis of degree 4 (bands 0..3,
+16 values) of unit directions, the colour input of the grid head (Instant-NGP / RAD-NeRF).
+"""
+
+import dataclasses
+import math
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geneface_jax.errors import ShapeError
+
+PRIMES = (1, 2654435761, 805459861)
+INIT_SCALE = 1e-4        # tables start uniform in +-1e-4 (Instant-NGP)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """A d-dimensional multi-resolution grid: `levels` x `features`, resolutions from
+    `base` to `finest` vertices per side, at most `2^log2_table` rows per level."""
+    dims: int = 3
+    levels: int = 16
+    features: int = 2
+    base: int = 16
+    finest: int = 2048
+    log2_table: int = 16
+
+    def __post_init__(self):
+        if self.dims not in (2, 3):
+            raise ValueError(f"GridSpec: dims must be 2 or 3, got {self.dims}")
+        if self.levels < 1 or self.features < 1:
+            raise ValueError(f"GridSpec: levels and features must be positive: {self}")
+        if self.base < 2 or self.finest < self.base:
+            raise ValueError(f"GridSpec: need 2 <= base <= finest, got {self.base}, "
+                             f"{self.finest}")
+        if not 4 <= self.log2_table <= 30:
+            raise ValueError(f"GridSpec: log2_table must be in [4, 30], got {self.log2_table}")
+
+    @property
+    def resolutions(self) -> Tuple[int, ...]:
+        """Vertices per side of each level."""
+        if self.levels == 1:
+            return (self.base,)
+        growth = math.exp((math.log(self.finest) - math.log(self.base)) / (self.levels - 1))
+        res = [int(math.floor(self.base * growth ** lv + 1e-6)) for lv in range(self.levels)]
+        res[-1] = self.finest
+        return tuple(max(2, r) for r in res)
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        """Rows of each level's table: the dense vertex count, capped at 2^log2_table,
+        rounded up to a multiple of 8."""
+        cap = 1 << self.log2_table
+        return tuple(min(cap, -(-(r ** self.dims) // 8) * 8) for r in self.resolutions)
+
+    @property
+    def hashed(self) -> Tuple[bool, ...]:
+        """Whether each level is hashed (its dense vertex count exceeds its table)."""
+        return tuple(r ** self.dims > s for r, s in zip(self.resolutions, self.sizes))
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """First row of each level in the joint table."""
+        return tuple(int(v) for v in np.cumsum((0,) + self.sizes[:-1]))
+
+    @property
+    def rows(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def output_dim(self) -> int:
+        return self.levels * self.features
+
+
+def _corner_offsets(dims):
+    """`[2^d, d]` int32: the corners of a cell, bit i of corner c = offset along axis i."""
+    return np.array([[(c >> i) & 1 for i in range(dims)] for c in range(1 << dims)],
+                    np.int32)
+
+
+def _level_rows(v, res, size, hashed):
+    """Rows of integer vertices `v [..., d]` (int32) in one level's table."""
+    if hashed:
+        vu = v.astype(jnp.uint32)
+        h = vu[..., 0] * jnp.uint32(PRIMES[0])
+        for i in range(1, v.shape[-1]):
+            h = h ^ (vu[..., i] * jnp.uint32(PRIMES[i]))
+        return (h & jnp.uint32(size - 1)).astype(jnp.int32) if size & (size - 1) == 0 \
+            else (h % jnp.uint32(size)).astype(jnp.int32)
+    row = v[..., 0]
+    stride = 1
+    for i in range(1, v.shape[-1]):
+        stride *= res
+        row = row + v[..., i] * stride
+    return row
+
+
+def corner_rows_and_weights(x, spec: GridSpec):
+    """Where a point reads the table: rows `[N, L, 2^d]` (int32, joint-table rows) and
+    d-linear weights `[N, L, 2^d]` of points `x [N, d]` in `[0, 1]^d`."""
+    x = jnp.clip(jnp.asarray(x, jnp.float32), 0.0, 1.0)
+    corners = jnp.asarray(_corner_offsets(spec.dims))                       # [C, d]
+    rows, weights = [], []
+    for res, size, hashed, off in zip(spec.resolutions, spec.sizes, spec.hashed,
+                                      spec.offsets):
+        p = x * (res - 1)
+        v0 = jnp.clip(jnp.floor(p), 0, res - 2)
+        w = p - v0                                                          # [N, d]
+        v = v0.astype(jnp.int32)[:, None, :] + corners                      # [N, C, d]
+        rows.append(_level_rows(v, res, size, hashed) + off)
+        wc = jnp.where(corners == 1, w[:, None, :], 1.0 - w[:, None, :])    # [N, C, d]
+        weights.append(jnp.prod(wc, axis=-1))
+    return jnp.stack(rows, axis=1), jnp.stack(weights, axis=1)
+
+
+def encode(x, table, spec: GridSpec):
+    """Grid features `[..., L F]` of points `x [..., d]` in `[0, 1]^d` (module doc);
+    `table` is the joint `[spec.rows, F]` table."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim < 1 or x.shape[-1] != spec.dims:
+        raise ShapeError(f"grid encode: points must be [..., {spec.dims}], got {x.shape}")
+    if tuple(table.shape) != (spec.rows, spec.features):
+        raise ShapeError(f"grid encode: table must be [{spec.rows}, {spec.features}], got "
+                         f"{tuple(table.shape)}")
+    lead = x.shape[:-1]
+    rows, weights = corner_rows_and_weights(x.reshape(-1, spec.dims), spec)
+    feats = jnp.take(table, rows, axis=0)                                   # [N, L, C, F]
+    out = jnp.einsum("nlc,nlcf->nlf", weights, feats)
+    return out.reshape(lead + (spec.output_dim,))
+
+
+def init_table(key, spec: GridSpec):
+    """A fresh table `[rows, F]`, uniform in +-INIT_SCALE."""
+    return jax.random.uniform(key, (spec.rows, spec.features), jnp.float32,
+                              -INIT_SCALE, INIT_SCALE)
+
+
+# --------------------------------------------------------------------------- SH
+
+SH_DIM = 16
+
+
+def spherical_harmonics(d):
+    """Real spherical harmonics of bands 0..3 of unit directions `d [..., 3]` ->
+    `[..., 16]` (band-major; the basis Instant-NGP's degree-4 SH encoding uses)."""
+    d = jnp.asarray(d, jnp.float32)
+    if d.shape[-1] != 3:
+        raise ShapeError(f"spherical_harmonics: directions must be [..., 3], got {d.shape}")
+    x, y, z = d[..., 0], d[..., 1], d[..., 2]
+    xx, yy, zz = x * x, y * y, z * z
+    xy, yz, xz = x * y, y * z, x * z
+    out = [jnp.full_like(x, 0.28209479177387814),
+           -0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x,
+           1.0925484305920792 * xy, -1.0925484305920792 * yz,
+           0.94617469575755997 * zz - 0.31539156525251999, -1.0925484305920792 * xz,
+           0.54627421529603959 * (xx - yy),
+           0.59004358992664352 * y * (-3.0 * xx + yy), 2.8906114426405538 * xy * z,
+           0.45704579946446572 * y * (1.0 - 5.0 * zz), 0.3731763325901154 * z * (5.0 * zz - 3.0),
+           0.45704579946446572 * x * (1.0 - 5.0 * zz), 1.4453057213202769 * z * (xx - yy),
+           0.59004358992664352 * x * (-xx + 3.0 * yy)]
+    return jnp.stack(out, axis=-1)

@@ -1,0 +1,289 @@
+"""The grid renderer (render.grid_encoding, render.grid_fields, its training in
+train.nerf): the encoding against a NumPy reference, closed forms (a linear function, an
+opaque sphere), gradients against a dense reference, 1 vs 8 devices, exact resume, and bad
+inputs."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geneface_jax.data import format as fmt
+from geneface_jax.data.synthetic import world
+from geneface_jax.errors import CheckpointError, InputError, ShapeError
+from geneface_jax.mesh import make_mesh
+from geneface_jax.render import frames as rf
+from geneface_jax.render import grid_encoding as ge
+from geneface_jax.render import grid_fields as gf
+from geneface_jax.train import nerf as tn
+
+from experiments.configs import grid as grid_presets
+from experiments.configs import nerf as nerf_presets
+
+PRIMES = (1, 2654435761, 805459861)
+
+
+# --------------------------------------------------------------------------- encoding
+
+def numpy_encode(x, table, spec):
+    """Per point, per level, per corner: the module doc's formula, in float64 loops."""
+    out = np.zeros((len(x), spec.levels, spec.features))
+    for n, p in enumerate(np.clip(np.asarray(x, np.float64), 0, 1)):
+        for lv, (res, size, off) in enumerate(zip(spec.resolutions, spec.sizes,
+                                                  spec.offsets)):
+            pos = p * (res - 1)
+            v0 = np.clip(np.floor(pos), 0, res - 2).astype(np.int64)
+            w = pos - v0
+            for c in range(1 << spec.dims):
+                bits = [(c >> i) & 1 for i in range(spec.dims)]
+                v = v0 + bits
+                weight = np.prod([w[i] if b else 1 - w[i] for i, b in enumerate(bits)])
+                if res ** spec.dims > size:                      # hashed
+                    h = 0
+                    for i in range(spec.dims):
+                        h ^= (int(v[i]) * PRIMES[i]) & 0xFFFFFFFF
+                    row = h % size
+                else:
+                    row = sum(int(v[i]) * res ** i for i in range(spec.dims))
+                out[n, lv] += weight * table[off + row]
+    return out.reshape(len(x), -1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_encoding_equals_numpy_reference_with_hash_collisions(dims):
+    spec = ge.GridSpec(dims=dims, levels=5, features=2, base=3, finest=40, log2_table=7)
+    assert any(spec.hashed) and not all(spec.hashed)       # dense and hashed levels
+    table = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (spec.rows, 2)))
+    x = np.array(jax.random.uniform(jax.random.PRNGKey(1), (50, dims)))
+    x[0] = 0.0
+    x[1] = 1.0                                             # the cube's far corner
+    got = np.asarray(ge.encode(x, jnp.asarray(table, jnp.float32), spec))
+    want = numpy_encode(x, table.astype(np.float32).astype(np.float64), spec)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # hashing collides: a hashed level has more vertices than rows
+    assert max(r ** dims for r, h in zip(spec.resolutions, spec.hashed) if h) > \
+        spec.sizes[-1]
+
+
+def test_dense_grid_holding_a_linear_function_reproduces_it():
+    spec = ge.GridSpec(dims=3, levels=3, features=1, base=4, finest=12, log2_table=16)
+    assert not any(spec.hashed)
+    a, c = np.array([0.7, -1.3, 2.1]), 0.25
+    table = np.zeros((spec.rows, 1))
+    for res, off in zip(spec.resolutions, spec.offsets):
+        v = np.stack(np.meshgrid(*(np.arange(res),) * 3, indexing="ij"), -1).reshape(-1, 3)
+        rows = v[:, 0] + v[:, 1] * res + v[:, 2] * res * res
+        table[off + rows, 0] = (v / (res - 1)) @ a + c
+    x = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (200, 3)))
+    got = np.asarray(ge.encode(x, jnp.asarray(table, jnp.float32), spec))
+    for lv in range(spec.levels):
+        np.testing.assert_allclose(got[:, lv], x @ a + c, atol=2e-6)
+
+
+def test_encoding_gradients_equal_a_dense_reference():
+    spec = ge.GridSpec(dims=3, levels=4, features=2, base=3, finest=30, log2_table=8)
+    table = jax.random.normal(jax.random.PRNGKey(3), (spec.rows, 2))
+    x = jax.random.uniform(jax.random.PRNGKey(4), (64, 3))
+    g = jax.random.normal(jax.random.PRNGKey(5), (64, spec.output_dim))
+
+    # dense reference: out = W table per level, W [N, rows] built by one-hot rows
+    rows, weights = ge.corner_rows_and_weights(x, spec)
+
+    def dense(tab, xx):
+        r, w = ge.corner_rows_and_weights(xx, spec)
+        onehot = jax.nn.one_hot(r, spec.rows) * w[..., None]          # [N, L, C, rows]
+        return jnp.einsum("nlcr,rf->nlf", onehot, tab).reshape(len(xx), -1)
+
+    f = lambda tab, xx: jnp.sum(ge.encode(xx, tab, spec) * g)          # noqa: E731
+    fd = lambda tab, xx: jnp.sum(dense(tab, xx) * g)                   # noqa: E731
+    gt, gx = jax.grad(f, argnums=(0, 1))(table, x)
+    dt, dx = jax.grad(fd, argnums=(0, 1))(table, x)
+    np.testing.assert_allclose(gt, dt, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-5)
+    # and the table gradient is the scatter-add of weight x upstream gradient
+    want = np.zeros((spec.rows, 2))
+    gl = np.asarray(g).reshape(64, spec.levels, 2)
+    np.add.at(want, np.asarray(rows).reshape(-1),
+              (np.asarray(weights)[..., None] * gl[:, :, None, :]).reshape(-1, 2))
+    np.testing.assert_allclose(gt, want, rtol=1e-5, atol=1e-6)
+
+
+def test_spherical_harmonics_are_orthonormal_on_the_sphere():
+    n = 200_000
+    d = jax.random.normal(jax.random.PRNGKey(6), (n, 3))
+    d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
+    y = np.asarray(ge.spherical_harmonics(d), np.float64)
+    gram = 4 * np.pi * (y.T @ y) / n                                   # Monte Carlo
+    np.testing.assert_allclose(gram, np.eye(16), atol=0.03)
+
+
+# --------------------------------------------------------------------------- sampler
+
+SPHERE_CFG = gf.GridConfig(bound=0.16, grid_size=32, num_bins=128, num_samples=48,
+                           near=0.2, far=1.0, occupancy_decay=0.0)
+
+
+def sphere_density(radius):
+    return lambda p: jnp.where(jnp.linalg.norm(p, axis=-1) < radius, 5e3, 0.0)
+
+
+def test_occupancy_sampler_renders_an_opaque_sphere_exactly():
+    cfg, radius = SPHERE_CFG, 0.1
+    occ = {"density": jnp.zeros((32,) * 3), "bits": jnp.zeros((32,) * 3)}
+    occ = jax.jit(lambda o, k: gf.update_occupancy(sphere_density(radius), o, k, cfg))(
+        occ, jax.random.PRNGKey(0))
+    # never drops occupied space: every cell that meets the sphere is occupied
+    g, cs = cfg.grid_size, cfg.cell_size
+    centres = -cfg.bound + (np.stack(np.meshgrid(*(np.arange(g),) * 3, indexing="ij"), -1)
+                            + 0.5) * cs
+    meets = np.linalg.norm(centres, axis=-1) < radius + cs * np.sqrt(3) / 2
+    assert np.all(np.asarray(occ["bits"])[meets] == 1)
+    assert np.asarray(occ["bits"]).mean() < 0.4                        # and skips the rest
+
+    # rays from a camera at z = 0.6 towards the sphere, some missing it
+    xs = np.linspace(-0.14, 0.14, 29)
+    origins = np.tile([[0.0, 0.0, 0.6]], (len(xs), 1)).astype(np.float32)
+    dirs = np.stack([xs / 0.6, np.zeros_like(xs), -np.ones_like(xs)], -1).astype(np.float32)
+    t, delta, inside = gf.occupancy_samples(jnp.asarray(origins), jnp.asarray(dirs),
+                                            occ["bits"], cfg)
+    pts = origins[:, None] + dirs[:, None] * np.asarray(t)[..., None]
+    sigma = np.asarray(sphere_density(radius)(jnp.asarray(pts))) * np.asarray(inside)
+    rgb = np.broadcast_to([0.9, 0.2, 0.1], sigma.shape + (3,))
+    dn = np.linalg.norm(dirs, axis=-1)
+    w, fg, acc, color = gf.composite_equal(jnp.asarray(sigma), jnp.asarray(rgb), delta,
+                                           jnp.asarray(dn), jnp.asarray([0.0, 0.0, 1.0]))
+    # analytic: a ray hits iff its distance to the centre is below the radius
+    u = dirs / dn[:, None]
+    proj = -(origins * u).sum(-1)
+    dist = np.linalg.norm(origins + proj[:, None] * u, axis=-1)
+    hit = dist < radius - 0.01
+    miss = dist > radius + 0.01
+    np.testing.assert_allclose(np.asarray(acc)[hit], 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(color)[hit], [[0.9, 0.2, 0.1]] * hit.sum(),
+                               atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(acc)[miss], 0.0)
+    np.testing.assert_array_equal(np.asarray(color)[miss], [[0.0, 0.0, 1.0]] * miss.sum())
+    # depth (t along -z) of the first intersection, within one sample spacing
+    t_hit = (proj - np.sqrt(np.maximum(radius ** 2 - dist ** 2, 0))) / dn
+    depth = np.asarray((w * t).sum(-1) / jnp.maximum(acc, 1e-9))
+    spacing = np.asarray(delta)
+    assert np.all(np.abs(depth - t_hit)[hit] <= spacing[hit])
+
+
+def test_box_interval_and_empty_rays():
+    o = jnp.array([[0.0, 0.0, 0.6], [1.0, 1.0, 0.6]])
+    d = jnp.array([[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]])
+    t0, t1 = gf.box_interval(o, d, (0.0, 0.0, 0.0), 0.16, 0.3, 0.9)
+    np.testing.assert_allclose(np.asarray([t0[0], t1[0]]), [0.44, 0.76], atol=1e-6)
+    assert float(t1[1]) <= float(t0[1])                                # misses the box
+    _, delta, inside = gf.occupancy_samples(o, d, jnp.ones((8, 8, 8)),
+                                            dataclasses.replace(SPHERE_CFG, grid_size=8))
+    assert float(delta[1]) == 0.0 and float(inside[1].sum()) == 0.0
+
+
+# --------------------------------------------------------------------------- models
+
+TINY_GRID = tn.grid_model_config(grid_presets.get_config("tiny").model, num_codes=16,
+                                 near_far=(0.4, 0.8))
+
+
+@pytest.fixture(scope="module")
+def person_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "person"
+    arrays, meta, wav = world.make_person(5, size=32, num_frames=24, progress=False)
+    fmt.write_person(out, arrays, meta, wav)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(person_dir, tmp_path_factory):
+    """A tiny grid head run (10 steps) and torso run (4 steps), in process."""
+    root = tmp_path_factory.mktemp("grid_runs")
+    c = grid_presets.get_config("tiny")
+    head = tn.train_nerf(c, root / "head", "head", person_dir)
+    torso = tn.train_nerf(c, root / "torso", "torso", None, root / "head")
+    return root, head, torso
+
+
+def test_grid_runs_train_and_record_the_renderer(tiny_runs):
+    root, head, torso = tiny_runs
+    for part, m in (("head", head), ("torso", torso)):
+        assert np.isfinite(m["eval_psnr"]) and m["eval_psnr"] > 10
+        cfg = json.loads((root / part / "config.json").read_text())
+        assert cfg["renderer"] == "grid" and cfg["part"] == part
+    hcfg, hvars, hrun, _ = rf.load_nerf(root / "head", "head")
+    assert isinstance(hcfg, gf.GridConfig) and set(hvars) == {"params", "occupancy"}
+    assert hvars["occupancy"]["bits"].shape == (16, 16, 16)
+    tcfg, tvars, _, _ = rf.load_nerf(root / "torso", "torso")
+    assert isinstance(tcfg, gf.GridConfig) and set(tvars) == {"params"}
+
+
+def test_grid_frames_equal_on_1_and_8_devices(tiny_runs, person_dir):
+    root, _, _ = tiny_runs
+    hcfg, hvars, _, norm = rf.load_nerf(root / "head", "head")
+    tcfg, tvars, _, _ = rf.load_nerf(root / "torso", "torso")
+    views = tn.PersonViews(fmt.load_person(person_dir), norm)
+    t = views.split_range("valid")[0]
+    win = views.windows([t], hcfg.smooth_window, "valid")[0]
+    outs = []
+    for n in (1, 8):
+        r = rf.FrameRenderer(hcfg, hvars, views, torso_cfg=tcfg, torso_vars=tvars,
+                             mesh=make_mesh(jax.devices()[:n]), chunk=128)
+        outs.append(r.render(views.poses[t], win, views.torso_pose()))
+    for k in outs[0]:
+        np.testing.assert_allclose(outs[0][k], outs[1][k], atol=1e-6)
+    assert outs[0]["rgb"].shape == (32, 32, 3)
+    assert 0.0 < outs[0]["torso_acc"].mean() < 1.0
+
+
+def test_killed_grid_run_resumes_to_the_same_numbers(person_dir, tmp_path):
+    c = grid_presets.get_config("tiny")
+    c.run.update(steps=8, checkpoint_every=4)
+    whole = tn.train_nerf(c, tmp_path / "whole", "head", person_dir)
+    c.run.steps = 4                                                   # "killed" at step 4
+    tn.train_nerf(c, tmp_path / "cut", "head", person_dir)
+    c.run.steps = 8
+    resumed = tn.train_nerf(c, tmp_path / "cut", "head", person_dir)
+    assert resumed["resumed_from"] == 4
+    a = rf.load_nerf(tmp_path / "whole", "head")[1]
+    b = rf.load_nerf(tmp_path / "cut", "head")[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert resumed["train_loss"] == whole["train_loss"]
+    assert resumed["eval_psnr"] == whole["eval_psnr"]
+
+
+def test_grid_bad_inputs(tiny_runs, person_dir, tmp_path):
+    root, _, _ = tiny_runs
+    # NaN landmarks
+    hcfg, hvars, _, norm = rf.load_nerf(root / "head", "head")
+    bad = np.zeros((5, 68, 3), np.float32)
+    bad[2, 10] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        norm(bad)
+    # a grid head given to an MLP torso run
+    with pytest.raises(InputError, match="grid renderer"):
+        tn.train_nerf(nerf_presets.get_config("tiny"), tmp_path / "t", "torso", None,
+                      root / "head")
+    # a grid checkpoint whose config.json claims the MLP renderer
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    cfg = json.loads((root / "head" / "config.json").read_text())
+    cfg["renderer"] = "mlp"
+    (fake / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="renderer"):
+        rf.load_nerf(fake, "head")
+    # a dataset of another image size than the run's
+    other = tmp_path / "person64"
+    arrays, meta, wav = world.make_person(5, size=48, num_frames=12, progress=False)
+    fmt.write_person(other, arrays, meta, wav)
+    with pytest.raises(InputError, match="32x32"):
+        tn.evaluate_nerf(root / "head", tmp_path / "ev", data=other, track=False)
+    # render without the occupancy collection
+    with pytest.raises(ShapeError, match="occupancy"):
+        gf.GridHeadNeRF(hcfg).apply({"params": hvars["params"]}, jnp.zeros((2, 3)),
+                                    jnp.ones((2, 3)), jnp.zeros((hcfg.cond_dim,)),
+                                    jnp.zeros(3), method=gf.GridHeadNeRF.render)
