@@ -17,9 +17,11 @@ Key mapping (PyTorch -> Flax; conv weights [C_out, C_in, K] -> [K, C_in, C_out])
     GeneFace coupling    pre, enc, post                     -> pre, enc, post
     VITS block flows.{i}; GeneFace block flows.{2i} (odd entries are Flip) -> flows_{i}
     VITS posterior enc.  conv_pre, wavenet, conv_proj       -> conv_pre, wavenet, conv_proj
+    ConvTranspose1d weight [C_in, C_out, K]                 -> kernel [K, C_in, C_out]
 
 GeneFace checkpoints use old-style weight-norm keys under prefixes such as
-`vae.encoder.wn` (a WaveNet) or `vae.prior_flow` (a coupling block).
+`vae.encoder.wn` (a WaveNet) or `vae.prior_flow` (a coupling block); whole GeneFace
+checkpoints, every stage, convert with `convert.geneface` (which checks every key).
 """
 
 import re
@@ -52,7 +54,8 @@ def _torch_conv_to_flax(weight: np.ndarray, key: str) -> np.ndarray:
 
 def conv1d_from_torch(state_dict: Mapping[str, Any], prefix: str,
                       weight_norm: Optional[bool] = None) -> Params:
-    """Params of one `WNConv1d` from the PyTorch Conv1d at `prefix`.
+    """Params of one `WNConv1d` from the PyTorch Conv1d at `prefix` (Conv1d only: a
+    ConvTranspose1d's weight is `[C_in, C_out, K]`, see `conv_transpose1d_from_torch`).
 
     Finds old-style (`weight_g`/`weight_v`), parametrization-style
     (`parametrizations.weight.original0/1`) or plain (`weight`) keys. `weight_norm=None`
@@ -84,6 +87,23 @@ def conv1d_from_torch(state_dict: Mapping[str, Any], prefix: str,
             params["weight_g"] = np.sqrt(np.sum(w * w, axis=(0, 1))).astype(np.float32)
         else:
             params["kernel"] = w
+    b_key = join(prefix, "bias")
+    if b_key in state_dict:
+        params["bias"] = _get(state_dict, b_key).reshape(-1)
+    return params
+
+
+def conv_transpose1d_from_torch(state_dict: Mapping[str, Any], prefix: str) -> Params:
+    """Params of `motion.vae.ConvTranspose1dStrided` from the PyTorch ConvTranspose1d at
+    `prefix` (GeneFace's `vae.decoder.pre_net.0`): weight `[C_in, C_out, K]` -> kernel
+    `[K, C_in, C_out]` (`conv1d_from_torch` reads Conv1d's `[C_out, C_in, K]` and would
+    give the wrong orientation here)."""
+    key = join(prefix, "weight")
+    w = _get(state_dict, key)
+    if w.ndim != 3:
+        raise ShapeError(f"'{key}': expected a ConvTranspose1d weight [C_in, C_out, K], got "
+                         f"{w.shape}")
+    params = {"kernel": np.ascontiguousarray(w.transpose(2, 0, 1))}
     b_key = join(prefix, "bias")
     if b_key in state_dict:
         params["bias"] = _get(state_dict, b_key).reshape(-1)
