@@ -8,9 +8,17 @@ a finite convolution whose padded frames are masked to zero, so when `context` c
 network's receptive field (`receptive_field`) the chunked output equals a single pass over
 the whole sequence up to float rounding, and memory stays flat in the audio length.
 
+`pad_mode="geneface"` reproduces GeneFace's inference instead
+(`inference/audio2motion/audio2motion_infer.py`): the features are zero-padded to whole
+latent frames (8 HuBERT frames) and the padded frames count as audio (mask 1), which is
+what GeneFace's unmasked audio condition net sees; the output keeps the input's frames.
+
 Trained runs are read for inference here too (`load_audio2motion`, `load_postnet`): the
 variables come from the run's latest checkpoint as saved (`checkpoint.restore_run`), checked
 against the shapes of a model built from the run's config; nothing of training is imported.
+Runs imported from GeneFace (`convert.geneface_import`) load the same way; their motion is
+GeneFace's idexp_lm3d array, which `motion_representation` reports and `landmark_std.npy`
+turns into landmarks like any run's.
 """
 
 import json
@@ -27,6 +35,9 @@ from geneface_jax.data.batching import denormalize_motion
 from geneface_jax.errors import CheckpointError, ShapeError
 from geneface_jax.motion import postnet as pn
 from geneface_jax.motion.vae import Audio2Motion, Audio2MotionConfig, init_audio2motion
+
+
+PAD_MODES = ("mask", "geneface")
 
 
 def receptive_field(config: Audio2MotionConfig) -> int:
@@ -48,9 +59,16 @@ class MotionPredictor:
       chunk: frames kept per window (multiple of 4).
       context: frames of context on each side (multiple of 4; default: the receptive
         field rounded up to a multiple of 4).
+      pad_mode: how a sequence is completed to whole latent frames (4 video frames):
+        "mask" (padded frames are masked: they act like the end of the sequence) or
+        "geneface" (zero features that count as audio, GeneFace's inference).
     """
 
-    def __init__(self, config: Audio2MotionConfig, variables, *, chunk=1024, context=None):
+    def __init__(self, config: Audio2MotionConfig, variables, *, chunk=1024, context=None,
+                 pad_mode="mask"):
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+        self.pad_mode = pad_mode
         s = config.stride
         rf = receptive_field(config)
         context = -(-rf // s) * s if context is None else int(context)
@@ -92,7 +110,7 @@ class MotionPredictor:
         f_pad = np.zeros((2 * padded, feats.shape[1]), np.float32)
         f_pad[2 * ctx:2 * (ctx + num)] = feats
         m_pad = np.zeros((padded, 1), np.float32)
-        m_pad[ctx:ctx + num] = 1.0
+        m_pad[ctx:ctx + (total if self.pad_mode == "geneface" else num)] = 1.0
         z_pad = np.zeros((padded // s, c.latent), np.float32)
         z_pad[ctx // s:ctx // s + total // s] = noise
         out = np.zeros((n_chunks * chunk, c.motion_dim), np.float32)
@@ -131,9 +149,29 @@ def _read_npy(workdir, name):
     return np.load(path)
 
 
+def motion_representation(run_config):
+    """What a run's motion is: `{'kind': 'normalized'}` for runs trained here ((landmarks
+    - identity) / std) or the `representation` an imported run records
+    (`{'kind': 'geneface_idexp_lm3d', 'scale': 10, 'landmark_unit': ...}`)."""
+    return dict(run_config.get("representation") or {"kind": "normalized"})
+
+
+def _refuse_geneface_dir(workdir, stage):
+    """A clear error for a GeneFace work dir passed where a run of this project is read."""
+    path = pathlib.Path(workdir)
+    if path.is_dir() and not (path / "config.json").exists() and any(
+            p.name.startswith("model_ckpt_steps_") for p in path.iterdir()):
+        raise CheckpointError(f"{workdir}: a GeneFace checkpoint directory, not a {stage} "
+                              f"run of this project; import it first: python -m "
+                              f"experiments.import_geneface --ckpt={workdir} --stage={stage} "
+                              f"--out=WORKDIR")
+
+
 def load_audio2motion(workdir):
     """(Audio2MotionConfig, variables, run config, landmark std) of a `train_audio2motion`
-    run; landmarks = motion * std + the target's identity (its mean landmarks)."""
+    run (or one imported from GeneFace); landmarks = motion * std + the target's identity
+    (its mean landmarks)."""
+    _refuse_geneface_dir(workdir, "audio2motion")
     cfg = ckpt_lib.read_run_config(workdir, "audio2motion")
     mc = Audio2MotionConfig(**cfg["model"])
     saved = ckpt_lib.restore_run(workdir)
@@ -180,6 +218,7 @@ def load_postnet(workdir, selected=True):
     with the lowest pool Fréchet distance among its evaluations) when it has one, else the
     EMA of its last checkpoint (always with `selected=False`); the run config's
     `inference_generator` says which."""
+    _refuse_geneface_dir(workdir, "postnet")
     cfg = ckpt_lib.read_run_config(workdir, "postnet")
     config = pn.PostNetConfig(**cfg["model"])
     saved = ckpt_lib.restore_run(workdir)
