@@ -874,3 +874,38 @@ def test_command_line_import(tmp_path):
     p = run_module("experiments.import_geneface", f"--ckpt={tmp_path / 'gf'}",
                    "--stage=syncnet", f"--out={tmp_path / 'sn'}", check=False)
     assert p.returncode == 2 and "holds no LandmarkHubertSyncNet" in p.stderr
+
+
+@pytest.mark.slow
+def test_an_imported_stage1_and_syncnet_feed_a_postnet_trained_here(tmp_path):
+    """`train_postnet` (tiny preset, in process) on an imported stage 1 and SyncNet (80-d
+    features, so the synthetic world's datasets fit): the pool is drawn in GeneFace's
+    units, the person's frames are put in them through landmark_std, and the run's
+    workdir loads for inference."""
+    from experiments.configs import postnet as presets
+    from experiments.import_geneface import syncnet_state
+    from geneface_jax.data import format as fmt
+    from geneface_jax.data.synthetic import world
+    from geneface_jax.mesh import make_mesh
+    from geneface_jax.motion import predict
+    from geneface_jax.train import postnet as tp
+    arrays, meta = world.make_corpus(3, num_utterances=16, num_speakers=4,
+                                     held_out_speakers=1, seconds=(1.0, 2.0), progress=False)
+    corpus = fmt.write_corpus(tmp_path / "corpus", arrays, meta)
+    p_arrays, p_meta, wav = world.make_person(1, size=24, num_frames=80, progress=False)
+    fmt.write_person(tmp_path / "person", p_arrays, p_meta, wav)
+    _save_geneface(tmp_path / "gf_a2m", {
+        "model": _a2m_state_dict(),
+        "syncnet_task": {f"model.{k}": v for k, v in
+                         _gf_state_dict(_randomize(_GfSyncNet(_sync_config()), 2)).items()}})
+    gi.import_geneface(tmp_path / "gf_a2m", "audio2motion", tmp_path / "a2m",
+                       landmark_unit=0.05)
+    gi.import_geneface(tmp_path / "gf_a2m", "syncnet", tmp_path / "sync",
+                       syncnet_state=syncnet_state)
+    out = tp.train_postnet(presets.get_config("tiny"), tmp_path / "pn", tmp_path / "person",
+                           tmp_path / "a2m", corpus=corpus, syncnet=tmp_path / "sync",
+                           mesh=make_mesh(jax.devices()[:1]))
+    assert np.isfinite(out["pool_fd_after"])
+    config, variables, run, std, identity = predict.load_postnet(tmp_path / "pn")
+    np.testing.assert_allclose(std, 0.005)
+    assert run["audio2motion"] == str(tmp_path / "a2m")
