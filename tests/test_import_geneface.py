@@ -698,6 +698,9 @@ def test_head_and_torso_import_and_render_genefaces_fields(tmp_path):
     c = _nerf_config()
     head = _randomize(_GfLm3dNeRF(c), 7)
     torso = _randomize(_GfTorso(c), 8)
+    with torch.no_grad():                   # densities on both sides of the ReLU
+        for net in (head.model_fine, torso.model_coarse):
+            net.density_out_linear.bias.fill_(0.3)
     _save_geneface(tmp_path / "gf_head", {"model": _gf_state_dict(head)}, step=250000,
                    zip_format=True)
     (tmp_path / "gf_head" / "config.yaml").write_text(
@@ -759,6 +762,7 @@ def test_head_and_torso_import_and_render_genefaces_fields(tmp_path):
         t_cond = torso.cond(torch.from_numpy(feat), torch.from_numpy(pose),
                             torch.from_numpy(rgb_in))
         traw_rgb, traw_sigma = torso.model_coarse(p, t_cond, v)
+    assert 0 < np.mean(np.asarray(sigma) > 0) < 1
     _close("head density", sigma, F.relu(raw_sigma).numpy())
     _close("head colour", rgb, torch.sigmoid(raw_rgb).numpy())
     _close("torso density", tsigma, F.relu(traw_sigma).numpy())
