@@ -206,6 +206,8 @@ def _save_npy(path, array):
 
 def _check_out(out, overwrite):
     out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: exists and is not empty; choose another --out (or "
                               "overwrite it)")
