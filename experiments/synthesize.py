@@ -14,6 +14,7 @@ is tracked with the face tracker (`pipeline.tracked_video_report`, docs/tracking
 and the JSON line adds `face_found` (share of frames where a face is found) and
 `tracked_sync_r` (r of the tracked mouth opening with the rendered landmarks' opening); for
 a synthetic person also `tracked_oracle_r` (with the person's true mouth for this audio).
+The work is `geneface_jax.pipeline.synthesize`.
 
 Bad input (not audio, empty, missing files, checkpoints of another stage or that do not
 belong together, an unwritable output) prints one `error:` line and exits with status 2;
@@ -21,7 +22,6 @@ no output file is left behind.
 """
 
 import json
-import pathlib
 
 from absl import flags
 
@@ -52,53 +52,15 @@ flags.DEFINE_bool("report", False, "Track the written video with the face tracke
 def main(argv):
     del argv
     common.require("audio", "checkpoints", "out")
-    import numpy as np
-
-    from geneface_jax.audio import io as audio_io
-    from geneface_jax.errors import CheckpointError, VideoError
-
-    # Bad paths and bad audio are refused before JAX and the models load.
-    out = pathlib.Path(FLAGS.out)
-    if not out.parent.is_dir():
-        raise VideoError(f"{out}: its directory {out.parent} does not exist")
-    if not pathlib.Path(FLAGS.checkpoints).is_dir():
-        raise CheckpointError(f"{FLAGS.checkpoints}: checkpoint directory does not exist")
-    samples = audio_io.load_audio(FLAGS.audio)
-
     from geneface_jax import pipeline as pl
-    if FLAGS.report:                       # missing face models fail now, not after rendering
-        from geneface_jax.render import face_tracking
-        tracker = face_tracking.FrameTracker()
     options = pl.SynthesisOptions(
         temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
         silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,
         render_chunk=FLAGS.chunk, full_frame=FLAGS.full_frame, max_frames=FLAGS.max_frames,
         crf=FLAGS.crf)
-    pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints,
-                                       hubert_checkpoint=FLAGS.hubert_checkpoint)
-    res = pipe.synthesize(FLAGS.audio, out, options, samples=samples)
-    if FLAGS.landmarks:
-        np.savez_compressed(out.with_suffix(".landmarks.npz"),
-                            **{k: res[k] for k in ("landmarks", "stage1", "postnet",
-                                                   "silence", "track")})
-    report = {"out": str(out), "frames": res["frames"], "seconds": round(res["seconds"], 3),
-              "render_fps": round(res["render_fps"], 3), "minutes": round(res["minutes"], 3)}
-    if FLAGS.report:
-        truth = _synthetic_truth(pipe, samples)
-        report.update(pl.tracked_video_report(out, res["landmarks"], truth, tracker=tracker))
-    print(json.dumps(report))
-
-
-def _synthetic_truth(pipe, samples):
-    """The synthetic person's true landmarks for this audio, or None for a real person."""
-    meta_path = pathlib.Path(pipe.head_run.get("data") or "") / "meta.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("source") != "synthetic" or "seed" not in meta:
-        return None
-    from geneface_jax.data.synthetic import world
-    return world.person_oracle(int(meta["seed"]), samples)["landmarks"]
+    print(json.dumps(pl.synthesize(FLAGS.audio, FLAGS.checkpoints, FLAGS.out, options,
+                                   hubert_checkpoint=FLAGS.hubert_checkpoint,
+                                   save_landmarks=FLAGS.landmarks, report=FLAGS.report)))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from geneface_jax.audio import io as audio_io
 from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.landmarks import pearson
-from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError
+from geneface_jax.errors import AudioError, CheckpointError, InputError, ShapeError, VideoError
 
 STAGES = ("audio2motion", "postnet", "head", "torso")
 REFERENCE_FILE = "reference.npz"
@@ -450,6 +450,63 @@ def _stderr_progress(done, total, fps):
     eta_s = f"{eta:.0f} s" if math.isfinite(eta) else "?"
     print(f"\rsynthesize: frame {done}/{total} | {fps:.2f} frames/s | ETA {eta_s}   ",
           end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def synthesize(audio, checkpoints, out, options: SynthesisOptions = SynthesisOptions(), *,
+               hubert_checkpoint=None, save_landmarks=False, report=False, mesh=None):
+    """Audio file -> talking-face mp4 with trained checkpoints: `experiments.synthesize`.
+
+    Bad paths (no `out` directory, no `checkpoints`) and bad audio are refused before the
+    models load; with `report`, missing face models too (before rendering).
+
+    Args:
+      audio: any file librosa reads; checkpoints: the stage runs' directory (module doc);
+      out: the mp4 path (written under a temporary name, renamed when complete).
+      options: `SynthesisOptions`; hubert_checkpoint: when stage 1 takes HuBERT features.
+      save_landmarks: also write the predicted landmarks (`stage1`, `postnet`,
+        `landmarks`, `silence`, `track`) to OUT.landmarks.npz.
+      report: track the written video with the face tracker (`tracked_video_report`;
+        for a synthetic person also against its true mouth for this audio).
+      mesh: the devices rendering splits rays over (default: every device).
+    Returns:
+      dict: `out`, `frames`, `seconds`, `render_fps`, `minutes` (rounded), with `report`
+      also `face_found`, `tracked_sync_r`, `tracked_frames` (and `tracked_oracle_r`).
+    """
+    out = pathlib.Path(out)
+    if not out.parent.is_dir():
+        raise VideoError(f"{out}: its directory {out.parent} does not exist")
+    if not pathlib.Path(checkpoints).is_dir():
+        raise CheckpointError(f"{checkpoints}: checkpoint directory does not exist")
+    samples = audio_io.load_audio(audio)
+    tracker = None
+    if report:                              # missing face models fail now, not after rendering
+        from geneface_jax.render import face_tracking
+        tracker = face_tracking.FrameTracker()
+    pipe = TalkingFacePipeline.load(checkpoints, hubert_checkpoint=hubert_checkpoint,
+                                    mesh=mesh)
+    res = pipe.synthesize(audio, out, options, samples=samples)
+    if save_landmarks:
+        with files.atomic_path(out.with_suffix(".landmarks.npz"), ".npz") as tmp:
+            np.savez_compressed(tmp, **{k: res[k] for k in ("landmarks", "stage1", "postnet",
+                                                            "silence", "track")})
+    summary = {"out": str(out), "frames": res["frames"], "seconds": round(res["seconds"], 3),
+               "render_fps": round(res["render_fps"], 3), "minutes": round(res["minutes"], 3)}
+    if report:
+        summary.update(tracked_video_report(out, res["landmarks"],
+                                            _synthetic_truth(pipe, samples), tracker=tracker))
+    return summary
+
+
+def _synthetic_truth(pipe, samples):
+    """The synthetic person's true landmarks for this audio, or None for a real person."""
+    meta_path = pathlib.Path(pipe.head_run.get("data") or "") / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("source") != "synthetic" or "seed" not in meta:
+        return None
+    from geneface_jax.data.synthetic import world
+    return world.person_oracle(int(meta["seed"]), samples)["landmarks"]
 
 
 def _check_compatible(root, a2m, postnet, head, torso):
