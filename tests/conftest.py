@@ -44,10 +44,10 @@ def speech_dir():
     return speech.default_speech_dir()
 
 
-# The tiny end-to-end run (`experiments.demo` with these flags): every stage's entry point
-# trains for a few steps on a 32-pixel person (NeRFs 32 wide, 3 layers, 8 + 8 samples: the
-# synthesis tests render hundreds of frames), then a 1.2 s clip is synthesized. Shared
-# by the end-to-end tests and the entry-point tests of the stages.
+# The tiny end-to-end run: `experiments.demo --config=tiny` (every stage's `tiny` preset for
+# a few steps on a 32-pixel person; NeRFs 32 wide, 3 layers, 8 + 8 samples: the synthesis
+# tests render hundreds of frames), then a 1.2 s clip is synthesized. Shared by the
+# end-to-end tests and the entry-point tests of the stages.
 TINY_DEMO = ("--config=tiny",)
 
 
@@ -79,10 +79,17 @@ def speech_clip(speech_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_demo(speech_clip, tmp_path_factory):
-    """(output directory, CompletedProcess) of the tiny demo run."""
+    """(output directory, metrics) of the tiny demo (`TINY_DEMO`), run in process
+    (`experiments.demo_lib.run_demo`) on one device, as its command runs on a one-device
+    machine."""
+    import jax
+    from experiments import demo_lib
+    from experiments.configs import demo as demo_configs
+    from geneface_jax.mesh import make_mesh
     out = tmp_path_factory.mktemp("demo") / "out"
-    return out, run_module("experiments.demo", f"--out={out}", f"--audio={speech_clip}",
-                           *TINY_DEMO)
+    metrics = demo_lib.run_demo(demo_configs.get_config("tiny"), out, audio=speech_clip,
+                                mesh=make_mesh(jax.devices()[:1]))
+    return out, metrics
 
 
 # Heaviest test files first (seconds measured on a 2-core CPU, `--durations`): with

@@ -1,6 +1,9 @@
-"""End to end: `experiments.demo` trains every stage (tiny sizes) and synthesizes a video;
-`experiments.synthesize` takes awkward-but-valid audio and refuses bad input cleanly; the
-quickstart notebook runs."""
+"""End to end: the demo (`experiments.demo_lib.run_demo`, in process) trains every stage
+(tiny sizes) and synthesizes a video; the pipeline takes awkward-but-valid audio and
+`pipeline.synthesize` refuses bad input cleanly; the quickstart notebook runs. The
+commands (`experiments.demo`, `experiments.synthesize`, `experiments.lip_breakdown`) run
+as subprocesses only for their command-line contract: flags, the printed JSON line, one
+`error:` line with exit status 2, no partial files."""
 
 import hashlib
 import json
@@ -21,10 +24,12 @@ from geneface_jax.audio import features as feat
 from geneface_jax.audio import io as audio_io
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.video import probe_video, read_audio_track, read_video
-from geneface_jax.errors import CheckpointError, ShapeError
+from geneface_jax.errors import CheckpointError, GenefaceError, ShapeError
 from geneface_jax.render import sharded
 
 from conftest import REPO, TINY_DEMO as TINY, run_module as _run
+from experiments import demo_lib
+from experiments.configs import demo as demo_configs
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +42,20 @@ def demo(tiny_demo):
     return tiny_demo
 
 
-@pytest.fixture(scope="module")
-def pipe(demo):
+def _one_device():
     # One device: rendering over 8 simulated devices on 2 cores only costs time here
     # (the sharded renderer's 1-vs-8 equality is tested in test_render_core).
-    return pl.TalkingFacePipeline.load(demo[0] / "checkpoints",
-                                       mesh=train.make_mesh(jax.devices()[:1]))
+    return train.make_mesh(jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def pipe(demo):
+    return pl.TalkingFacePipeline.load(demo[0] / "checkpoints", mesh=_one_device())
+
+
+def _json(metrics):
+    """Metrics as the JSON text they are written as (NaN compares equal to NaN here)."""
+    return json.dumps(metrics, sort_keys=True, default=lambda v: np.asarray(v).tolist())
 
 
 def _check_video(path, audio_path):
@@ -68,8 +81,9 @@ def _check_video(path, audio_path):
 
 
 def test_demo_writes_video_checkpoints_plot_and_metrics(demo, clip):
-    out, p = demo
+    out, returned = demo
     m = json.loads((out / "metrics.json").read_text())
+    assert _json(m) == _json(returned)
     for k in ("lmd", "lmd_mouth", "sync_corr", "lip_energy_corr", "psnr_full", "minutes"):
         assert k in m and np.isfinite(m[k]), k
     assert 0 < m["lmd_mouth"] < 0.05 and 5 < m["psnr_full"] < 60
@@ -90,40 +104,54 @@ def test_demo_writes_video_checkpoints_plot_and_metrics(demo, clip):
 
 
 def test_second_demo_run_skips_finished_stages(demo, clip, tmp_path):
-    out, _ = demo
+    out, first = demo
     before = (out / "checkpoints" / "head" / "metrics.json").stat().st_mtime_ns
     metrics_before = (out / "metrics.json").stat().st_mtime_ns
-    p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY)
-    skipped = [line for line in p.stdout.splitlines() if line.endswith("skipped")]
-    assert len(skipped) == 9, p.stdout       # 2 datasets, 5 trainings, 1 eval, synthesis
+    config = demo_configs.get_config("tiny")
+    lines = []
+    again = demo_lib.run_demo(config, out, audio=clip, mesh=_one_device(), log=lines.append)
+    skipped = [line for line in lines if line.endswith("skipped")]
+    assert len(skipped) == 9, lines          # 2 datasets, 5 trainings, 1 eval, synthesis
     assert (out / "checkpoints" / "head" / "metrics.json").stat().st_mtime_ns == before
     assert (out / "metrics.json").stat().st_mtime_ns == metrics_before
-    assert json.loads(p.stdout.strip().splitlines()[-1])["frames"] == 30
+    assert again["frames"] == 30 and _json(again) == _json(first)
     # The synthesis is skipped only for the same audio content and synthesis flags.
     assert json.loads((out / "metrics.json").read_text())["synthesis"] == dict(
         audio=str(clip), audio_sha256=hashlib.sha256(clip.read_bytes()).hexdigest(),
         temperature=1.0, pose_mode="loop", seed=0)
-    # Changed training flags are refused, not silently mixed with the finished stages.
-    p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY,
-             "--config.steps.torso=5", check=False)
-    assert p.returncode == 2 and "other settings" in p.stderr and "'steps'" in p.stderr
-    assert "Traceback" not in p.stderr
-    # An unknown preset is refused before anything is written.
+    # Changed training settings are refused, not silently mixed with the finished stages.
+    config.steps.torso = 5
+    with pytest.raises(CheckpointError, match="other settings.*'steps'"):
+        demo_lib.run_demo(config, out, audio=clip, mesh=_one_device())
+    assert (out / "metrics.json").stat().st_mtime_ns == metrics_before
+
+
+def test_demo_command(demo, clip, tmp_path):
+    """`python -m experiments.demo`: flags reach the run (here every stage is finished and
+    skipped) and the last line is the metrics' JSON; an unknown preset is one `error:` line
+    with exit status 2, before anything is written."""
+    out, _ = demo
+    p = _run("experiments.demo", f"--out={out}", f"--audio={clip}", *TINY)
+    skipped = [line for line in p.stdout.splitlines() if line.endswith("skipped")]
+    assert len(skipped) == 9, p.stdout
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["frames"] == 30 and "stage_minutes" not in last
     p = _run("experiments.demo", f"--out={tmp_path / 'x'}", "--config=huge", check=False)
     assert p.returncode == 2 and "unknown preset 'huge'" in p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
+    assert p.stderr.startswith("error:") and "Traceback" not in p.stderr
+    assert not (tmp_path / "x").exists()
 
 
-def test_nerf_train_and_eval_entry_points(tiny_demo):
-    """train_nerf (head, torso) and eval_nerf as the tiny demo ran them (subprocesses with
-    `--config=cpu` and `--config.*` overrides). Their errors and the runs' other contents
-    are tested in process in test_nerf_train.py."""
+def test_nerf_train_and_eval_runs_of_the_demo(tiny_demo):
+    """train_nerf (head, torso) and evaluate_nerf as the tiny demo ran them (the `tiny`
+    preset with the demo's overrides, `demo_lib.stage_configs`). Their errors and the
+    runs' other contents are tested in test_nerf_train.py."""
     out = tiny_demo[0]
     head, torso = out / "checkpoints" / "head", out / "checkpoints" / "torso"
     m = json.loads((head / "metrics.json").read_text())
     cfg = json.loads((head / "config.json").read_text())
     assert (cfg["model"]["near"], cfg["model"]["far"]) == (0.4, 0.8)   # from the dataset
-    for part in (head, torso):            # the demo's --nerf_* sizes reach both models
+    for part in (head, torso):            # the preset's sizes reach both models
         model = json.loads((part / "config.json").read_text())["model"]
         assert [model[k] for k in ("width", "depth", "skip", "num_coarse", "num_fine")] == [
             32, 3, 1, 8, 8], part
@@ -243,15 +271,34 @@ def test_bad_input_is_refused_with_one_message_and_no_file(demo, clip, tmp_path)
         (wrong / stage).symlink_to(ck / stage)
     (wrong / "head").symlink_to(ck / "torso")
     cases.append((dict(checkpoints=wrong), "expected 'head'"))
+    written = sorted(["notes.txt", "empty.wav", "file", "wrong"])
     for kwargs, message in cases:
         args = {**dict(audio=clip, checkpoints=ck, out=tmp_path / "video.mp4"), **kwargs}
-        p = _run("experiments.synthesize", *[f"--{k}={v}" for k, v in args.items()],
-                 check=False)
-        assert p.returncode == 2, (kwargs, p.stderr[-2000:])
-        assert message in p.stderr and "Traceback" not in p.stderr, (kwargs, p.stderr)
-        assert p.stderr.strip().startswith("error:"), p.stderr
-        assert sorted(os.listdir(tmp_path)) == sorted(
-            ["notes.txt", "empty.wav", "file", "wrong"]), kwargs       # nothing written
+        with pytest.raises(GenefaceError, match=message):
+            pl.synthesize(args["audio"], args["checkpoints"], args["out"], mesh=_one_device())
+        assert sorted(os.listdir(tmp_path)) == written, kwargs           # nothing written
+    # The command: one `error:` line, exit status 2, no traceback, nothing written.
+    p = _run("experiments.synthesize", f"--audio={tmp_path / 'notes.txt'}",
+             f"--checkpoints={ck}", f"--out={tmp_path / 'video.mp4'}", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr, p.stderr
+    assert "not a readable audio file" in p.stderr
+    assert sorted(os.listdir(tmp_path)) == written
+
+
+def test_synthesize_writes_the_video_landmarks_and_the_tracker_report(demo, clip, tmp_path):
+    """`pipeline.synthesize` (the `synthesize` command's work) with `--landmarks` and
+    `--report`: the video, the landmark arrays beside it and the tracked figures."""
+    out = tmp_path / "video.mp4"
+    res = pl.synthesize(clip, demo[0] / "checkpoints", out, pl.SynthesisOptions(max_frames=8),
+                        save_landmarks=True, report=True, mesh=_one_device())
+    assert res["frames"] == 8 == probe_video(out)["frames"] and res["out"] == str(out)
+    assert 0.0 <= res["face_found"] <= 1.0 and res["tracked_frames"] == 8
+    assert {"tracked_sync_r", "tracked_oracle_r"} <= set(res)      # a synthetic person
+    with np.load(tmp_path / "video.landmarks.npz") as z:
+        assert sorted(z.files) == ["landmarks", "postnet", "silence", "stage1", "track"]
+        assert z["landmarks"].shape == (8, 68, 3) and z["track"].shape == (8,)
+    assert sorted(os.listdir(tmp_path)) == ["video.landmarks.npz", "video.mp4"]
 
 
 def test_checkpoints_that_do_not_belong_together_are_refused(demo, tmp_path):
@@ -353,12 +400,10 @@ def test_default_demo_lip_motion_follows_the_audio(tmp_path):
 
 
 def test_synthesize_report_needs_the_face_models_up_front(demo, clip, tmp_path, monkeypatch):
-    """`--report` tracks the written video: without the face models it is refused before
-    anything is rendered, naming the fetch command."""
+    """`report=True` (`--report`) tracks the written video: without the face models it is
+    refused before anything is rendered, naming the fetch command."""
     monkeypatch.setenv("GENEFACE_FACE_MODELS", str(tmp_path / "no_models"))
     out = tmp_path / "video.mp4"
-    p = _run("experiments.synthesize", f"--audio={clip}",
-             f"--checkpoints={demo[0] / 'checkpoints'}", f"--out={out}", "--report",
-             check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error:"), p.stderr[-2000:]
-    assert "face_models --fetch" in p.stderr and not out.exists()
+    with pytest.raises(GenefaceError, match="face_models --fetch"):
+        pl.synthesize(clip, demo[0] / "checkpoints", out, report=True, mesh=_one_device())
+    assert not out.exists() and os.listdir(tmp_path) == []

@@ -21,7 +21,7 @@ from experiments.configs import audio2motion as a2m_configs
 from experiments.configs import syncnet as sync_configs
 from geneface_jax.data import format as fmt
 from geneface_jax.data.synthetic import world
-from geneface_jax.errors import CheckpointError, DatasetError, ShapeError
+from geneface_jax.errors import CheckpointError, DatasetError, InputError, ShapeError
 from geneface_jax.mesh import make_mesh
 from geneface_jax.motion import predict
 from geneface_jax.train import audio2motion as a2m
@@ -133,6 +133,8 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, corpus_dir, vae_dir):
         _train(tmp_path / "w", tmp_path / "nope", steps=1)
     with pytest.raises(ShapeError, match="multiple of 4"):
         _train(tmp_path / "w", corpus_dir, steps=1, window=30)
+    with pytest.raises(InputError, match="config.model.kind must be one of"):
+        _train(tmp_path / "w", corpus_dir, steps=1, model={"kind": "gan"})
     with pytest.raises(CheckpointError, match="config.json"):
         _train(tmp_path / "w2", corpus_dir, tmp_path, steps=1)
     with pytest.raises(CheckpointError, match="no audio2motion run"):
@@ -141,8 +143,10 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, corpus_dir, vae_dir):
 
 
 def test_commands(tmp_path, corpus_dir):
-    """The entry points: --model and --config overrides reach the run, the final metrics
-    are printed as JSON; bad input is one `error:` line, exit status 2, no output."""
+    """The entry points' command-line contract: --model and --config overrides reach the
+    run and the final metrics are printed as JSON; a bad config value or a bad run
+    directory is one `error:` line, exit status 2, no output. The run the command trained
+    is evaluated in process on one split."""
     work, ev = tmp_path / "reg", tmp_path / "eval"
     p = _run("experiments.train_audio2motion", f"--data={corpus_dir}", f"--workdir={work}",
              "--config=tiny", "--steps=2", "--model=regression", "--config.window=32")
@@ -151,13 +155,10 @@ def test_commands(tmp_path, corpus_dir):
     assert out["model_type"] == "regression" and out["steps"] == 2
     cfg = json.loads((work / "config.json").read_text())
     assert cfg["window"] == 32 and cfg["run"]["steps"] == 2 and not cfg["model"]["use_latent"]
-    p = _run("experiments.eval_audio2motion", f"--data={corpus_dir}", f"--vae={work}",
-             f"--workdir={ev}", "--samples=1", "--splits=test")
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    assert out["splits"] == ["test"] and np.isfinite(out["lmd"]) and "per_split" not in out
+    out = a2m.evaluate_audio2motion(corpus_dir, ev, work, samples=1, splits=["test"])
+    assert out["splits"] == ["test"] and np.isfinite(out["lmd"])
+    assert set(out["per_split"]["vae"]) == {"test", "all"}
     for module, args, message in [
-            ("experiments.train_audio2motion", ("--config=tiny", "--config.window=30"),
-             "multiple of 4"),
             ("experiments.train_audio2motion", ("--config=tiny", "--config.model.kind=gan"),
              "config.model.kind must be one of"),
             ("experiments.eval_audio2motion", (f"--vae={tmp_path}",), "no audio2motion run")]:
