@@ -287,3 +287,27 @@ def test_grid_bad_inputs(tiny_runs, person_dir, tmp_path):
         gf.GridHeadNeRF(hcfg).apply({"params": hvars["params"]}, jnp.zeros((2, 3)),
                                     jnp.ones((2, 3)), jnp.zeros((hcfg.cond_dim,)),
                                     jnp.zeros(3), method=gf.GridHeadNeRF.render)
+
+
+def test_region_rects_from_landmarks():
+    from geneface_jax.render import image_metrics as im
+    p = np.zeros((68, 2))
+    p[36:48] = [[30 + i, 40 + (i % 2)] for i in range(12)]      # eyes: x 30..41, y 40..41
+    p[48:68] = [[40 + (i % 10), 70 + i // 10] for i in range(20)]  # mouth x 40..49, y 70..71
+    p[27] = [45, 40]
+    p[8] = [45, 90]
+    p[5], p[11] = [30, 80], [60, 80]
+    r = im.region_rects(p, 128, 100)
+    # grown by max(0.3 x size, 2) each side, outward to whole pixels (half-open)
+    assert r["eyes"] == (26, 38, 45, 43)           # x 30 - 3.3 .. 41 + 3.3, y 40 - 2 .. 41 + 2
+    assert r["mouth"] == (37, 68, 52, 73)
+    assert r["neck"] == (30, 90, 60, 120)          # chin 90 + 0.6 x (90 - 40)
+    assert im.region_rects(p, 100, 100)["neck"] == (30, 90, 60, 100)   # clipped
+
+
+def test_grid_evaluation_reports_regions_and_render_speed(tiny_runs, tmp_path):
+    root, _, _ = tiny_runs
+    m = tn.evaluate_nerf(root / "head", tmp_path, torso=root / "torso", track=False)
+    for k in ("psnr_eyes", "psnr_mouth", "psnr_neck", "psnr_full", "render_fps"):
+        assert np.isfinite(m[k]) and m[k] > 0, (k, m[k])
+    assert m["frames"] == 2 and m["torso"]             # the tiny person's valid split

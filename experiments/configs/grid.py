@@ -19,7 +19,7 @@ paper: GeneFace's `lm3d_radnerf` / `radnerf_torso` (16 levels x 2 features, base
   Adam 5e-4 (grids x10, smoother x5) decaying 10x over 250k steps, 250k steps per part.
 cpu: the documented CPU run (docs/stage3_nerf.md): same structure; finest 512 (the head is
   ~80 pixels wide at 128x128), MLPs 64 wide, 64 geometry features, occupancy 64^3 read at 64
-  points per ray; 2048 rays per step, Adam 1e-3 (grids 1e-2) decaying 10x over the run.
+  points per ray, a quarter of the cells probed per update; 2048 rays per step, Adam 1e-3 (grids 1e-2) decaying 10x over the run.
 tiny: smoke runs and tests: 4 levels up to 32, MLPs 16 wide, 4 samples per ray, 16^3
   occupancy, 128 rays, head 10 steps (smoother after 5), torso 4.
 """
@@ -42,7 +42,8 @@ def get_config(preset="paper"):
                    ambient_finest=2048, ambient_layers=3, ambient_hidden=128,
                    sigma_layers=3, sigma_hidden=128, geo_feat_dim=128, color_layers=2,
                    color_hidden=128, code_dim=4, num_bins=128, num_samples=16, grid_size=128,
-                   occupancy_decay=0.95, occupancy_every=16, alpha_thresh=0.01, near=0.3,
+                   occupancy_decay=0.95, occupancy_every=16, occupancy_stride=1,
+                   alpha_thresh=0.01, near=0.3,
                    far=0.9, pixel_convention="centers", torso_levels=16, torso_features=2,
                    torso_base=16, torso_finest=2048, torso_deform=(3, 64), torso_mlp=(3, 32),
                    torso_code_dim=8, torso_shrink=0.8, torso_pos_freqs=10, torso_pose_freqs=4)
@@ -60,7 +61,7 @@ def get_config(preset="paper"):
     if preset in ("cpu", "tiny"):
         c.model.update(finest=512, ambient_finest=512, torso_finest=512, ambient_hidden=64,
                        sigma_hidden=64, geo_feat_dim=64, color_hidden=64, grid_size=64,
-                       num_bins=64, smooth_warmup_steps=1000)
+                       num_bins=64, occupancy_stride=4, smooth_warmup_steps=1000)
         c.head.update(rays=2048, lr=1e-3, lr_decay_steps=3000, ambient_ramp_steps=3000)
         c.torso.update(rays=2048, lr=1e-3, lr_decay_steps=500)
         c.run.update(steps=3000, torso_steps=500)
@@ -69,7 +70,7 @@ def get_config(preset="paper"):
                        torso_base=4, torso_finest=32, log2_table=10, ambient_hidden=16,
                        sigma_hidden=16, geo_feat_dim=8, color_hidden=16, grid_size=16,
                        num_bins=16, num_samples=4, torso_deform=(2, 16), torso_mlp=(2, 16),
-                       occupancy_every=4, smooth_warmup_steps=5)
+                       occupancy_every=4, occupancy_stride=1, smooth_warmup_steps=5)
         c.head.update(rays=128, lr_decay_steps=10, ambient_ramp_steps=10)
         c.torso.update(rays=128, lr_decay_steps=4)
         c.eval.update(frames=1, chunk=1024)

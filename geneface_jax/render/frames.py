@@ -167,6 +167,7 @@ class FrameRenderer:
             _ray_intrinsics(self.intrinsics, torso_cfg, size))
         self.background = np.asarray(v.background, np.float32)
         self._cond = jax.jit(lambda p, w: head_condition(self.head, p, w, bool(smooth)))
+        self._hit_fn = None
         if self.grid:
             self._head_fn = _grid_head_render_fn(self.head)
             self._full_fn = _grid_full_render_fn(self.head, self.torso) if self.torso else None
@@ -175,6 +176,17 @@ class FrameRenderer:
             self._head_fn = _head_render_fn(self.head)
             self._full_fn = _full_render_fn(self.head, self.torso) if self.torso else None
             self._torso_fn = _torso_render_fn(self.torso) if self.torso else None
+
+    def head_hits(self, poses):
+        """`[H, W]` bool: pixels whose head ray meets an occupied cell of the grid head's
+        occupancy grid in any of the frames `poses [F, 4, 4]` (grid renderer only)."""
+        if self._hit_fn is None:
+            cfg, bits = self.head.config, jnp.asarray(self.head_vars["occupancy"]["bits"])
+            self._hit_fn = jax.jit(lambda o, d: grid_fields.rays_hit(o, d, bits, cfg))
+        o, d = rays_lib.pixel_rays(jnp.asarray(poses), self.head_ray_intrinsics, self.height,
+                                   self.width)
+        hit = self._hit_fn(o.reshape(-1, 3), d.reshape(-1, 3))
+        return np.asarray(hit).reshape(len(poses), self.height, self.width).any(0)
 
     def condition(self, windows):
         return np.asarray(self._cond(self.head_vars["params"], jnp.asarray(windows)))
@@ -209,6 +221,16 @@ class FrameRenderer:
         poses = np.asarray(poses, np.float32).reshape(-1, 4, 4)
         conds = np.asarray(conds, np.float32).reshape(len(poses), -1)
         f = len(poses)
+        if self.grid and regions is None and pixels is None:
+            # Trace the head only where its rays meet occupied cells (in any of the F
+            # frames); the torso covers the frame. Same frame, a fraction of the work.
+            hit = self.head_hits(poses)
+            if self.torso is not None:
+                regions = (hit, np.ones_like(hit))
+            elif hit.any():
+                pixels = np.flatnonzero(hit)
+            else:
+                pixels = np.arange(1)
         if regions is not None:
             if self.torso is None:
                 raise ValueError("FrameRenderer.render: regions need a torso model")

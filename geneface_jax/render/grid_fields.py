@@ -84,7 +84,8 @@ class GridConfig:
       num_codes how many (the training frames; set by training).
     Sampling: num_bins (M) occupancy reads per ray, num_samples (K) field evaluations per
       ray; occupancy grid_size (G), occupancy_decay, occupancy_every (steps),
-      alpha_thresh; near, far (ray bounds, intersected with the box); pixel_convention.
+      occupancy_stride (an update probes 1 / stride of the cells, in turn), alpha_thresh;
+      near, far (ray bounds, intersected with the box); pixel_convention.
     Torso: torso_levels/features/base/finest, torso_deform (layers, hidden), torso_mlp
       (layers, hidden), torso_code_dim, torso_shrink, torso_pos_freqs, torso_pose_freqs.
     """
@@ -117,6 +118,7 @@ class GridConfig:
     grid_size: int = 128
     occupancy_decay: float = 0.95
     occupancy_every: int = 16
+    occupancy_stride: int = 1
     alpha_thresh: float = 0.01
     near: float = 0.3
     far: float = 0.9
@@ -148,6 +150,9 @@ class GridConfig:
         if self.pixel_convention not in rays.PIXEL_CONVENTIONS:
             raise ValueError(f"GridConfig: pixel_convention must be one of "
                              f"{rays.PIXEL_CONVENTIONS}, got {self.pixel_convention!r}")
+        if self.occupancy_stride < 1 or (self.grid_size ** 3) % self.occupancy_stride:
+            raise ValueError(f"GridConfig: occupancy_stride must divide grid_size^3 = "
+                             f"{self.grid_size ** 3}, got {self.occupancy_stride}")
         if self.num_codes < 1 or self.code_dim < 0 or self.torso_code_dim < 0:
             raise ValueError("GridConfig: need num_codes >= 1 and code sizes >= 0")
         for spec in ("head_grid", "ambient_grid", "torso_grid"):     # validates them
@@ -192,19 +197,46 @@ def _trunc_exp_jvp(primals, tangents):
     return jnp.exp(x), t * jnp.exp(jnp.clip(x, -15.0, 15.0))
 
 
+class GroupedDense(nn.Module):
+    """A bias-free Linear layer (`kernel` [sum k, features], PyTorch's init) on the
+    concatenation of `parts` without building it: each part is per sample `[N, k]` or per
+    group `[N / group, k]` (shared by `group` consecutive samples, e.g. a ray's
+    condition, view direction or code), multiplied once per group. Returns `[N, features]`,
+    the same as the Linear layer on the broadcast concatenation."""
+    features: int
+
+    @nn.compact
+    def __call__(self, parts, group: int = 1):
+        sizes = [p.shape[-1] for p, _ in parts]
+        kernel = self.param("kernel", torch_default_kernel_init(),
+                            (sum(sizes), self.features), jnp.float32)
+        n = next(p.shape[0] for p, shared in parts if not shared)
+        out, start = 0.0, 0
+        for (p, shared), k in zip(parts, sizes):
+            y = p @ kernel[start:start + k]
+            start += k
+            out = out + (y[:, None, :] if shared else y.reshape(n // group, group, -1))
+        return out.reshape(n, self.features)
+
+
 class MLP(nn.Module):
     """RAD-NeRF's MLP: `layers` bias-free Linear layers (`net_{i}`), `hidden` wide, ReLU
-    between; `[..., in] -> [..., out]`."""
+    between; `[N, in] -> [N, out]`. The input may be given as `GroupedDense` parts (a list
+    of `(array, shared)`) with their `group` size."""
     out: int
     hidden: int
     layers: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, group: int = 1):
         for i in range(self.layers):
             last = i == self.layers - 1
-            x = nn.Dense(self.out if last else self.hidden, use_bias=False, name=f"net_{i}",
-                         kernel_init=torch_default_kernel_init())(x)
+            width = self.out if last else self.hidden
+            if i == 0 and isinstance(x, list):
+                x = GroupedDense(width, name=f"net_{i}")(x, group)
+            else:
+                x = nn.Dense(width, use_bias=False, name=f"net_{i}",
+                             kernel_init=torch_default_kernel_init())(x)
             if not last:
                 x = nn.relu(x)
         return x
@@ -244,6 +276,26 @@ def cell_index(points, config: GridConfig):
     return (v[..., 0] * g + v[..., 1]) * g + v[..., 2]
 
 
+def bin_occupancy(origins, directions, bits, config: GridConfig):
+    """Where the rays cross the box cut into `num_bins` equal bins: (t0 [R], bin length
+    h [R], occupied [R, M] float 0/1 read at the bin midpoints)."""
+    m = config.num_bins
+    t0, t1 = box_interval(origins, directions, config.center, config.bound, config.near,
+                          config.far)
+    length = jnp.maximum(t1 - t0, 0.0)
+    h = length / m
+    mids = t0[:, None] + (jnp.arange(m, dtype=jnp.float32) + 0.5)[None] * h[:, None]
+    pts = origins[:, None, :] + directions[:, None, :] * mids[..., None]
+    occ = jnp.take(bits.reshape(-1), cell_index(pts, config)) * (length[:, None] > 0)
+    return t0, h, jax.lax.stop_gradient(occ.astype(jnp.float32))
+
+
+def rays_hit(origins, directions, bits, config: GridConfig):
+    """`[R]` bool: whether a ray meets an occupied bin (a ray that does not renders the
+    background with zero opacity, so it need not be traced)."""
+    return jnp.any(bin_occupancy(origins, directions, bits, config)[2] > 0, axis=-1)
+
+
 def occupancy_samples(origins, directions, bits, config: GridConfig, u=None):
     """K samples per ray in occupied space (module doc).
 
@@ -254,14 +306,7 @@ def occupancy_samples(origins, directions, bits, config: GridConfig, u=None):
     """
     r = origins.shape[0]
     m, k = config.num_bins, config.num_samples
-    t0, t1 = box_interval(origins, directions, config.center, config.bound, config.near,
-                          config.far)
-    length = jnp.maximum(t1 - t0, 0.0)
-    h = length / m
-    mids = t0[:, None] + (jnp.arange(m, dtype=jnp.float32) + 0.5)[None] * h[:, None]
-    pts = origins[:, None, :] + directions[:, None, :] * mids[..., None]
-    occ = jnp.take(bits.reshape(-1), cell_index(pts, config)) * (length[:, None] > 0)
-    occ = jax.lax.stop_gradient(occ.astype(jnp.float32))                      # [R, M]
+    t0, h, occ = bin_occupancy(origins, directions, bits, config)
     n_occ = jnp.sum(occ, axis=-1)
     pdf = occ + 1e-6
     cdf = jnp.cumsum(pdf, axis=-1)
@@ -358,19 +403,23 @@ class GridHeadNeRF(nn.Module):
         cfg = self.config
         return (points - jnp.asarray(cfg.center, jnp.float32)) / (2 * cfg.bound) + 0.5
 
-    def field(self, points, view_dirs, cond, code=None):
+    def field(self, points, view_dirs, cond, code=None, group: int = 1):
+        """Density, colour and ambient coordinates of `points [N, 3]`; `view_dirs`,
+        `cond` and `code` are given once per `group` consecutive points (`[N / group,
+        ...]`: per ray with group = samples per ray); `view_dirs=None` skips the colour.
+        Returns (sigma [N], rgb [N, 3] or None, ambient [N, 2])."""
         cfg = self.config
         f = self.grid(self._unit(points))
-        amb = jnp.tanh(self.ambient_net(jnp.concatenate([f, cond], axis=-1)))
+        amb = jnp.tanh(self.ambient_net([(f, False), (cond, True)], group))
         g = self.ambient_grid((amb + 1.0) * 0.5)
         h = self.sigma_net(jnp.concatenate([f, g], axis=-1))
         sigma = trunc_exp(h[..., 0])
         if view_dirs is None:
             return sigma, None, amb
-        parts = [ge.spherical_harmonics(view_dirs), h[..., 1:]]
+        parts = [(ge.spherical_harmonics(view_dirs), True), (h[..., 1:], False)]
         if cfg.code_dim:
-            parts.append(code)
-        rgb = nn.sigmoid(self.color_net(jnp.concatenate(parts, axis=-1)))
+            parts.append((code, True))
+        rgb = nn.sigmoid(self.color_net(parts, group))
         return sigma, rgb, amb
 
     def render(self, origins, directions, cond, background, code=None, *, key=None,
@@ -401,9 +450,8 @@ class GridHeadNeRF(nn.Module):
         dir_norm = jnp.linalg.norm(directions, axis=-1)
         view = directions / jnp.maximum(dir_norm, 1e-12)[:, None]
         pts = origins[:, None, :] + directions[:, None, :] * t[..., None]
-        rep = lambda v: jnp.repeat(v, k, axis=0)                              # noqa: E731
-        sigma, rgb, amb = self.field(pts.reshape(-1, 3), rep(view), rep(cond),
-                                     rep(code) if cfg.code_dim else None)
+        sigma, rgb, amb = self.field(pts.reshape(-1, 3), view, cond,
+                                     code if cfg.code_dim else None, group=k)
         sigma = sigma.reshape(r, k) * inside
         rgb = rgb.reshape(r, k, 3)
         w, fg, acc, color = composite_equal(sigma, rgb, delta, dir_norm, bg)
@@ -422,24 +470,31 @@ class GridHeadNeRF(nn.Module):
         return self.render(origins, directions, cond, background)
 
 
-def update_occupancy(density_fn, occupancy, key, config: GridConfig, chunk: int = 1 << 16):
+def update_occupancy(density_fn, occupancy, key, config: GridConfig, update_index=0,
+                     chunk: int = 1 << 16):
     """The occupancy collection after one update (module doc).
 
     density_fn: `points [c, 3] -> sigma [c]` (e.g. `head_density`); occupancy: the
-    current {"density", "bits"} `[G, G, G]` each; key: the cell jitter. The density runs
-    over the cells in chunks of `chunk` (`lax.map`)."""
-    g = config.grid_size
+    current {"density", "bits"} `[G, G, G]` each; key: the cell jitter; update_index (may
+    be traced): which `1 / occupancy_stride` of the cells this update probes (cells
+    `i = update_index mod stride (mod stride)`; stride 1 probes all of them, GeneFace's
+    update). The density runs in chunks of `chunk` points (`lax.map`)."""
+    g, stride = config.grid_size, config.occupancy_stride
     n = g ** 3
-    ijk = jnp.stack(jnp.meshgrid(*(jnp.arange(g),) * 3, indexing="ij"), -1).reshape(-1, 3)
-    jitter = jax.random.uniform(key, (n, 3))
+    m = n // stride
+    cells = jnp.arange(m, dtype=jnp.int32) * stride + jnp.asarray(update_index,
+                                                                  jnp.int32) % stride
+    ijk = jnp.stack([cells // (g * g), (cells // g) % g, cells % g], -1)
+    jitter = jax.random.uniform(key, (m, 3))
     pts = (jnp.asarray(config.center, jnp.float32) - config.bound
            + (ijk.astype(jnp.float32) + jitter) * config.cell_size)
-    c = min(chunk, n)
-    pad = -n % c
+    c = min(chunk, m)
+    pad = -m % c
     pts = jnp.concatenate([pts, jnp.broadcast_to(pts[-1:], (pad, 3))]).reshape(-1, c, 3)
-    sigma = jax.lax.map(density_fn, pts).reshape(-1)[:n].reshape(g, g, g)
-    dens = jnp.maximum(occupancy["density"] * config.occupancy_decay,
-                       jax.lax.stop_gradient(sigma))
+    sigma = jax.lax.stop_gradient(jax.lax.map(density_fn, pts).reshape(-1)[:m])
+    old = occupancy["density"].reshape(-1)
+    dens = old.at[cells].set(jnp.maximum(old[cells] * config.occupancy_decay, sigma))
+    dens = dens.reshape(g, g, g)
     thresh = jnp.minimum(config.sigma_thresh, jnp.mean(dens))
     occ = (dens > thresh).astype(jnp.float32)
     dil = jax.lax.reduce_window(occ, -jnp.inf, jax.lax.max, (3, 3, 3), (1, 1, 1), "SAME")
@@ -449,8 +504,8 @@ def update_occupancy(density_fn, occupancy, key, config: GridConfig, chunk: int 
 def head_density(model: GridHeadNeRF, params, cond):
     """`points [c, 3] -> sigma [c]` of a grid head under one condition `[C]`."""
     def fn(points):
-        c = jnp.broadcast_to(cond, (points.shape[0], cond.shape[-1]))
-        return model.apply({"params": params}, points, None, c, method=GridHeadNeRF.field)[0]
+        return model.apply({"params": params}, points, None, jnp.reshape(cond, (1, -1)),
+                           group=points.shape[0], method=GridHeadNeRF.field)[0]
     return fn
 
 

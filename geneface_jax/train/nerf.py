@@ -141,7 +141,8 @@ class PersonViews:
         lo, hi = self.splits["train"]
         self.normalizer = normalizer or LandmarkNormalizer.fit(self.landmarks[lo:hi])
         self.torso_box = _mask_box(self.masks[lo:hi].max(0) == fmt.TORSO, True)
-        lips = np.asarray(person["landmarks_2d"], np.float32)[:, 48:68]
+        self.landmarks_2d = np.asarray(person["landmarks_2d"], np.float32)
+        lips = self.landmarks_2d[:, 48:68]
         lo_uv, hi_uv = lips.min(1), lips.max(1)
         grow = 0.3 * (hi_uv - lo_uv)
         self.mouth_rect = np.concatenate(
@@ -457,7 +458,7 @@ def make_grid_head_step(model: grid_fields.GridHeadNeRF, optim: GridOptimConfig,
                                    smooth)[0]
             return grid_fields.update_occupancy(
                 grid_fields.head_density(model, state.params, jax.lax.stop_gradient(cond0)),
-                state.batch_stats, k_occ, cfg)
+                state.batch_stats, k_occ, cfg, state.step // cfg.occupancy_every)
 
         occupancy = jax.lax.cond(state.step % cfg.occupancy_every == 0, update,
                                  lambda _: state.batch_stats, None)
@@ -739,6 +740,9 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         (`render.face_tracking`, needs the face models; checked before rendering).
     Returns:
       psnr_head (face rectangle, pooled MSE), psnr_full, ssim_full (mean over frames),
+      psnr_eyes, psnr_mouth, psnr_neck (pooled over `image_metrics.region_rects`' boxes
+      from each frame's landmarks), render_fps (whole frames, head and torso, the first
+      render's compilation excluded),
       mouth_control_ratio (the first frame rendered with the most closed and the most open
       training mouth: mean change inside the mouth box over the mean change outside) with
       mouth_change_inside/outside and mouth_control_frames, train_minutes (head + torso
@@ -780,8 +784,13 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         return out["rgb"]
 
     sq_head, n_head, sq_full, n_full, ssims, preds = 0.0, 0, 0.0, 0, [], []
+    sq_region = {k: [0.0, 0] for k in im.REGIONS}
+    render(int(ts[0]))                             # compiles: not part of render_fps
+    render_s = 0.0
     for t in tqdm(ts, desc="eval_nerf", unit="frame", file=sys.stderr):
+        start = time.perf_counter()
         pred = render(t)
+        render_s += time.perf_counter() - start
         gt = views.frames[t].astype(np.float64) / 255.0
         err = np.square(pred - gt)
         rect = im.rect_mask(views.face_rect[t], views.height, views.width)
@@ -789,6 +798,11 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         n_head += int(rect.sum()) * 3
         sq_full += float(err.sum())
         n_full += err.size
+        for name, box in im.region_rects(views.landmarks_2d[t], views.height,
+                                         views.width).items():
+            m = im.rect_mask(box, views.height, views.width)
+            sq_region[name][0] += float(err[m].sum())
+            sq_region[name][1] += int(m.sum()) * 3
         ssims.append(im.ssim(pred, gt))
         preds.append(_to_uint8(pred))
 
@@ -820,6 +834,9 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
                              .get("train_minutes", 0.0))
     out = dict(psnr_head=float(-10 * np.log10(max(sq_head / n_head, 1e-12))),
                psnr_full=float(-10 * np.log10(max(sq_full / n_full, 1e-12))),
+               **{f"psnr_{k}": float(-10 * np.log10(max(sq / max(n, 1), 1e-12)))
+                  for k, (sq, n) in sq_region.items()},
+               render_fps=len(ts) / max(render_s, 1e-9),
                ssim_full=float(np.mean(ssims)),
                mouth_control_ratio=inside / max(outside, 1e-12),
                mouth_change_inside=inside, mouth_change_outside=outside,
