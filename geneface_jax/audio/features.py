@@ -78,14 +78,16 @@ def log_mel(wav, *, chunk_frames=CHUNK_FRAMES):
     wav = pad_or_trim(wav)
     num = 2 * len(wav) // SAMPLES_PER_VIDEO_FRAME
     left = N_FFT // 2 - HOP // 2
-    padded = np.zeros(left + len(wav) + N_FFT, np.float32)
-    padded[left:left + len(wav)] = wav
     window = np.hanning(N_FFT + 1)[:-1].astype(np.float32)   # periodic Hann
     basis = _mel_basis()
     out = np.empty((num, N_MELS), np.float32)
     for start in range(0, num, chunk_frames):
         stop = min(num, start + chunk_frames)
-        seg = padded[start * HOP:(stop - 1) * HOP + N_FFT]
+        # The block's samples of the clip zero-padded by `left` in front (and at the end):
+        # only this block is copied, never the whole clip.
+        lo, hi = start * HOP - left, (stop - 1) * HOP + N_FFT - left
+        seg = np.zeros(hi - lo, np.float32)
+        seg[max(0, -lo):max(0, -lo) + len(wav[max(0, lo):hi])] = wav[max(0, lo):hi]
         frames = np.lib.stride_tricks.sliding_window_view(seg, N_FFT)[::HOP]
         spec = np.fft.rfft(frames * window, axis=-1)
         power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
@@ -95,9 +97,12 @@ def log_mel(wav, *, chunk_frames=CHUNK_FRAMES):
 
 def frame_energy(wav):
     """RMS amplitude of each 20 ms hop [320 i, 320 i + 320): float32 `[2 N]`."""
-    wav = pad_or_trim(wav)
-    hops = wav.reshape(-1, HOP).astype(np.float64)
-    return np.sqrt(np.mean(hops * hops, axis=1)).astype(np.float32)
+    hops = pad_or_trim(wav).reshape(-1, HOP)
+    out = np.empty(len(hops), np.float32)
+    for start in range(0, len(hops), CHUNK_FRAMES):   # float64 copies of one block only
+        block = hops[start:start + CHUNK_FRAMES].astype(np.float64)
+        out[start:start + CHUNK_FRAMES] = np.sqrt(np.mean(block * block, axis=1))
+    return out
 
 
 def video_frame_rms(energy):
