@@ -296,10 +296,17 @@ def read_run_config(workdir, stage):
 
 def restore_run(workdir):
     """The latest checkpoint of the run in `workdir` (under `workdir/checkpoints`) as saved
-    (`Checkpointer.restore_saved`), as host arrays; CheckpointError if there is none."""
+    (`Checkpointer.restore_saved`), as host arrays; CheckpointError if there is none,
+    CheckpointDamaged (naming the step's directory and what is wrong) if it is damaged:
+    inference never falls back to an older step on its own."""
     ck = Checkpointer(pathlib.Path(workdir) / "checkpoints")
     try:
         saved = ck.restore_saved()
+    except CheckpointDamaged as e:
+        older = sorted((s for s in ck.all_steps() if s != e.step), reverse=True)
+        hint = (f"; rerunning the training command on {workdir} moves it aside and resumes "
+                f"from step {older[0]}" if older else "")
+        raise CheckpointDamaged(f"{e}{hint}", step=e.step) from e
     finally:
         ck.close()
     if saved is None:

@@ -322,7 +322,7 @@ def test_two_hosts_are_preempted_at_one_step_and_resume(tmp_path):
     """Two processes of 4 devices (one 8-device mesh): SIGTERM to process 1 reaches both
     through the JAX preemption service; both save the same step and exit 75, and the rerun
     ends on the one-process 8-device run's parameters with each logged step once."""
-    steps, workdir = 30, tmp_path / "two_hosts"
+    steps, workdir = 20, tmp_path / "two_hosts"
     x, y = toy.make_data()
     ref_state, ref_last = train.train_loop(
         workdir=tmp_path / "one_host", state=toy.make_state(), step_fn=toy.step_fn,
