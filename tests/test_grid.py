@@ -311,3 +311,9 @@ def test_grid_evaluation_reports_regions_and_render_speed(tiny_runs, tmp_path):
     for k in ("psnr_eyes", "psnr_mouth", "psnr_neck", "psnr_full", "render_fps"):
         assert np.isfinite(m[k]) and m[k] > 0, (k, m[k])
     assert m["frames"] == 2 and m["torso"]             # the tiny person's valid split
+
+
+def test_a_geneface_directory_is_pointed_to_the_import(tmp_path):
+    (tmp_path / "model_ckpt_steps_1000.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="import_geneface"):
+        rf.load_nerf(tmp_path, "head")

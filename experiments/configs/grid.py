@@ -19,7 +19,8 @@ paper: GeneFace's `lm3d_radnerf` / `radnerf_torso` (16 levels x 2 features, base
   Adam 5e-4 (grids x10, smoother x5) decaying 10x over 250k steps, 250k steps per part.
 cpu: the documented CPU run (docs/stage3_nerf.md): same structure; finest 512 (the head is
   ~80 pixels wide at 128x128), MLPs 64 wide, 64 geometry features, occupancy 64^3 read at 64
-  points per ray, a quarter of the cells probed per update; 2048 rays per step, Adam 1e-3 (grids 1e-2) decaying 10x over the run.
+  points per ray, a quarter of the cells probed per update; 2048 rays per step, Adam 1e-3
+  (grids 1e-2, smoother 5e-3) decaying 10x over the run.
 tiny: smoke runs and tests: 4 levels up to 32, MLPs 16 wide, 4 samples per ray, 16^3
   occupancy, 128 rays, head 10 steps (smoother after 5), torso 4.
 """

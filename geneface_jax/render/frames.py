@@ -360,6 +360,12 @@ def _grid_torso_render_fn(torso):
 def read_config(workdir):
     path = pathlib.Path(workdir) / "config.json"
     if not path.is_file():
+        if pathlib.Path(workdir).is_dir() and any(
+                p.name.startswith("model_ckpt_steps_") for p in pathlib.Path(workdir).iterdir()):
+            raise CheckpointError(f"{workdir}: a GeneFace checkpoint directory, not a NeRF run "
+                                  "of this project; import it first: python -m "
+                                  f"experiments.import_geneface --ckpt={workdir} "
+                                  "--stage=head|torso --out=WORKDIR")
         raise CheckpointError(f"{workdir}: no NeRF run here (no config.json)")
     cfg = json.loads(path.read_text())
     if cfg.get("stage") != "nerf":

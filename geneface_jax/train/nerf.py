@@ -58,6 +58,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from geneface_jax import checkpoint as ckpt_lib
 from geneface_jax import files
 from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data import format as fmt
@@ -690,7 +691,10 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
         return {"psnr": float(np.mean(scores))}
 
     ck = Checkpointer(workdir / "checkpoints")
-    start_step = ck.latest_step() or 0
+    # the step the loop resumes from: the newest intact checkpoint (damaged ones are moved
+    # aside by the loop)
+    start_step = next((s for s in sorted(ck.all_steps(), reverse=True)
+                       if not ckpt_lib.damage(ck.step_dir(s))), 0)
     ck.close()
     start = time.time()
     state, last = loop_lib.train_configured(
