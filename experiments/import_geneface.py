@@ -40,24 +40,13 @@ flags.DEFINE_float("landmark_unit", 1.0, "Head-space units per BFM unit: landmar
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
 
 
-def syncnet_state(config, variables, optim, step):
-    """The TrainState `train.audio2motion.load_syncnet` restores, holding `variables`."""
-    import jax.numpy as jnp
-
-    from geneface_jax.train.audio2motion import OptimConfig, create_syncnet_state
-    _, state = create_syncnet_state(config, OptimConfig(**optim), 0)
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                         step=jnp.asarray(step, jnp.int32))
-
-
 def main(argv):
     del argv
     common.require("ckpt", "stage", "out")
     from geneface_jax.convert.geneface_import import import_geneface
     out = import_geneface(FLAGS.ckpt, FLAGS.stage, FLAGS.out, step=FLAGS.step,
                           lm3d_stats=FLAGS.lm3d_stats, head=FLAGS.head,
-                          landmark_unit=FLAGS.landmark_unit, syncnet_state=syncnet_state,
-                          overwrite=FLAGS.overwrite)
+                          landmark_unit=FLAGS.landmark_unit, overwrite=FLAGS.overwrite)
     print(json.dumps({k: v for k, v in out.items() if k != "model"}))
 
 

@@ -14,6 +14,7 @@ _use_new_zipfile_serialization=False)` into `model_ckpt_steps_<step>.ckpt`.
 import collections
 import json
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -625,7 +626,6 @@ def test_stage1_imports_bit_for_bit_and_computes_genefaces_function(tmp_path):
 
 
 def test_syncnet_imports_from_its_run_and_from_a_stage1_run(tmp_path):
-    from experiments.import_geneface import syncnet_state
     from geneface_jax.motion.syncnet import SyncNet
     from geneface_jax.train.audio2motion import load_syncnet
     c = _sync_config()
@@ -644,9 +644,12 @@ def test_syncnet_imports_from_its_run_and_from_a_stage1_run(tmp_path):
     conv = gi.convert_stage(tmp_path / "sync", "syncnet")
     assert conv.roots == ("model.",)
     _assert_same_tree(conv.variables, want)
-    gi.import_geneface(tmp_path / "a2m", "syncnet", tmp_path / "out",
-                       syncnet_state=syncnet_state)
+    gi.import_geneface(tmp_path / "a2m", "syncnet", tmp_path / "out")
+    # the workdir holds the variables alone: no optimizer state is built for it
+    from geneface_jax.checkpoint import restore_run
+    assert set(restore_run(tmp_path / "out")) == {"step", "params", "batch_stats"}
     model, variables, run = load_syncnet(tmp_path / "out")
+    assert "optim" not in run and run["representation"]["kind"] == "geneface_idexp_lm3d"
     assert run["model"]["feature_dim"] == c.feature_dim
     assert run["imported"]["networks"] == ["syncnet_task.model."]
     _assert_same_tree(jax.device_get(variables), want)
@@ -861,9 +864,14 @@ def test_conv_transpose1d_from_torch_orientation():
 
 def test_loaders_point_a_geneface_directory_to_the_import(tmp_path):
     from geneface_jax.motion import predict
+    from geneface_jax.train.audio2motion import load_syncnet
     _save_geneface(tmp_path, {"model": {"w": np.zeros(2, np.float32)}})
-    with pytest.raises(CheckpointError, match="experiments.import_geneface"):
-        predict.load_audio2motion(tmp_path)
+    for load, stage in ((predict.load_audio2motion, "audio2motion"),
+                        (predict.load_postnet, "postnet"), (load_syncnet, "syncnet")):
+        hint = (f"import it first: python -m experiments.import_geneface --ckpt={tmp_path} "
+                f"--stage={stage} ")
+        with pytest.raises(CheckpointError, match=re.escape(hint)):
+            load(tmp_path)
 
 
 def test_command_line_import(tmp_path):
@@ -887,7 +895,6 @@ def test_an_imported_stage1_and_syncnet_feed_a_postnet_trained_here(tmp_path):
     units, the person's frames are put in them through landmark_std, and the run's
     workdir loads for inference."""
     from experiments.configs import postnet as presets
-    from experiments.import_geneface import syncnet_state
     from geneface_jax.data import format as fmt
     from geneface_jax.data.synthetic import world
     from geneface_jax.mesh import make_mesh
@@ -904,8 +911,7 @@ def test_an_imported_stage1_and_syncnet_feed_a_postnet_trained_here(tmp_path):
                          _gf_state_dict(_randomize(_GfSyncNet(_sync_config()), 2)).items()}})
     gi.import_geneface(tmp_path / "gf_a2m", "audio2motion", tmp_path / "a2m",
                        landmark_unit=0.05)
-    gi.import_geneface(tmp_path / "gf_a2m", "syncnet", tmp_path / "sync",
-                       syncnet_state=syncnet_state)
+    gi.import_geneface(tmp_path / "gf_a2m", "syncnet", tmp_path / "sync")
     out = tp.train_postnet(presets.get_config("tiny"), tmp_path / "pn", tmp_path / "person",
                            tmp_path / "a2m", corpus=corpus, syncnet=tmp_path / "sync",
                            mesh=make_mesh(jax.devices()[:1]))

@@ -221,6 +221,90 @@ def test_inference_uses_the_generator_with_the_lowest_pool_fd(world_dirs, traine
     assert predict.load_postnet(plain)[2]["inference_generator"] == dict(source="final_ema", step=4)
 
 
+def _imported_syncnet(root, config):
+    """A SyncNet imported from GeneFace (`experiments.import_geneface --stage=syncnet`):
+    random weights written the way GeneFace's trainer writes its checkpoints
+    (`convert.geneface.to_state_dict`, `torch.save` of {'global_step', 'state_dict':
+    {'model': ...}} as model_ckpt_steps_<step>.ckpt), then imported into `root/sync_gf`."""
+    torch = pytest.importorskip("torch")
+    from geneface_jax.convert import geneface as gf
+    from geneface_jax.convert import geneface_import as gi
+    from geneface_jax.motion.syncnet import init_syncnet
+    variables = jax.device_get(init_syncnet(config, 1)[1])
+    sd = gf.to_state_dict(gf.STAGES["syncnet"], variables, config, ("",))
+    gdir = root / "sync_geneface"
+    gdir.mkdir()
+    torch.save({"epoch": 1, "global_step": 100,
+                "state_dict": {"model": {k: torch.tensor(v) for k, v in sd.items()}}},
+               gdir / "model_ckpt_steps_100.ckpt")
+    gi.import_geneface(gdir, "syncnet", root / "sync_gf")
+    return root / "sync_gf", variables
+
+
+def test_a_syncnet_in_other_motion_units_is_refused(world_dirs, tmp_path):
+    """The sync loss scores refined stage-1 motion, so the SyncNet must have learnt that
+    motion's units: an imported (GeneFace idexp_lm3d) SyncNet with a stage 1 trained here,
+    or a SyncNet trained here with an imported stage 1, is an InputError naming both runs
+    and both representations, raised before anything is written. The imported SyncNet
+    itself loads (variables only, no optimizer state)."""
+    from geneface_jax.convert.geneface_import import geneface_representation
+    sc = SyncNetConfig(feature_dim=80, base=8, mouth_in=8, layers_per_block=2)
+    sync_gf, want = _imported_syncnet(tmp_path, sc)
+    _, variables, _ = a2m.load_syncnet(sync_gf)
+    for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(x, y)
+    work = tmp_path / "w"
+    with pytest.raises(InputError) as e:
+        tp.train_postnet(_config(), work, world_dirs / "person", world_dirs / "a2m",
+                         syncnet=sync_gf, mesh=make_mesh(jax.devices()[:1]))
+    msg = str(e.value)
+    for part in (str(sync_gf), str(world_dirs / "a2m"), "geneface_idexp_lm3d", "normalized"):
+        assert part in msg, (part, msg)
+    # an imported stage 1 (its config records GeneFace's representation) with the SyncNet
+    # trained here
+    a2m_gf = tmp_path / "a2m_gf"
+    shutil.copytree(world_dirs / "a2m", a2m_gf)
+    cfg = json.loads((a2m_gf / "config.json").read_text())
+    write_json_atomic(a2m_gf / "config.json",
+                      dict(cfg, representation=geneface_representation(0.05)))
+    with pytest.raises(InputError) as e:
+        tp.train_postnet(_config(), work, world_dirs / "person", a2m_gf,
+                         syncnet=world_dirs / "sync", mesh=make_mesh(jax.devices()[:1]))
+    msg = str(e.value)
+    for part in (str(world_dirs / "sync"), str(a2m_gf), "geneface_idexp_lm3d", "normalized"):
+        assert part in msg, (part, msg)
+    assert not work.exists()
+
+
+def test_a_selection_made_after_the_resume_step_is_dropped(world_dirs, trained, tmp_path):
+    """A launch killed after a pool check and before its next checkpoint leaves a
+    selected generator of a step past the checkpoint the next launch resumes from. Here
+    (in process): a run to step 1 (its checkpoint), then a selection file as such a
+    launch could leave it (step 4, a pool FD below every real one: one the resumed run's
+    checks would never replace). The resumed run drops it, redoes the checks at 2, 4, 6
+    and ends with the uninterrupted run's selection: same step, FD and variables."""
+    part = tmp_path / "part"
+    _train(world_dirs, part, run={"steps": 1})
+    assert predict.read_selected_info(part) is None          # no pool check before step 2
+    ck = Checkpointer(part / "checkpoints")
+    assert ck.all_steps() == [1]
+    ck.close()
+    whole = json.loads((trained / "metrics.json").read_text())
+    _, g_vars, _, _, _ = predict.load_postnet(trained)
+    tp.save_selected_generator(part, g_vars, 4, 0.5 * whole["pool_fd_selected"])
+    out = _train(world_dirs, part)
+    assert (out["selected_step"], out["pool_fd_selected"]) == (whole["selected_step"],
+                                                              whole["pool_fd_selected"])
+    assert predict.read_selected_info(part) == predict.read_selected_info(trained)
+    for x, y in zip(jax.tree.leaves(predict.load_postnet(trained)[1]),
+                    jax.tree.leaves(predict.load_postnet(part)[1])):
+        np.testing.assert_array_equal(x, y)
+    # a selection at or before the step a launch resumes from is the run's own: kept
+    # (here a launch with nothing left to do, resuming from its last step)
+    _train(world_dirs, part)
+    assert predict.read_selected_info(part) == predict.read_selected_info(trained)
+
+
 @pytest.mark.slow
 def test_resume_is_exact(world_dirs, trained, tmp_path, capsys):
     whole, part = tmp_path / "whole", tmp_path / "part"

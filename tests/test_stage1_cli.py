@@ -142,6 +142,40 @@ def test_bad_inputs_raise_one_clear_error(tmp_path, corpus_dir, vae_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_imported_syncnet_is_refused(tmp_path, corpus_dir):
+    """Stage 1 trains on the corpus' landmarks normalised here; a SyncNet imported from
+    GeneFace (`experiments.import_geneface --stage=syncnet`: random weights written as
+    GeneFace's trainer writes them, then imported) scores idexp_lm3d mouths, so pairing
+    them is an InputError naming both and their representations, before anything is
+    written. The import itself loads (variables only, no optimizer state), and its
+    GeneFace work dir given as --syncnet points to the import."""
+    torch = pytest.importorskip("torch")
+    from geneface_jax.checkpoint import restore_run
+    from geneface_jax.convert import geneface as gf
+    from geneface_jax.convert import geneface_import as gi
+    from geneface_jax.motion.syncnet import SyncNetConfig, init_syncnet
+    sc = SyncNetConfig(feature_dim=80, base=8, mouth_in=8, layers_per_block=2)
+    sd = gf.to_state_dict(gf.STAGES["syncnet"], jax.device_get(init_syncnet(sc, 1)[1]), sc,
+                          ("",))
+    gdir = tmp_path / "geneface_syncnet"
+    gdir.mkdir()
+    torch.save({"epoch": 1, "global_step": 100,
+                "state_dict": {"model": {k: torch.tensor(v) for k, v in sd.items()}}},
+               gdir / "model_ckpt_steps_100.ckpt")
+    with pytest.raises(CheckpointError, match="import it first"):
+        _train(tmp_path / "w", corpus_dir, gdir, steps=1)
+    imported = tmp_path / "sync_gf"
+    gi.import_geneface(gdir, "syncnet", imported)
+    assert set(restore_run(imported)) == {"step", "params", "batch_stats"}
+    a2m.load_syncnet(imported)
+    with pytest.raises(InputError) as e:
+        _train(tmp_path / "w", corpus_dir, imported, steps=1)
+    msg = str(e.value)
+    for part in (str(imported), str(corpus_dir), "geneface_idexp_lm3d", "normalized"):
+        assert part in msg, (part, msg)
+    assert not (tmp_path / "w").exists()
+
+
 def test_commands(tmp_path, corpus_dir):
     """The entry points' command-line contract: --model and --config overrides reach the
     run and the final metrics are printed as JSON; a bad config value or a bad run

@@ -5,9 +5,8 @@ converts the stage's networks and writes `out` with what the stage's loader read
 
     audio2motion  config.json (stage, model, representation), landmark_std.npy, the
                   checkpoint {step, params, batch_stats}   -> motion.predict.load_audio2motion
-    syncnet       config.json (stage, model, optim, representation), a TrainState checkpoint
-                  (built by the caller's `syncnet_state`: the layout train.audio2motion's
-                  `load_syncnet` restores into)              -> train.audio2motion.load_syncnet
+    syncnet       config.json (stage, model, representation), the checkpoint {step,
+                  params, batch_stats}                       -> train.audio2motion.load_syncnet
     postnet       config.json, landmark_std.npy, identity.npy, the checkpoint {step, ema
                   (GeneFace's generator), discriminator}     -> motion.predict.load_postnet
     head, torso   config.json (stage nerf, part, model, head_model), landmark_norm.npz, the
@@ -215,7 +214,7 @@ def _check_out(out, overwrite):
 
 
 def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
-                    landmark_unit=1.0, syncnet_state=None, overwrite=False):
+                    landmark_unit=1.0, overwrite=False):
     """Converts `stage` of a GeneFace checkpoint and writes the workdir `out` (see the
     module doc). Returns a summary dict (stage, out, step, keys, config, unused).
 
@@ -226,9 +225,6 @@ def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
         GeneFace's trainval_dataset.npy or an .npz); required.
       head: torso only: the workdir of the imported head (its config and normaliser).
       landmark_unit: head-space units per BFM unit (see the module doc).
-      syncnet_state: syncnet only: `(SyncNetConfig, variables, optim dict, step) -> state`
-        building the training state `load_syncnet` restores (train.audio2motion's
-        `create_syncnet_state` with the variables in place).
     """
     from geneface_jax.render import frames
     if stage not in STAGE_NAMES:
@@ -246,8 +242,6 @@ def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
                               "head's landmarks with the person's idexp_lm3d mean and std "
                               "(data/binary/videos/<id>/trainval_dataset.npy, or an .npz "
                               "with idexp_lm3d_mean / idexp_lm3d_std)")
-    if stage == "syncnet" and syncnet_state is None:
-        raise ValueError("stage 'syncnet' needs syncnet_state (the training state builder)")
     conv = convert_stage(ckpt, stage, step=step, head_config=head_cfg)
     ck = conv.checkpoint
     rep = geneface_representation(landmark_unit)
@@ -264,12 +258,9 @@ def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
             _save_npy(tmp / "landmark_std.npy", std)
             _save_checkpoint(tmp, ck.step, dict(step=np.int32(ck.step), **conv.variables))
         elif stage == "syncnet":
-            optim = dict(lr=5e-4, warmup_steps=0, decay_rate=1.0, decay_steps=1,
-                         clip_norm=1.0, cosine_steps=0)
-            run = dict(stage="syncnet", model=cfg, data=None, optim=optim,
-                       representation=rep, imported=_imported_record(conv))
-            _save_checkpoint(tmp, ck.step, syncnet_state(conv.config, conv.variables, optim,
-                                                         ck.step))
+            run = dict(stage="syncnet", model=cfg, data=None, representation=rep,
+                       imported=_imported_record(conv))
+            _save_checkpoint(tmp, ck.step, dict(step=np.int32(ck.step), **conv.variables))
         elif stage == "postnet":
             run = dict(stage="postnet", model=cfg, data=None, corpus=None,
                        audio2motion=None, syncnet=None, representation=rep,

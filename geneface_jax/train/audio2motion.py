@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from geneface_jax.checkpoint import Checkpointer, read_run_config
-from geneface_jax.errors import CheckpointError, InputError, ShapeError
+from geneface_jax.checkpoint import check_like, read_run_config, restore_run
+from geneface_jax.errors import InputError, ShapeError
+from geneface_jax.motion import predict
 from geneface_jax.motion import syncnet as sync_lib
 from geneface_jax.motion import vae as vae_lib
 from geneface_jax.train import parallel
@@ -358,7 +359,9 @@ def train_audio2motion(config, workdir, data, syncnet=None, *, mesh=None):
         reads: model, data, syncnet), landmark_std.npy, checkpoints, metrics.jsonl and
         metrics.json.
       data: corpus directory (`data.format.load_corpus`).
-      syncnet: workdir of a `train_syncnet` run, or None (no sync loss).
+      syncnet: workdir of a `train_syncnet` run, or None (no sync loss); one whose
+        motion is not this project's normalised landmarks (an imported GeneFace SyncNet)
+        is refused (InputError, `check_syncnet_pairing`).
       mesh: the device mesh (default: every device, `mesh.make_mesh()`).
     Returns:
       the final metrics (`val_l2`, `val_l1`, `val_kl`, `val_l2_start`, `val_l1_start`,
@@ -394,6 +397,9 @@ def train_audio2motion(config, workdir, data, syncnet=None, *, mesh=None):
     sync_net, sync_vars, sync_cfg = None, None, None
     if syncnet and losses.sync > 0:
         sync_net, sync_vars, sync_cfg = load_syncnet(syncnet)
+        # stage 1 trains on the corpus' landmarks normalised here
+        check_syncnet_pairing(syncnet, sync_cfg, f"the corpus {data} (train_audio2motion "
+                              "normalises its landmarks)", {})
 
     mesh = make_mesh() if mesh is None else mesh
     n_dev = mesh.shape[DATA_AXIS]
@@ -530,7 +536,6 @@ def evaluate_audio2motion(data, workdir, vae, regression=None, *, splits=("test"
 
     from geneface_jax.data import batching
     from geneface_jax.data import format as fmt
-    from geneface_jax.motion import predict
 
     t0 = time.time()
     if samples < 1:
@@ -573,24 +578,43 @@ def evaluate_audio2motion(data, workdir, vae, regression=None, *, splits=("test"
 # --------------------------------------------------------------------------- loading runs
 # (inference reads stage-1 runs with `motion.predict.load_audio2motion`)
 
-def _restore_variables(workdir, state):
-    ck = Checkpointer(pathlib.Path(workdir) / "checkpoints")
-    try:
-        restored = ck.restore(state)
-    finally:
-        ck.close()
-    if restored is None:
-        raise CheckpointError(f"{workdir}: no checkpoint under {workdir}/checkpoints")
-    return jax.device_get(restored)
-
-
 def load_syncnet(workdir):
-    """(SyncNet module, frozen variables, run config) of a `train_syncnet` run."""
+    """(SyncNet module, frozen variables, run config) of a `train_syncnet` run or of one
+    imported from GeneFace (`experiments.import_geneface --stage=syncnet`).
+
+    The variables are the run's latest checkpoint as saved (`checkpoint.restore_run`: no
+    optimizer state is built or read, so a checkpoint holding the variables alone loads
+    like a training state), checked against the shapes of the SyncNet of the run's
+    config. A GeneFace work dir is refused with the import command to run first."""
+    predict._refuse_geneface_dir(workdir, "syncnet")
     cfg = read_run_config(workdir, "syncnet")
     sc = sync_lib.SyncNetConfig(**cfg["model"])
     model = sync_lib.SyncNet(sc, axis_name=parallel.DATA_AXIS)   # as create_syncnet_state
-    # the restore target is only shapes: nothing is initialised or compiled
-    template = jax.eval_shape(lambda: create_syncnet_state(sc, OptimConfig(**cfg["optim"]),
-                                                           0)[1])
-    state = _restore_variables(workdir, template)
-    return model, {"params": state.params, "batch_stats": state.batch_stats}, cfg
+    saved = restore_run(workdir)
+    variables = {"params": saved.get("params"), "batch_stats": saved.get("batch_stats")}
+    # the expected shapes only: nothing is initialised or compiled
+    check_like(variables, jax.eval_shape(lambda: sync_lib.init_syncnet(sc, 0)[1]),
+               f"{workdir}")
+    return model, variables, cfg
+
+
+def motion_units(run_config):
+    """What the numbers of a run's motion arrays are, as far as a network fed them cares:
+    `motion.predict.motion_representation` less what only maps them to head space
+    (`landmark_unit`) and its prose (`note`)."""
+    rep = predict.motion_representation(run_config)
+    return {k: v for k, v in rep.items() if k not in ("landmark_unit", "note")}
+
+
+def check_syncnet_pairing(syncnet, sync_cfg, what, other_cfg):
+    """InputError unless the SyncNet run `syncnet` (config `sync_cfg`) was trained on
+    motion in the units of `what` (a stage-1 run or a dataset, whose run config, or
+    `{}` for motion normalised here, is `other_cfg`): a SyncNet scores mouths only in
+    the units it learned, and an imported one expects GeneFace's idexp_lm3d."""
+    mine, theirs = motion_units(sync_cfg), motion_units(other_cfg)
+    if mine != theirs:
+        raise InputError(
+            f"the SyncNet run {syncnet} works on motion {mine}, but {what} gives motion "
+            f"{theirs}: a SyncNet only scores mouths in the units it was trained on; pair "
+            f"an imported (GeneFace) SyncNet with an imported stage 1, or train a SyncNet "
+            f"here (experiments.train_syncnet) for motion trained here")

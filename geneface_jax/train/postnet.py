@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, DatasetError, InputError, ShapeError
@@ -699,9 +700,11 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
        frame-level critic (real = crops of the person's train motion); `optim` gives the
        two Adams and the generator EMA. With `select`, every pool check (every
        `run.eval_every` steps, on a fixed grid, so a resumed run selects what an
-       uninterrupted one does) may replace the EMA inference uses
-       (`selected_generator.msgpack`, the one with the lowest pool Fréchet distance); the
-       game does not converge, so the last step is not the best one.
+       uninterrupted one does; a selection an interrupted launch made after the step
+       the run resumes from is dropped, its checks being redone) may replace the EMA
+       inference uses (`selected_generator.msgpack`, the one with the lowest pool
+       Fréchet distance); the game does not converge, so the last step is not the best
+       one.
 
     Args:
       config: `experiments/configs/postnet.py`'s ConfigDict.
@@ -711,7 +714,9 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
       data: the target person's dataset directory.
       audio2motion: a trained stage-1 run (`train_audio2motion --model=vae`).
       corpus, syncnet: corpus directory and SyncNet run (default: the stage-1 run's); no
-        SyncNet (or `loss.sync` 0) trains without the sync term.
+        SyncNet (or `loss.sync` 0) trains without the sync term. A SyncNet whose motion
+        representation is not the stage-1 run's (an imported GeneFace SyncNet with a
+        stage 1 trained here, or the reverse) is refused (InputError).
       mesh: the device mesh (default: every device; the global batch is rounded down to a
         multiple of its size).
     Returns:
@@ -746,6 +751,9 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
     sync_model, sync_vars, sync_cfg = None, None, None
     if config.loss.sync > 0 and syncnet_dir:
         sync_model, sync_vars, sync_cfg = a2m.load_syncnet(syncnet_dir)
+        # the sync loss scores refined stage-1 motion: the SyncNet must know its units
+        a2m.check_syncnet_pairing(syncnet_dir, sync_cfg, f"the stage-1 run {audio2motion}",
+                                  a2m_cfg)
     real, identity = person_motion(person, std, "train")
     cfg = pn.PostNetConfig(motion_dim=mc.motion_dim, static_coords=static_coordinates(std),
                            **config.model)
@@ -788,11 +796,37 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
     eval_ids = corpus_ids[np.random.default_rng(config.seed).permutation(
         len(corpus_ids))[:config.eval_samples]]
     pool_fd = pool_fd_fn(pool, real, cfg, eval_ids, std)
-    selected = [predict.read_selected_info(workdir)]
+    on_disk = predict.read_selected_info(workdir)     # what earlier launches selected
+    selected = [on_disk]
+    resumed_from = []
+
+    def batches(step):
+        # The loop asks first for the batch of the step it resumed from (0 if new).
+        if not resumed_from:
+            resumed_from.append(int(step))
+        return get_batch(step)
+
+    def forget_later_selection(resumed):
+        """A launch killed after a pool check and before its next checkpoint leaves a
+        selection made after the step this run resumes from: it is not this run's
+        history (its pool checks are redone from there), so it is dropped and its files
+        deleted; the redone checks select what an uninterrupted run does. Only the
+        selection read at the start can be such. Called at every pool check (after a
+        step: every host has read the files by then) and once after the loop."""
+        if on_disk is None or selected[0] is not on_disk or on_disk["step"] <= resumed:
+            return
+        selected[0] = None
+        logging.warning("postnet: %s holds a generator selected at step %d, after step %d "
+                        "this run resumes from (an interrupted launch); dropped",
+                        workdir, on_disk["step"], resumed)
+        if parallel.is_main_process():      # the record first: it names the variables
+            for name in (SELECTED_INFO, SELECTED_FILE):
+                (workdir / name).unlink(missing_ok=True)
 
     def evaluate(st, step):
         """The pool check; keeps the EMA as the inference generator if it beats the
         selection."""
+        forget_later_selection(resumed_from[0])
         variables = jax.device_get(st.generator_variables())
         fd = pool_fd(variables)
         best = selected[0]
@@ -807,8 +841,10 @@ def train_postnet(config, workdir, data, audio2motion, *, corpus=None, syncnet=N
     start = time.time()
     state, last = loop_lib.train_configured(
         run=config.run, run_config=run_cfg, workdir=workdir, state=state,
-        step_fn=steps.train_step, get_batch=get_batch, num_steps=num_steps, mesh=mesh,
+        step_fn=steps.train_step, get_batch=batches, num_steps=num_steps, mesh=mesh,
         eval_fn=evaluate, name="postnet ")
+    # no batch asked for: the run had already reached num_steps, at its last checkpoint
+    forget_later_selection(resumed_from[0] if resumed_from else int(state.step))
     fd_after = pool_fd(jax.device_get(state.generator_variables()))
     sel = selected[0] or {"step": num_steps, "pool_fd": fd_after}
     out = dict(pool_fd_before=fd_before, pool_fd_after=fd_after,
