@@ -471,19 +471,24 @@ def test_render_image_same_on_1_and_8_devices_any_chunk():
 
 
 def test_render_image_ray_counts_share_compiled_programs():
-    """Ray counts are padded (on the host) to `padded_layout`'s size: small counts to a
-    power of two, larger ones to whole chunks per device, so counts that pad alike run one
-    compiled program, with the same rays' results as rendering them alone."""
-    assert sharded.padded_layout(100, 1, 4096) == (128, 128)
-    assert sharded.padded_layout(5000, 1, 4096) == (4096, 8192)
+    """Ray counts are padded (on the host) to `padded_layout`'s size: a device's rays split
+    evenly into whole chunks, the chunk rounded up to a quarter of its power of two, so
+    counts that pad alike run one compiled program, with the same rays' results as
+    rendering them alone."""
+    assert sharded.padded_layout(100, 1, 4096) == (112, 112)   # 100 -> multiple of 16
+    assert sharded.padded_layout(5000, 1, 4096) == (2560, 5120)  # 2 chunks of 2500 -> 2560
+    assert sharded.padded_layout(4590, 1, 4096) == (2560, 5120)   # was 8192
     assert sharded.padded_layout(156, 8, 7) == (7, 168)        # 20 per device: 3 chunks
     assert sharded.padded_layout(1, 8, 64) == (1, 8)
+    for r in range(1, 3000, 7):                                  # at most 25 % padding
+        c, total = sharded.padded_layout(r, 2, 256)
+        assert c <= 256 and total >= r and (total - r) <= 0.25 * r + 2 * 256 / 4
     ray_tree = _image_rays(12, 13)
     reference = jax.jit(sphere_render)(SPHERE, ray_tree)
     one = make_mesh(jax.devices()[:1])
     program = sharded._compiled(sphere_render, one, 64)
     before = program._cache_size()
-    for r in (65, 100, 128):                                    # all pad to 2 chunks of 64
+    for r in (97, 100, 112):                                    # all pad to 2 chunks of 56
         few = jax.tree.map(lambda x, r=r: np.asarray(x)[:r], ray_tree)
         out = sharded.render_image(sphere_render, few, params=SPHERE, mesh=one, chunk=64)
         assert isinstance(out["rgb"], np.ndarray) and out["rgb"].shape == (r, 3)

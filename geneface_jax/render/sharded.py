@@ -3,9 +3,11 @@
 `render_image(render_rays_fn, rays, params=..., mesh=..., chunk=...)` evaluates
 `render_rays_fn(params, rays_chunk) -> pytree of [chunk, ...]` on all R rays:
 
-1. the per-device chunk is `c = min(chunk, 2^ceil(log2(ceil(R / n_devices))))`: a chunk
-   larger than the rays does not multiply the work, and small ray counts are rounded up to
-   a power of two;
+1. a device's rays `ceil(R / n_devices)` are split evenly into `n = ceil(per device /
+   chunk)` chunks, and the chunk size is rounded up to a quarter of its power of two
+   (`padded_layout`): at most 25 % of padding (a power-of-two rounding wasted up to half:
+   a head region of 4590 rays ran as 8192), and only four chunk sizes per octave, so
+   ray counts that vary from frame to frame reuse a few compiled programs;
 2. the rays (a pytree whose leaves all have the leading ray axis `[R, ...]`) are padded
    (before the compiled program) to `R_pad = n_devices * n_chunks * c` by repeating the
    last ray (so padding never feeds a degenerate ray, e.g. a zero direction, into the
@@ -70,8 +72,11 @@ def padded_layout(r: int, n_dev: int, chunk: int):
     """`(c, r_pad)`: the per-device chunk and the padded ray count for `r` rays on `n_dev`
     devices with at most `chunk` rays per device at once (module docstring, steps 1-2)."""
     per_device = -(-r // n_dev)
-    c = min(chunk, 1 << (per_device - 1).bit_length())
-    return c, n_dev * c * -(-per_device // c)
+    n_chunks = -(-per_device // chunk)
+    even = -(-per_device // n_chunks)                 # the rays split evenly over the chunks
+    granule = 1 << max((even.bit_length() - 1) - 2, 0)   # a quarter of its power of two
+    c = min(chunk, -(-even // granule) * granule)
+    return c, n_dev * c * n_chunks
 
 
 def _pad_rows(x, total):
@@ -91,8 +96,8 @@ def _compiled(render_rays_fn: Callable, mesh, chunk: int):
 
     def per_device(params, rays_local):
         n_local = jax.tree.leaves(rays_local)[0].shape[0]
-        c = min(chunk, n_local)
-        n_chunks = n_local // c
+        n_chunks = -(-n_local // chunk)                 # padded_layout's: c * n_chunks
+        c = n_local // n_chunks
         chunks = jax.tree.map(lambda x: x.reshape((n_chunks, c) + x.shape[1:]), rays_local)
 
         def one(rays_chunk):
