@@ -286,7 +286,8 @@ def bin_occupancy(origins, directions, bits, config: GridConfig):
     h = length / m
     mids = t0[:, None] + (jnp.arange(m, dtype=jnp.float32) + 0.5)[None] * h[:, None]
     pts = origins[:, None, :] + directions[:, None, :] * mids[..., None]
-    occ = jnp.take(bits.reshape(-1), cell_index(pts, config)) * (length[:, None] > 0)
+    occ = bits.reshape(-1).at[cell_index(pts, config)].get(mode="promise_in_bounds") * (
+        length[:, None] > 0)
     return t0, h, jax.lax.stop_gradient(occ.astype(jnp.float32))
 
 
