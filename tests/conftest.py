@@ -92,15 +92,19 @@ def tiny_demo(speech_clip, tmp_path_factory):
     return out, metrics
 
 
-# Heaviest test files first (seconds measured on a 2-core CPU, `--durations`): with
-# `--dist loadfile` the files are handed to the two workers in collection order, so
-# starting the long ones first keeps a long file from being the last one left running
-# on one worker while the other sits idle.
-_FILE_WEIGHT = {"test_end_to_end.py": 550, "test_postnet.py": 240, "test_vae.py": 195,
-                "test_nerf_train.py": 180, "test_stage1_cli.py": 130,
-                "test_preprocess.py": 110, "test_postnet_cli.py": 70, "test_fields.py": 65,
-                "test_wavenet_flows.py": 50, "test_hubert.py": 47, "test_render_core.py": 41,
-                "test_multihost.py": 30, "test_train_infra.py": 40, "test_pipeline.py": 30}
+# Heaviest test files first (seconds of one full run, `--durations=0` summed per file, on
+# a 2-core CPU shared with other work, so about 2.5x an idle machine's): with `--dist
+# loadfile` the files are handed to the two workers in collection order, so starting the
+# long ones first keeps a long file from being the last one left running on one worker
+# while the other sits idle.
+_FILE_WEIGHT = {"test_nerf_train.py": 395, "test_grid.py": 382, "test_end_to_end.py": 344,
+                "test_postnet.py": 202, "test_vae.py": 185, "test_fields.py": 128,
+                "test_preprocess.py": 114, "test_preemption.py": 110,
+                "test_stage1_cli.py": 98, "test_postnet_cli.py": 91,
+                "test_wavenet_flows.py": 87, "test_torch_reference.py": 77,
+                "test_hubert.py": 65, "test_render_core.py": 64, "test_face_tracking.py": 60,
+                "test_import_geneface.py": 57, "test_train_infra.py": 40,
+                "test_standalone.py": 32, "test_multihost.py": 27, "test_pipeline.py": 23}
 
 
 def pytest_collection_modifyitems(config, items):
