@@ -16,6 +16,7 @@ import pathlib
 import time
 
 from experiments.configs import audio2motion as a2m_configs
+from experiments.configs import grid as grid_configs
 from experiments.configs import nerf as nerf_configs
 from experiments.configs import postnet as postnet_configs
 from experiments.configs import syncnet as syncnet_configs
@@ -47,12 +48,14 @@ def stage_configs(config, seed):
     demo's step counts (`run.steps`; the NeRF's `run.torso_steps` too, as `train_nerf
     --steps` sets it), seed and overrides (no periodic evaluation in stage 1, stage 1's
     warm-up within a fifth of its steps, the NeRFs' rays, decay over the run and the
-    head's mouth share)."""
+    head's mouth share). `config.nerf_model` picks the renderer's file: `grid`
+    (experiments/configs/grid.py, the default) or `mlp` (nerf.py)."""
     c, preset = config, config.stage_preset
+    renderer = {"grid": grid_configs, "mlp": nerf_configs}[c.get("nerf_model", "grid")]
     out = {}
     for stage, module in (("syncnet", syncnet_configs), ("audio2motion", a2m_configs),
-                          ("postnet", postnet_configs), ("head", nerf_configs),
-                          ("torso", nerf_configs)):
+                          ("postnet", postnet_configs), ("head", renderer),
+                          ("torso", renderer)):
         cfg = module.get_config(preset)
         steps = int(c.steps[stage])
         cfg.run.steps, cfg.seed = steps, seed
@@ -60,6 +63,8 @@ def stage_configs(config, seed):
             cfg.run.torso_steps = steps
             cfg[stage].rays = c.rays
             cfg[stage].lr_decay_steps = max(1, steps)
+            if "ambient_ramp_steps" in cfg[stage]:
+                cfg[stage].ambient_ramp_steps = max(1, steps)
         out[stage] = cfg
     for stage in ("syncnet", "audio2motion"):
         out[stage].run.eval_every = 0

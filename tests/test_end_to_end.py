@@ -151,10 +151,12 @@ def test_nerf_train_and_eval_runs_of_the_demo(tiny_demo):
     m = json.loads((head / "metrics.json").read_text())
     cfg = json.loads((head / "config.json").read_text())
     assert (cfg["model"]["near"], cfg["model"]["far"]) == (0.4, 0.8)   # from the dataset
-    for part in (head, torso):            # the preset's sizes reach both models
-        model = json.loads((part / "config.json").read_text())["model"]
-        assert [model[k] for k in ("width", "depth", "skip", "num_coarse", "num_fine")] == [
-            32, 3, 1, 8, 8], part
+    for part in (head, torso):            # the grid preset's sizes reach both models
+        run_cfg = json.loads((part / "config.json").read_text())
+        model = run_cfg["model"]
+        assert run_cfg["renderer"] == "grid", part
+        assert [model[k] for k in ("levels", "finest", "sigma_hidden", "num_samples",
+                                   "grid_size")] == [4, 32, 16, 4, 16], part
     assert m["steps"] == 10 and m["rays_per_s"] > 0 and np.isfinite(m["eval_psnr"])
     assert json.loads((torso / "metrics.json").read_text())["steps"] == 4
     assert cfg["sampling"]["rays_per_frame"] == 128 and cfg["sampling"]["mouth_percent"] == 0.25
@@ -163,7 +165,8 @@ def test_nerf_train_and_eval_runs_of_the_demo(tiny_demo):
     assert tcfg["head"] == str(head.absolute())
     assert tcfg["data"] == str((out / "data" / "person").absolute())
     e = json.loads((out / "eval" / "nerf" / "metrics.json").read_text())
-    for k in ("psnr_head", "psnr_full", "ssim_full", "mouth_control_ratio", "train_minutes"):
+    for k in ("psnr_head", "psnr_full", "ssim_full", "mouth_control_ratio", "train_minutes",
+              "psnr_eyes", "psnr_mouth", "psnr_neck", "render_fps"):
         assert np.isfinite(e[k]), k
     assert e["frames"] == 1 and e["torso"]
 
