@@ -1,13 +1,25 @@
 r"""Speech audio -> talking-face mp4 with trained checkpoints.
 
   python -m experiments.synthesize --audio=speech.wav --checkpoints=demo_out/checkpoints \
-      --out=out.mp4 [--temperature=1.0] [--seed=0] [--pose_mode=loop|mirror]
+      --out=out.mp4 [--temperature=1.0] [--seed=0] \
+      [--pose=loop|mirror|static[:FRAME]|FILE] [--blink=track|auto|none] \
+      [--[no]paste_back] [--source_video=FILE]
 
 `--checkpoints` is a directory with the stage runs `audio2motion/`, `postnet/`, `head/`,
 `torso/` (optional) and `reference.npz`, as `experiments.demo` writes it
 (`geneface_jax.pipeline` documents the layout). Any audio librosa can read (WAV, FLAC,
 MP3, OGG; any rate, mono or stereo). The video has round(duration x 25) frames at 25 fps,
-the audio muxed in; head pose and blinks follow the person's reference video. A progress
+the audio muxed in. Head pose: `--pose=loop|mirror` replays the person's reference video
+(forwards and over again / back and forth; `--pose_mode` is the older name),
+`static[:FRAME]` holds reference frame FRAME (0), FILE takes the poses of a person dataset,
+a video (tracked on the fly) or an `.npy` of `[N, 4, 4]` camera-to-head poses
+(`geneface_jax.data.head_poses`; poses beyond the training range are warned about).
+Blinks: `--blink=track` copies the reference frames' eyes, `auto` draws a natural seeded
+schedule (`geneface_jax.data.blinks`), `none` holds the eyes open. Paste-back (default on
+for a person made from a video whose file is still where preprocessing read it): the
+video is written at the source's size, each rendered crop blended into its source frame
+(`geneface_jax.render.paste`); a changed or moved file is refused by name
+(`--source_video` points at a moved one, `--nopaste_back` writes the crop). A progress
 line shows frames/s and the ETA. With `--landmarks`, the predicted landmarks (stage 1,
 post-net, rendered) go to an `.npz` beside the video. With `--report`, the written video
 is tracked with the face tracker (`pipeline.tracked_video_report`, docs/tracking_metric.md)
@@ -34,7 +46,14 @@ flags.DEFINE_string("out", None, "Output mp4 path.")
 flags.DEFINE_float("temperature", 1.0, "Stage-1 prior temperature (0: mode path).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("pose_mode", "loop", ["loop", "mirror"],
-                  "How the reference pose/blink track covers longer audio.")
+                  "Alias of --pose=loop|mirror (when --pose is not given).")
+flags.DEFINE_string("pose", "", "loop | mirror | static[:FRAME] | FILE (a person dataset, a "
+                    "video, or an .npy of [N, 4, 4] poses); default: --pose_mode.")
+flags.DEFINE_enum("blink", "track", ["track", "auto", "none"],
+                  "Eyes: from the reference frames, a natural seeded schedule, or open.")
+flags.DEFINE_bool("paste_back", None, "Write the video in the source video's full frames "
+                  "(default: when the person came from a video that is still there).")
+flags.DEFINE_string("source_video", "", "The person's source video, if it moved.")
 flags.DEFINE_float("silence_db", -50.0, "dBFS below which the mouth is closed.")
 flags.DEFINE_integer("frames_per_chunk", 25, "Frames rendered and encoded per chunk.")
 flags.DEFINE_integer("chunk", 4096, "Rays per device evaluated at once.")
@@ -57,7 +76,8 @@ def main(argv):
         temperature=FLAGS.temperature, seed=FLAGS.seed, pose_mode=FLAGS.pose_mode,
         silence_db=FLAGS.silence_db, frames_per_chunk=FLAGS.frames_per_chunk,
         render_chunk=FLAGS.chunk, full_frame=FLAGS.full_frame, max_frames=FLAGS.max_frames,
-        crf=FLAGS.crf)
+        crf=FLAGS.crf, pose=FLAGS.pose, blink=FLAGS.blink, paste_back=FLAGS.paste_back,
+        source_video=FLAGS.source_video)
     print(json.dumps(pl.synthesize(FLAGS.audio, FLAGS.checkpoints, FLAGS.out, options,
                                    hubert_checkpoint=FLAGS.hubert_checkpoint,
                                    save_landmarks=FLAGS.landmarks, report=FLAGS.report)))

@@ -56,3 +56,13 @@ def write_bytes_atomic(path, data):
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return pathlib.Path(path)
+
+
+def sha256_file(path, block=1 << 20):
+    """Hex SHA-256 of a file's bytes (read in `block`-byte pieces)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()

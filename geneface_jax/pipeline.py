@@ -42,6 +42,7 @@ import json
 import math
 import pathlib
 import sys
+import tempfile
 import time
 import types
 from typing import Callable, Optional
@@ -93,6 +94,8 @@ class ReferenceTrack:
       render_mask: bool `[H, W]`, the pixels worth ray-tracing (head or torso region).
       head_region, torso_region: bool `[H, W]`, where each model can be non-empty.
       rest_mouth: `[20, 3]` mouth points 48-67 of the most closed frame.
+      source: JSON of the person's source video record (`render.paste`; its `frames`
+        are the track's frames' source indices), "" for a person not from a video.
     """
     poses: np.ndarray
     landmarks: np.ndarray
@@ -103,6 +106,7 @@ class ReferenceTrack:
     rest_mouth: np.ndarray
     head_region: np.ndarray
     torso_region: np.ndarray
+    source: str = ""
 
     @property
     def height(self):
@@ -138,7 +142,11 @@ class ReferenceTrack:
         head, torso = _dilate(head, radius), _dilate(torso, radius)
         lms = np.asarray(person["landmarks"][lo:hi], np.float32)
         rest = lms[int(np.argmin(lm.mouth_opening(lms)))][lm.MOUTH]
-        return cls(poses=np.asarray(person["poses"][lo:hi], np.float32), landmarks=lms,
+        record = meta.get("source_video")
+        source = "" if not record else json.dumps(dict(record,
+                                                       frames=record["frames"][lo:hi]))
+        return cls(source=source, poses=np.asarray(person["poses"][lo:hi], np.float32),
+                   landmarks=lms,
                    background=np.asarray(person["background"], np.uint8),
                    intrinsics=np.asarray(meta["intrinsics"], np.float32),
                    torso_pose=np.asarray(person["poses"][lo], np.float32),
@@ -157,7 +165,9 @@ class ReferenceTrack:
         path = pathlib.Path(path)
         try:
             with np.load(path) as z:
-                fields = {f.name: z[f.name] for f in dataclasses.fields(cls)}
+                fields = {f.name: z[f.name] for f in dataclasses.fields(cls)
+                          if f.name in z or f.name != "source"}
+                fields["source"] = str(fields.get("source", ""))
         except (OSError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path}: not a reference track ({e})") from e
         for name in ("render_mask", "head_region", "torso_region"):
@@ -195,6 +205,13 @@ class SynthesisOptions:
     max_frames: render only the first this many frames (0: all; for quick previews,
       the audio is cut to match).
     crf: H.264 constant rate factor.
+    pose: `loop`, `mirror`, `static[:FRAME]` or a file (`data.head_poses`); "" takes
+      `pose_mode` (kept as its alias).
+    blink: `track` (the reference frames' eyes), `auto` (a seeded natural schedule,
+      `data.blinks`) or `none` (eyes held open).
+    paste_back: write the video in the source video's full frames (`render.paste`);
+      None: when the person came from a video whose file is where it was recorded.
+    source_video: the source video's path when it moved (checked by its SHA-256).
     """
     temperature: float = 1.0
     seed: int = 0
@@ -205,8 +222,16 @@ class SynthesisOptions:
     full_frame: bool = False
     max_frames: int = 0
     crf: int = 18
+    pose: str = ""
+    blink: str = "track"
+    paste_back: Optional[bool] = None
+    source_video: str = ""
 
     def __post_init__(self):
+        from geneface_jax.data import blinks, head_poses
+        head_poses.parse_pose_spec(self.pose or self.pose_mode)
+        if self.blink not in blinks.BLINK_MODES:
+            raise InputError(f"blink must be one of {blinks.BLINK_MODES}, got {self.blink!r}")
         if self.pose_mode not in POSE_MODES:
             raise InputError(f"pose_mode must be one of {POSE_MODES}, got {self.pose_mode!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -325,6 +350,32 @@ class TalkingFacePipeline:
         from geneface_jax.audio import hubert as hb
         return hb.hubert_features(self.hubert[0], self.hubert[1], wav)
 
+    def plan(self, num_frames, options: SynthesisOptions = SynthesisOptions(), log=None):
+        """Per output frame: the reference-track index `[N]` (eyes with `blink=track`, the
+        source frame with paste-back) and the camera-to-world pose `[N, 4, 4]`.
+
+        `loop` / `mirror` replay the track; `static:FRAME` holds track frame FRAME; a file
+        (`data.head_poses.load_pose_file`) is played back and forth over the output and
+        the track loops. Poses beyond the track's rotation range are logged (`log`,
+        default a logging warning) with their frames.
+        """
+        from geneface_jax.data import head_poses
+        ref = self.reference
+        spec = head_poses.parse_pose_spec(options.pose or options.pose_mode)
+        if spec.kind in POSE_MODES:
+            track = track_indices(num_frames, len(ref), spec.kind)
+            return track, ref.poses[track]
+        if spec.kind == "static":
+            if spec.frame >= len(ref):
+                raise InputError(f"--pose=static:{spec.frame}: the reference track has "
+                                 f"{len(ref)} frames")
+            track = np.full(num_frames, spec.frame, np.int64)
+            return track, ref.poses[track]
+        poses = head_poses.load_pose_file(spec.path, ref.poses)
+        poses = poses[track_indices(num_frames, len(poses), "mirror")]
+        head_poses.warn_out_of_range(poses, ref.poses, log=log)
+        return track_indices(num_frames, len(ref), "loop"), poses
+
     def landmarks(self, features, energy, *, options: SynthesisOptions = SynthesisOptions(),
                   track=None):
         """Stages 1 and 2 plus the reference eyes and the silence gate.
@@ -334,7 +385,9 @@ class TalkingFacePipeline:
           track: reference indices `[N]` (default `track_indices(N, L, pose_mode)`).
         Returns:
           dict of float32 arrays: `stage1` and `postnet` `[N, 68, 3]` (head space, the
-          person's identity), `landmarks` `[N, 68, 3]` (what is rendered), `silence` `[N]`.
+          person's identity), `landmarks` `[N, 68, 3]` (what is rendered), `silence` `[N]`,
+          `blink` `[N]` (eye closure: the schedule with `auto`, zeros with `none`, NaN
+          with `track`).
         """
         from geneface_jax.motion.postnet import refine_motion
         n = np.shape(features)[0] // 2
@@ -347,18 +400,28 @@ class TalkingFacePipeline:
             else np.asarray(track)
         out = post.copy()
         out[:, EYES] = self.reference.landmarks[track][:, EYES]
+        closure = np.full(n, np.nan, np.float32)
+        if options.blink != "track":
+            from geneface_jax.data import blinks
+            open_eyes, closed_eyes, _ = blinks.eye_shapes(self.reference.landmarks)
+            closure = (blinks.blink_schedule(options.seed, n).closure
+                       if options.blink == "auto" else np.zeros(n, np.float32))
+            out = blinks.apply_closure(out, closure, open_eyes, closed_eyes)
         w = silence_weights(energy, options.silence_db)[:, None, None]
         out[:, lm.MOUTH] = w * self.reference.rest_mouth + (1 - w) * out[:, lm.MOUTH]
         return dict(stage1=stage1.astype(np.float32), postnet=post.astype(np.float32),
-                    landmarks=out.astype(np.float32), silence=w[:, 0, 0])
+                    landmarks=out.astype(np.float32), silence=w[:, 0, 0], blink=closure)
 
-    def render_frames(self, landmarks, track, *, options: SynthesisOptions = SynthesisOptions()):
+    def render_frames(self, landmarks, track, *, options: SynthesisOptions = SynthesisOptions(),
+                      poses=None, alpha=False):
         """Yields uint8 frame chunks `[<= frames_per_chunk, H, W, 3]` of `landmarks
-        [N, 68, 3]` posed by reference frames `track [N]`."""
+        [N, 68, 3]` posed by reference frames `track [N]` (or by `poses [N, 4, 4]`); with
+        `alpha`, pairs (frames, the person's opacity float32 `[.., H, W]`)."""
         from geneface_jax.render.frames import landmark_windows
         lms = self.normalizer(landmarks)
         n = len(lms)
         ref = self.reference
+        poses = ref.poses[np.asarray(track)] if poses is None else np.asarray(poses)
         pixels = regions = None
         if not options.full_frame:
             if self.renderer.torso is not None:
@@ -375,17 +438,22 @@ class TalkingFacePipeline:
             ts = np.arange(start, min(n, start + options.frames_per_chunk))
             cond = self.renderer.condition(landmark_windows(lms, ts, self.window))
             chunk = np.empty((len(ts), ref.height, ref.width, 3), np.uint8)
+            opacity = np.empty((len(ts), ref.height, ref.width), np.float32)
             for i in range(0, len(ts), per_call):
                 sl = slice(i, min(len(ts), i + per_call))
                 # A short last call renders a power-of-two number of frames (the last one
                 # repeated), so clips of other lengths reuse the compiled renderers.
                 k = sl.stop - sl.start
                 take = np.minimum(np.arange(min(per_call, 1 << (k - 1).bit_length())), k - 1)
-                out = self.renderer.render_many(ref.poses[track[ts[sl]][take]],
+                out = self.renderer.render_many(poses[ts[sl]][take],
                                                 cond[sl][take], ref.torso_pose,
                                                 pixels=pixels, regions=regions)
                 chunk[sl] = np.round(np.clip(out["rgb"][:k], 0.0, 1.0) * 255.0)
-            yield chunk
+                if alpha:
+                    a = 1.0 - (1.0 - out["head_acc"][:k]) * (
+                        1.0 - out.get("torso_acc", np.zeros_like(out["head_acc"]))[:k])
+                    opacity[sl] = np.clip(a, 0.0, 1.0)
+            yield (chunk, opacity) if alpha else chunk
 
     def synthesize(self, audio_path, out_path, options: SynthesisOptions = SynthesisOptions(),
                    *, progress: Optional[Callable] = None, samples=None):
@@ -402,8 +470,9 @@ class TalkingFacePipeline:
         Returns:
           dict: `frames`, `seconds` (the muxed audio's duration: the input's, up to
           20 ms off the video's frames / 25), `render_fps`, `minutes`, `out`, and
-          the arrays `landmarks`, `stage1`, `postnet` `[N, 68, 3]`, `silence` `[N]`,
-          `track` `[N]`, `energy` `[2N]`.
+          `pasted` (written in the source video's frames, `render.paste`), and the arrays
+          `landmarks`, `stage1`, `postnet` `[N, 68, 3]`, `silence`, `blink` `[N]`,
+          `track` `[N]`, `poses` `[N, 4, 4]`, `energy` `[2N]`.
         Raises:
           AudioError (bad audio), VideoError (unwritable output), CheckpointError.
         """
@@ -421,17 +490,34 @@ class TalkingFacePipeline:
             wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
             raw = raw[:n * feat.SAMPLES_PER_VIDEO_FRAME]
         progress = progress or _stderr_progress
-        writer = VideoWriter(out_path, fps=feat.VIDEO_FPS,
-                             size=(self.reference.height, self.reference.width),
-                             audio=raw, audio_rate=feat.SAMPLE_RATE, crf=options.crf)
+        from geneface_jax.render import paste
+        track, poses = self.plan(n, options)
+        source = paste.resolve(self.reference.source, options.paste_back,
+                               options.source_video)
+        size = ((self.reference.height, self.reference.width) if source is None
+                else (source[0]["height"], source[0]["width"]))
+        writer = VideoWriter(out_path, fps=feat.VIDEO_FPS, size=size, audio=raw,
+                             audio_rate=feat.SAMPLE_RATE, crf=options.crf)
+        scratch = tempfile.TemporaryDirectory(prefix="geneface-paste-")
         try:
+            paster = frames_of = None
+            if source is not None:
+                record, path = source
+                paster = paste.Paster(record["crop"], record["width"], record["height"],
+                                      region=self.reference.render_mask)
+                src_index = np.asarray(record["frames"])[track]
+                frames_of = paste.SourceFrames(path, src_index, record["width"],
+                                               record["height"], scratch.name)
             feats = self.features(wav)
             energy = feat.frame_energy(wav)
-            track = track_indices(n, len(self.reference), options.pose_mode)
             res = self.landmarks(feats, energy, options=options, track=track)
             t_render = time.time()
             done = 0
-            for chunk in self.render_frames(res["landmarks"], track, options=options):
+            for chunk, alpha in self.render_frames(res["landmarks"], track, options=options,
+                                                   poses=poses, alpha=True):
+                if paster is not None:
+                    chunk = np.stack([paster.paste(frames_of[src_index[done + i]], c, a)
+                                      for i, (c, a) in enumerate(zip(chunk, alpha))])
                 writer.write(chunk)
                 done += len(chunk)
                 progress(done, n, done / max(time.time() - t_render, 1e-9))
@@ -439,8 +525,11 @@ class TalkingFacePipeline:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            scratch.cleanup()
         render_fps = n / max(time.time() - t_render, 1e-9)
         return dict(res, frames=n, seconds=len(raw) / feat.SAMPLE_RATE, track=track,
+                    poses=poses, pasted=source is not None,
                     energy=energy, render_fps=render_fps, minutes=(time.time() - t0) / 60,
                     out=str(out_path))
 
@@ -488,9 +577,11 @@ def synthesize(audio, checkpoints, out, options: SynthesisOptions = SynthesisOpt
     if save_landmarks:
         with files.atomic_path(out.with_suffix(".landmarks.npz"), ".npz") as tmp:
             np.savez_compressed(tmp, **{k: res[k] for k in ("landmarks", "stage1", "postnet",
-                                                            "silence", "track")})
+                                                            "silence", "track", "poses",
+                                                            "blink")})
     summary = {"out": str(out), "frames": res["frames"], "seconds": round(res["seconds"], 3),
-               "render_fps": round(res["render_fps"], 3), "minutes": round(res["minutes"], 3)}
+               "render_fps": round(res["render_fps"], 3), "minutes": round(res["minutes"], 3),
+               "pasted": bool(res["pasted"])}
     if report:
         summary.update(tracked_video_report(out, res["landmarks"],
                                             _synthetic_truth(pipe, samples), tracker=tracker))

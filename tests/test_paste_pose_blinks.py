@@ -6,6 +6,7 @@ import pytest
 
 from geneface_jax.data import blinks
 from geneface_jax.data import head_poses as hp
+from geneface_jax.data import preprocess
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.head_space import camera_to_world
 from geneface_jax.data.synthetic import oracle
@@ -175,7 +176,7 @@ def test_border_ramp_is_soft_inside_the_frame_and_hard_at_its_edge():
 def test_moved_or_changed_source_is_refused_naming_it(tmp_path):
     f = tmp_path / "source.mp4"
     f.write_bytes(b"not really a video but bytes")
-    rec = paste.source_record(f, 256, 256, 25.0, (10, 20, 128), range(5))
+    rec = preprocess.source_record(f, 256, 256, 25.0, (10, 20, 128), range(5))
     assert paste.check_source(rec) == f
     moved = tmp_path / "moved.mp4"
     f.rename(moved)

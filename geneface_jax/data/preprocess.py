@@ -45,6 +45,8 @@ Steps (all CPU, models through LiteRT, see `geneface_jax.data.face_models`):
  8. Blink: 1 - eye aspect ratio / (its 90th percentile over the video), clipped to [0, 1].
  9. Audio: the video's audio track at 16 kHz mono, padded or trimmed to 640 samples per
     frame; log-mel features, or HuBERT with `hubert_checkpoint`.
+10. Paste-back record (meta.json `source_video`, `source_record`): the source file's path
+    and SHA-256, its frame size and fps, the crop box and each frame's source index.
 """
 
 import dataclasses
@@ -58,6 +60,7 @@ import numpy as np
 import tqdm
 from scipy import ndimage
 
+from geneface_jax import files
 from geneface_jax.audio import features as feat
 from geneface_jax.data import face_models
 from geneface_jax.data import format as fmt
@@ -614,6 +617,8 @@ def preprocess_video(path, out_dir, cfg=PreprocessConfig(), *, models_dir=None,
                     camera="opengl", splits=dict(train=[0, n_train], valid=[n_train, n]),
                     focal_source=fit["focal_source"],
                     video=str(path.name), crop=[u0, v0, side],
+                    source_video=source_record(path, track.width, track.height,
+                                               info["fps"], (u0, v0, side), range(n)),
                     interpolated=[list(map(int, g)) for g in track.filled])
         fmt.write_person(out_dir, arrays, meta, wav, overwrite=overwrite)
     finally:
@@ -630,6 +635,17 @@ def preprocess_video(path, out_dir, cfg=PreprocessConfig(), *, models_dir=None,
         focal=round(fit["focal"], 4), focal_source=fit["focal_source"],
         head_pixels_mean=float((masks == fmt.HEAD).mean() * size * size),
         blinks=int(np.sum(np.diff((arrays["blink"] > 0.5).astype(int)) == 1)))
+
+
+def source_record(path, width, height, fps, crop, frames):
+    """The `source_video` entry of a person dataset's meta.json: what paste-back
+    (`render.paste`) needs to put renders back into the source video: its absolute `path`
+    and `sha256`, frame `width`, `height`, `fps`, the `crop` `(u0, v0, side)` in source
+    pixels and `frames`, each dataset frame's index in the source decoded at 25 fps."""
+    path = pathlib.Path(path).resolve()
+    return dict(path=str(path), sha256=files.sha256_file(path), width=int(width),
+                height=int(height), fps=float(fps), crop=[int(v) for v in crop],
+                frames=[int(v) for v in frames])
 
 
 def _background(total, count):

@@ -1,11 +1,11 @@
 """Paste-back: rendered crops put back into the person's original video frames.
 
-Preprocessing (`data.preprocess.preprocess_video`) records where the dataset came from in
-its meta.json under `source_video`: the file's absolute `path` and `sha256`, its frame
-`width`, `height` and `fps`, the square `crop` `(u0, v0, side)` in source pixels, and
-`frames`, the index of each dataset frame in the source decoded at 25 fps
-(`data.video.read_video(path, fps=25)`: nearest timestamp; the native frame index when the
-source is 25 fps).
+Preprocessing (`data.preprocess.preprocess_video`, `source_record`) records where the
+dataset came from in its meta.json under `source_video`: the file's absolute `path` and
+`sha256`, its frame `width`, `height` and `fps`, the square `crop` `(u0, v0, side)` in
+source pixels, and `frames`, the index of each dataset frame in the source decoded at
+25 fps (`data.video.read_video(path, fps=25)`: nearest timestamp; the native frame index
+when the source is 25 fps).
 
 `paste(source, render, alpha, crop, region)` resizes a rendered crop into the crop box of
 the source frame and blends it in with a weight
@@ -19,31 +19,14 @@ anywhere in its video (`ReferenceTrack.render_mask`, softened by a box blur), an
 crop box, and inside it away from the person, the source pixels are kept exactly.
 """
 
-import hashlib
 import pathlib
 
 import numpy as np
 
+from geneface_jax.files import sha256_file
 from geneface_jax.errors import ShapeError, VideoError
 
 SOURCE_KEY = "source_video"
-
-
-def sha256_file(path, block=1 << 20):
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def source_record(path, width, height, fps, crop, frames):
-    """The `source_video` entry of a person dataset's meta.json (module doc)."""
-    path = pathlib.Path(path).resolve()
-    return dict(path=str(path), sha256=sha256_file(path), width=int(width),
-                height=int(height), fps=float(fps), crop=[int(v) for v in crop],
-                frames=[int(v) for v in frames])
 
 
 def check_source(record, override=None):
@@ -178,3 +161,35 @@ class SourceFrames:
 
     def __getitem__(self, k):
         return self.frames[self.index[int(k)]]
+
+
+def resolve(source_json, paste_back=None, source_video="", log=None):
+    """Whether and from which file to paste back: -> (record dict, checked path) or None.
+
+    Args:
+      source_json: `ReferenceTrack.source` ("" for a person not made from a video).
+      paste_back: True (required: errors when impossible), False (never), None (when the
+        person has a source record and the file, or `source_video`, is there; a missing
+        file is then logged and the crop is written).
+      source_video: the file's new path.
+    Raises:
+      VideoError: paste-back asked for a person with no source video, or the file is
+        missing / changed (`check_source`).
+    """
+    import json
+    import logging
+    if paste_back is False:
+        return None
+    if not source_json:
+        if paste_back:
+            raise VideoError("--paste_back: the checkpoints' person was not made from a "
+                             "video (no source video recorded by preprocessing)")
+        return None
+    record = json.loads(source_json)
+    path = pathlib.Path(source_video or record["path"])
+    if paste_back is None and not path.is_file():
+        (log or logging.getLogger(__name__).warning)(
+            f"{path}: the person's source video is not there; writing the crop "
+            f"(--source_video=FILE to paste back into it)")
+        return None
+    return record, check_source(record, source_video or None)
