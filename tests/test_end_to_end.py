@@ -304,7 +304,8 @@ def test_synthesize_writes_the_video_landmarks_and_the_tracker_report(demo, clip
     assert 0.0 <= res["face_found"] <= 1.0 and res["tracked_frames"] == 8
     assert {"tracked_sync_r", "tracked_oracle_r"} <= set(res)      # a synthetic person
     with np.load(tmp_path / "video.landmarks.npz") as z:
-        assert sorted(z.files) == ["landmarks", "postnet", "silence", "stage1", "track"]
+        assert sorted(z.files) == ["blink", "landmarks", "poses", "postnet", "silence",
+                                   "stage1", "track"]
         assert z["landmarks"].shape == (8, 68, 3) and z["track"].shape == (8,)
     assert sorted(os.listdir(tmp_path)) == ["video.landmarks.npz", "video.mp4"]
 
