@@ -403,8 +403,11 @@ def test_ten_minute_audio_streams_in_bounded_memory(demo, clip, tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_lip_motion_follows_the_audio(tmp_path):
-    """The embedded default (`python -m experiments.demo`, ~30 min on 2 CPU cores): the
-    rendered mouth region darkens with the speech energy (r >= 0.5)."""
+    """The embedded default (`python -m experiments.demo`, ~30 min on 2 CPU cores): a face
+    tracker finds the face in the video and its mouth follows the landmarks that drove
+    it (tracked_sync_r), the held-out frames score well. (`lip_energy_corr`, the mouth
+    region darkening with loudness, is printed, not asserted: the grid renderer draws the
+    teeth, so an open mouth is not darker: 0.31 with tracked_sync_r 0.84.)"""
     out = tmp_path / "demo_out"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # the product's settings
     p = subprocess.run([sys.executable, "-m", "experiments.demo", f"--out={out}"], cwd=REPO,
@@ -412,9 +415,9 @@ def test_default_demo_lip_motion_follows_the_audio(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     print({k: m[k] for k in ("lip_energy_corr", "sync_corr", "lmd_mouth", "psnr_full",
-                             "minutes")})
-    assert m["lip_energy_corr"] >= 0.5
-    assert m["sync_corr"] >= 0.5
+                             "tracked_sync_r", "video_face_found", "minutes")})
+    assert m["video_face_found"] >= 0.95 and m["tracked_sync_r"] >= 0.6
+    assert m["sync_corr"] >= 0.8 and m["psnr_full"] >= 30.0
     assert m["minutes"] <= 30.0
 
 
