@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import atexit  # noqa: E402
+import sys  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -123,3 +124,16 @@ def optimizer_moves(tx, steps):
         upd, opt = tx.update({"w": jnp.ones(3)}, opt, params)
         moves.append(float(-upd["w"][0]))
     return moves
+
+
+def toy_train_module():
+    """tests/scripts/toy_train.py as a module, loaded once per process (it defines absl
+    flags, which a second load would define again)."""
+    import importlib.util
+    if "toy_train" not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parent / "scripts" / "toy_train.py"
+        spec = importlib.util.spec_from_file_location("toy_train", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["toy_train"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["toy_train"]

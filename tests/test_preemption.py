@@ -10,7 +10,6 @@ damaged checkpoint; an unwritable workdir or a full disk is refused before any c
 Subprocesses: the entry-point contract (exit status 75) and two hosts preempted together.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,13 +30,11 @@ from geneface_jax.errors import (PREEMPTED_EXIT_STATUS, CheckpointDamaged, Check
                                  Preempted, WorkdirError)
 from geneface_jax.train import loop as loop_lib
 
-from conftest import REPO
+from conftest import toy_train_module, REPO
 
 HERE = pathlib.Path(__file__).resolve().parent
 TOY_SCRIPT = HERE / "scripts" / "toy_train.py"
-_spec = importlib.util.spec_from_file_location("toy_train", TOY_SCRIPT)
-toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy)
+toy = toy_train_module()
 
 STEPS = 12
 EXTRA = {"model": "toy", "dim": toy.DIM}

@@ -1,6 +1,5 @@
 """Training infrastructure: 1 vs 8 devices, checkpoints, exact resume after SIGKILL."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,12 +19,10 @@ from geneface_jax.checkpoint import Checkpointer
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import CheckpointError, ShapeError
 
-from conftest import SUBPROCESS_XLA_FLAGS
+from conftest import toy_train_module, SUBPROCESS_XLA_FLAGS
 
 HERE = pathlib.Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("toy_train", HERE / "scripts" / "toy_train.py")
-toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy)
+toy = toy_train_module()
 
 
 def _run_steps(devices, num_steps=5, batch_size=32):

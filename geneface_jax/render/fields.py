@@ -663,6 +663,18 @@ def composite_person(head: RayOutput, torso: RayOutput, background,
 
 # --------------------------------------------------------------------------- models
 
+def landmark_condition(head, landmark_windows, smooth):
+    """A head model's per-frame condition: its `landmark_encoder` on every frame of the
+    windows `[B, W, 68, 3]`, then its `smoother` -> `[B, cond_dim]` (shared by the MLP and
+    the grid heads)."""
+    shape = _shape(landmark_windows)
+    w = head.config.smooth_window
+    if len(shape) != 4 or shape[1:] != (w, NUM_LANDMARKS, 3):
+        raise ShapeError(f"{type(head).__name__}.condition: expected landmark windows "
+                         f"[B, {w}, {NUM_LANDMARKS}, 3], got {shape}")
+    return head.smoother(head.landmark_encoder(landmark_windows), smooth)
+
+
 class HeadNeRF(nn.Module):
     """The head model: landmark encoder, attention smoother, coarse and fine HeadFields.
 
@@ -686,12 +698,7 @@ class HeadNeRF(nn.Module):
         self.fine = HeadField(self.config)
 
     def condition(self, landmark_windows, smooth=True):
-        shape = _shape(landmark_windows)
-        w = self.config.smooth_window
-        if len(shape) != 4 or shape[1:] != (w, NUM_LANDMARKS, 3):
-            raise ShapeError(f"HeadNeRF.condition: expected landmark windows "
-                             f"[B, {w}, {NUM_LANDMARKS}, 3], got {shape}")
-        return self.smoother(self.landmark_encoder(landmark_windows), smooth)
+        return landmark_condition(self, landmark_windows, smooth)
 
     def render(self, origins, directions, cond, background, *, key=None, near=None, far=None,
                noise=None):

@@ -149,6 +149,7 @@ def encode(x, table, spec: GridSpec):
     if tuple(table.shape) != (spec.rows, spec.features):
         raise ShapeError(f"grid encode: table must be [{spec.rows}, {spec.features}], got "
                          f"{tuple(table.shape)}")
+    table = jnp.asarray(table)
     lead = x.shape[:-1]
     rows, weights = corner_rows_and_weights(x.reshape(-1, spec.dims), spec)
     # rows are in range by construction (clipped vertices, masked hashes): no bounds

@@ -64,7 +64,8 @@ from geneface_jax.initializers import torch_default_kernel_init
 from geneface_jax.render import encodings, rays
 from geneface_jax.render import grid_encoding as ge
 from geneface_jax.render.fields import (NUM_LANDMARKS, AttentionSmoother, LandmarkEncoder,
-                                        RayOutput, RenderResult, check_per_ray, _shape)
+                                        RayOutput, RenderResult, check_per_ray,
+                                        landmark_condition, _shape)
 
 RENDERER = "grid"
 
@@ -383,12 +384,7 @@ class GridHeadNeRF(nn.Module):
             self.bits = self.variable("occupancy", "bits", lambda: jnp.ones((g, g, g)))
 
     def condition(self, landmark_windows, smooth=True):
-        shape = _shape(landmark_windows)
-        w = self.config.smooth_window
-        if len(shape) != 4 or shape[1:] != (w, NUM_LANDMARKS, 3):
-            raise ShapeError(f"GridHeadNeRF.condition: expected landmark windows "
-                             f"[B, {w}, {NUM_LANDMARKS}, 3], got {shape}")
-        return self.smoother(self.landmark_encoder(landmark_windows), smooth)
+        return landmark_condition(self, landmark_windows, smooth)
 
     def codes(self, index):
         cfg = self.config

@@ -520,34 +520,28 @@ def grid_model_config(model, *, near_far=None, head=None, num_codes=1):
     """The `model` section of a grid config (`experiments/configs/grid.py`: every field of
     `GridConfig`) as a GridConfig with `num_codes` per-frame codes; `near_far` replaces the
     bounds and a torso takes the head run's condition sizes and pixel convention."""
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model).items()}
-    values["num_codes"] = int(num_codes)
-    if near_far is not None:
-        values["near"], values["far"] = near_far
-    if head is not None:
-        values.update(cond_dim=head.cond_dim, smooth_window=head.smooth_window,
-                      pixel_convention=head.pixel_convention)
-    try:
-        return grid_fields.GridConfig(**values)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"config.model: {e}") from e
+    return model_config(model, near_far=near_far, head=head,
+                        config_class=grid_fields.GridConfig, num_codes=int(num_codes))
 
 
 # --------------------------------------------------------------------------- runs
 
-def model_config(model, *, near_far=None, head: Optional[fields.NeRFConfig] = None):
+def model_config(model, *, near_far=None, head=None, config_class=fields.NeRFConfig,
+                 **fixed):
     """The `model` section of a stage-3 config (`experiments/configs/nerf.py`: every field
-    of `NeRFConfig`) as a NeRFConfig; `near_far` replaces the bounds, and a torso takes
-    the head run's `cond_dim`, `smooth_window` and `pixel_convention`. InputError naming
-    what is wrong when the values make no model."""
+    of `NeRFConfig`; `config_class` another config, e.g. the grid's, with `fixed` values)
+    as a config; `near_far` replaces the bounds, and a torso takes the head run's
+    `cond_dim`, `smooth_window` and `pixel_convention`. InputError naming what is wrong
+    when the values make no model."""
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(model).items()}
+    values.update(fixed)
     if near_far is not None:
         values["near"], values["far"] = near_far
     if head is not None:
         values.update(cond_dim=head.cond_dim, smooth_window=head.smooth_window,
                       pixel_convention=head.pixel_convention)
     try:
-        return fields.NeRFConfig(**values)
+        return config_class(**values)
     except (TypeError, ValueError) as e:
         raise InputError(f"config.model: {e}") from e
 
