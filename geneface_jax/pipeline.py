@@ -285,7 +285,13 @@ class TalkingFacePipeline:
         self.reference = reference
         self.hubert = hubert
         self.feature_dim = self.a2m_config.feature_dim
-        self.predictor = MotionPredictor(self.a2m_config, a2m_vars)
+        # An imported GeneFace stage 1 samples as GeneFace does (audio zero-padded to whole
+        # latent frames); runs trained here use the masked padding they trained with.
+        from geneface_jax.motion.predict import motion_representation
+        kind = motion_representation(self.a2m_run).get("kind")
+        self.predictor = MotionPredictor(
+            self.a2m_config, a2m_vars,
+            pad_mode="geneface" if kind == "geneface_idexp_lm3d" else "mask")
         self.window = head_cfg.smooth_window
         view = types.SimpleNamespace(intrinsics=reference.intrinsics, height=reference.height,
                                      width=reference.width,
