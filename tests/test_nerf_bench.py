@@ -1,6 +1,8 @@
-"""The stage-3 benchmark (head NeRF training step and full-frame render, JAX vs PyTorch)
-runs at tiny sizes, passes its start-up equivalence check and ends with its JSON line; so
-does the per-product comparison `experiments.bench.matmul_shapes`."""
+"""The stage-3 benchmark (head NeRF training step and full-frame render, JAX vs PyTorch;
+`--model=grid`: the grid head vs PyTorch and vs the MLP head) runs at tiny sizes, passes
+its start-up equivalence check and ends with its JSON line; so does the per-product
+comparison `experiments.bench.matmul_shapes`. The profile's op classes (`xla_trace`:
+gathers, scatter-adds, matmuls from the compiled HLO) are checked on a small program."""
 
 import json
 import os
@@ -54,6 +56,67 @@ def test_nerf_benchmark_smoke():
     assert out["peak_fraction"] == pytest.approx(out["jax_step_gflops"] / peak, rel=0.02)
     assert out["peak_fraction_vs_best"] == pytest.approx(
         out["jax_step_gflops"] / out["matmul_peak_best_gflops"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_grid_nerf_benchmark_smoke():
+    proc = _bench("nerf", "--model=grid", "--smoke", timeout=600)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("jax_rays_per_s", "torch_eager_rays_per_s", "mlp_rays_per_s",
+                "jax_render_fps", "torch_eager_render_fps", "mlp_render_fps"):
+        assert out[key] > 0, key
+    assert out["torch_compile_rays_per_s"] is None and out["torch_reference"] == "torch_eager"
+    # rates and ratios are rounded separately in the JSON line
+    approx = lambda v: pytest.approx(v, rel=1e-2, abs=2e-3)  # noqa: E731
+    assert out["ratio_vs_best_torch"] == out["speedup"] == approx(
+        out["jax_rays_per_s"] / out["torch_eager_rays_per_s"])
+    assert out["render_ratio_vs_best_torch"] == approx(
+        out["jax_render_fps"] / out["torch_eager_render_fps"])
+    assert out["grid_vs_mlp_train"] == approx(out["jax_rays_per_s"] / out["mlp_rays_per_s"])
+    assert out["grid_vs_mlp_render"] == approx(out["jax_render_fps"] / out["mlp_render_fps"])
+    # the two sides did the same work: same first step (losses, occupancy, Adam update),
+    # same colours for the same rays, bits and jitter, same frame
+    assert out["occupancy_bits_equal"] is True and 0.0 < out["occupied_fraction"] <= 1.0
+    assert all(0.0 <= v <= 1e-4 for k, v in out["first_step_rel_err"].items()
+               if k != "update_diff_over_lr")
+    assert out["first_step_rel_err"]["update_diff_over_lr"] <= 1e-2
+    assert 0.0 <= out["equivalence_max_abs_err"] <= 1e-4
+    assert 0.0 <= out["render_max_abs_err"] <= 1e-4
+    assert out["model"] == "grid" and out["config"] == "tiny" and out["frame"] == [32, 32]
+    assert out["sizes"]["num_samples"] == 4 and out["sizes"]["hashed_levels"] >= 1
+
+
+def test_profile_classifies_gathers_scatters_and_matmuls():
+    """`xla_trace.hlo_kinds` on a compiled gradient of a table lookup followed by a matmul:
+    the lookup is a gather, its gradient a scatter-add, the product a matmul; the trace
+    summary then splits the ops' time by those kinds."""
+    import jax
+    import jax.numpy as jnp
+    from experiments.bench import xla_trace
+    table, w = jnp.ones((512, 8)), jnp.ones((8, 16))
+    rows = jax.random.randint(jax.random.PRNGKey(0), (4096,), 0, 512)
+    grad = jax.jit(jax.grad(lambda t, w: jnp.sum(jnp.take(t, rows, axis=0) @ w) ** 2,
+                            argnums=(0, 1)))
+    compiled = grad.lower(table, w).compile()
+    kinds = xla_trace.hlo_kinds(compiled.as_text())
+    assert {"gather", "scatter", "matmul"} <= set(kinds.values()), kinds
+    summary = xla_trace.thunk_breakdown(lambda: jax.block_until_ready(compiled(table, w)),
+                                        2, hlo_text=compiled.as_text())
+    if "error" not in summary:          # the profiler wrote a trace
+        assert sum(summary["shares"].values()) == pytest.approx(1.0, abs=0.01)
+        assert summary["gather_ms"] >= 0 and summary["scatter_ms"] >= 0
+    # by name alone (no HLO) the classes stay matmul / conv / other
+    text = "ENTRY %m {\n  %f.1 = f32[4]{0} fusion(%a), calls=%g, metadata={op_name=\"a/b\"}\n" \
+        "}\n%g (p: f32[4]) -> f32[4] {\n  ROOT %x = f32[4]{0} gather(%p, %p)\n}\n"
+    kinds, op_names = xla_trace.hlo_ops(text)
+    assert kinds["f.1"] == "gather" and op_names["f.1"] == "a/b" and op_names["x"] == ""
+    events = [{"ph": "X", "name": "f.1", "dur": 3000}, {"ph": "X", "name": "dot.2", "dur": 1000}]
+    s = xla_trace.summarize(events, 1, kinds={"f.1": "gather"},
+                            scopes=[("grid", ("/grid/",))], op_names={"f.1": "f/grid/take"})
+    assert (s["gather_ms"], s["matmul_ms"], s["shares"]["gather"]) == (3.0, 1.0, 0.75)
+    assert s["scopes_ms"] == {"grid": 3.0, "rest": 1.0}
+    assert "gather_ms" not in xla_trace.summarize(events, 1)
 
 
 def test_matmul_shapes_smoke():

@@ -177,3 +177,86 @@ def test_head_nerf_matches_the_library():
     _close("landmark condition", cond, cond_t)
     _close("coarse colours", out.coarse.rgb, rgb_c)
     _close("fine colours", out.fine.rgb, rgb_f)
+
+
+
+def test_grid_head_matches_the_library():
+    """The PyTorch grid head (`torch_reference.grid`) against `grid_fields.GridHeadNeRF` on
+    the tiny preset (dense and hashed levels): same colours, opacities and ambient sums for
+    the same rays, occupancy bits and jitter (a ray that misses the box included), the same
+    gradients of a loss of all three on the grids' tables, MLP layers and codes, and the
+    same occupancy update."""
+    from geneface_jax.render import grid_fields as gf
+    from geneface_jax.train import nerf as tn
+    from experiments.bench.torch_reference import grid as tg
+    from experiments.configs import grid as grid_presets
+    cfg = tn.grid_model_config(grid_presets.get_config("tiny").model, num_codes=3)
+    assert any(cfg.head_grid.hashed) and not all(cfg.head_grid.hashed)
+    rng = np.random.default_rng(0)
+    r, k, g = 48, cfg.num_samples, cfg.grid_size
+    origins = np.tile(np.array([[0.0, 0.0, 0.6]], np.float32), (r, 1))
+    directions = np.concatenate([0.35 * rng.uniform(-1, 1, (r, 2)), -np.ones((r, 1))],
+                                1).astype(np.float32)
+    directions[0] = (1.0, 0.0, 0.0)                        # misses the box: background
+    cond = rng.standard_normal((r, cfg.cond_dim)).astype(np.float32)
+    index = rng.integers(0, cfg.num_codes, r).astype(np.int32)
+    background, target = (rng.uniform(size=(r, 3)).astype(np.float32) for _ in range(2))
+    u = rng.uniform(size=(r, k)).astype(np.float32)
+    bits = jnp.asarray(rng.uniform(size=(g, g, g)) < 0.3, jnp.float32)
+    model, variables = gf.init_grid(cfg, "head", jax.random.PRNGKey(0))
+    params = _perturbed(variables["params"], 5, scale=0.1)
+
+    def loss(params):
+        variables = {"params": params, "occupancy": {"bits": bits, "density": bits}}
+        code = model.apply(variables, index, method=gf.GridHeadNeRF.codes)
+        res, amb = model.apply(variables, origins, directions, cond, background, code,
+                               noise=u, return_ambient=True, method=gf.GridHeadNeRF.render)
+        rgb, acc = res.coarse.rgb, res.coarse.acc
+        return jnp.mean(jnp.square(rgb - target)) + 0.1 * jnp.mean(acc) + 0.5 * jnp.mean(
+            amb), (rgb, acc, amb)
+
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    head = tg.GridHead(cfg)
+    tr.load_flax(head, params)
+    outs_t = head.render(_t(origins), _t(directions), _t(cond), _t(background),
+                         head.codes(torch.from_numpy(index.astype(np.int64))),
+                         _t(np.array(bits)), _t(u))
+    rgb_t, acc_t, amb_t = outs_t
+    (torch.mean(torch.square(rgb_t - _t(target))) + 0.1 * acc_t.mean()
+     + 0.5 * amb_t.mean()).backward()
+    acc = np.asarray(outs[1])
+    assert acc[0] == 0.0 and np.mean(acc[1:] > 1e-3) > 0.5        # not an empty scene
+    for name, a, b in zip(("colours", "opacity", "ambient"), outs, outs_t):
+        _close(name, a, b, 1e-5)
+    for path, name in ((("grid", "table"), "grid.table"),
+                       (("ambient_grid", "table"), "ambient_grid.table"),
+                       (("ambient_net", "net_0", "kernel"), "ambient_net.net.0.weight"),
+                       (("sigma_net", "net_2", "kernel"), "sigma_net.net.2.weight"),
+                       (("color_net", "net_0", "kernel"), "color_net.net.0.weight"),
+                       (("code_table",), "code_table")):
+        want = grads
+        for key in path:
+            want = want[key]
+        want = np.asarray(want).T if path[-1] == "kernel" else np.asarray(want)
+        scale = float(np.max(np.abs(want)))
+        assert scale > 0, name
+        _close(f"gradient of {name} / its max", want / scale,
+               head.get_parameter(name).grad / scale, 1e-5)
+
+    # the occupancy update of a quarter of the cells (threshold above the field's
+    # densities, a ball of occupied cells): same densities, same dilated bits
+    ucfg = dataclasses.replace(cfg, alpha_thresh=0.9, occupancy_stride=4)
+    key, update_index = jax.random.PRNGKey(1), 3
+    ijk = np.stack(np.meshgrid(*(np.arange(g),) * 3, indexing="ij"), -1)
+    density = np.where(np.sum((ijk - g / 2) ** 2, -1) < 9, 200.0, 0.0).astype(np.float32)
+    new = jax.jit(lambda p: gf.update_occupancy(
+        gf.head_density(model, p, jnp.asarray(cond[1])),
+        {"density": jnp.asarray(density), "bits": bits}, key, ucfg, update_index))(params)
+    with torch.no_grad():
+        dens_t, bits_t = tg.update_occupancy(
+            head, _t(density), _t(cond[1:2]), ucfg,
+            torch.from_numpy(np.array(jax.random.uniform(key, (g ** 3 // 4, 3)))),
+            update_index)
+    _close("occupancy density", new["density"], dens_t, 1e-4)
+    np.testing.assert_array_equal(np.asarray(new["bits"]), bits_t.numpy())
+    assert 0.0 < float(np.mean(bits_t.numpy())) < 0.5

@@ -210,6 +210,68 @@ def jax_stepper(step, state, batches, keys, first=0):
     return run
 
 
+def one_device_step(step_fn, state, host_batches, num_keys, replicated=()):
+    """A library training step (`train_step(state, batch, rng)`) through
+    `train.parallel.data_parallel` on a one-device mesh, lowered and compiled for the first
+    batch. Returns a namespace: mesh, lowered, step (compiled), state and batches (on the
+    mesh), keys (`loop.step_key(state, i)` for i < `num_keys`), compile_s."""
+    import types
+    import jax
+    from geneface_jax.train import loop, parallel
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = parallel.replicate(state, mesh)
+    batches = [parallel.shard_batch(b, mesh, replicated) for b in host_batches]
+    keys = [loop.step_key(state, i) for i in range(num_keys)]
+    t = time.perf_counter()
+    lowered = parallel.data_parallel(step_fn, mesh, replicated=replicated).lower(
+        state, batches[0], keys[0])
+    compiled = lowered.compile()
+    return types.SimpleNamespace(mesh=mesh, lowered=lowered, step=compiled, state=state,
+                                 batches=batches, keys=keys,
+                                 compile_s=time.perf_counter() - t)
+
+
+def nerf_person(o, window, num_batches):
+    """The stage-3 benches' data: (views, `num_batches` host head-ray batches of `o.rays`
+    rays of one frame, the first train frame's pose, landmark window and background) of a
+    synthetic person (`o.seed`, `o.size`^2 pixels, `o.num_frames` frames)."""
+    from geneface_jax.data.synthetic import world
+    from geneface_jax.train import nerf
+    arrays, meta, _ = world.make_person(o.seed, size=o.size, num_frames=o.num_frames,
+                                        progress=False)
+    views = nerf.PersonViews(dict(arrays, meta=meta))
+    sampling = nerf.RaySamplingConfig(frames_per_step=1, rays_per_frame=o.rays)
+    get_batch = nerf.make_batch_fn(views, nerf.HEAD, sampling, window=window, seed=o.seed)
+    t = views.split_range("train")[0]
+    return views, [get_batch(i) for i in range(num_batches)], {
+        "pose": views.poses[t], "window": views.windows([t], window)[0],
+        "background": views.background}
+
+
+def bare_mlp_gflops(dims, rows, calls):
+    """GFLOP/s of a JAX gradient step of a bare ReLU MLP of layer widths `dims` (no bias,
+    mean-square loss) on `rows` random inputs: what the matmuls alone reach on a network's
+    shapes."""
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.PRNGKey(0), len(dims))
+    ws = [jax.random.normal(k, (a, b)) / jnp.sqrt(a)
+          for k, a, b in zip(keys[1:], dims[:-1], dims[1:])]
+    x = jax.random.normal(keys[0], (rows, dims[0]))
+
+    def loss(ws, x):
+        h = x
+        for w in ws:
+            h = jax.nn.relu(h @ w)
+        return jnp.mean(h * h)
+
+    grad = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+    call = lambda: jax.block_until_ready(grad(ws, x))  # noqa: E731
+    call()
+    flops = 3 * 2 * rows * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return flops / time_calls(call, max(calls, 3)) / 1e9
+
+
 def timed_calls(contenders, warmup, steps, blocks=False):
     """Runs `contenders` [(name, fn(timed: bool))] `warmup + steps` times each: in turn,
     rotating who goes first, or with `blocks` each contender's calls in a row. Returns

@@ -4,6 +4,21 @@ r"""Stage-3 head NeRF: training step and full-frame render, JAX vs PyTorch, rays
   python -m experiments.bench.nerf --config=paper        # GeneFace's sizes (64 + 128 samples)
   python -m experiments.bench.nerf --torch_compile       # also time torch.compile
   python -m experiments.bench.nerf --smoke               # tiny, < 1 min; for the tests
+  python -m experiments.bench.nerf --model=grid          # the grid head (below), 128 x 128
+
+`--model=grid` (`experiments/bench/nerf_grid.py`): the grid head (GeneFace's RAD-NeRF head,
+`render.grid_fields`) of `--config`'s preset in experiments/configs/grid.py (cpu: 2048 rays
+per step, 16 samples per ray) on a `--size` 128 person: the library's `make_grid_head_step`
+(occupancy update every `occupancy_every` steps, MSE + entropy + ambient loss, Adam per
+parameter group) and `FrameRenderer` against `torch_reference.grid.GridRunner` eager and
+`torch.compile`d (on unless --notorch_compile), and against the library's MLP head of the
+same preset name at the same rays and frame (JAX only: `mlp_rays_per_s`, `mlp_render_fps`).
+The occupancy starts as a ball (radius 0.6 bound; the first update keeps it, dilated), so
+rays cross empty and occupied cells. Checked before timing: the first step (losses,
+occupancy bits, parameters after Adam), then with the parameters after it the colours of
+the same rays and jitter and the whole frame. `--profile`: the JAX step's ops by kind
+(`xla_trace`, classified from the HLO: matmuls, gathers, scatter-adds, the rest) and by
+scope (grid encoding, MLPs, sampling, the rest), and PyTorch's top operators.
 
 Sizes: the `model` of `--config`'s preset in experiments/configs/nerf.py (paper, cpu, tiny).
 Training: one step of the landmark-conditioned head NeRF (GeneFace/AD-NeRF `Lm3dNeRF`) on
@@ -33,8 +48,10 @@ rate drifts by 30 %); `render_peak_fraction` likewise for the render's MLP FLOPs
 square products per framework before the timing). The last line printed is one JSON object.
 """
 
+import ast
 import dataclasses
 import json
+import types
 
 from absl import app
 from absl import flags
@@ -42,23 +59,30 @@ from absl import flags
 from experiments.bench import harness
 from experiments.bench.harness import log, median
 from experiments.configs import PRESETS
+from experiments.configs import grid as grid_presets
 from experiments.configs import nerf as nerf_presets
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rays", 1024, "Rays per training step (one frame).")
-flags.DEFINE_integer("size", 64, "Height and width of the synthetic person's frames; the "
-                     "render benchmark renders one whole frame (size^2 rays).")
+flags.DEFINE_enum("model", "mlp", ["mlp", "grid"], "mlp: the MLP head NeRF; grid: the "
+                  "grid head vs PyTorch and vs the MLP head (module doc).")
+flags.DEFINE_integer("rays", 0, "Rays per training step (one frame; 0: mlp 1024, grid the "
+                     "preset's head.rays).")
+flags.DEFINE_integer("size", 0, "Height and width of the synthetic person's frames (0: mlp "
+                     "64, grid 128); the render benchmark renders one whole frame.")
+flags.DEFINE_list("model_overrides", [], "field=value of the model config (NeRFConfig or "
+                  "GridConfig), e.g. num_samples=32,finest=2048.")
 flags.DEFINE_integer("chunk", 4096, "Rays rendered at once in the full-frame render.")
 flags.DEFINE_bool("torch_compile", False, "Also time torch.compile'd PyTorch (loss and "
-                  "render); falls back to eager if compilation fails.")
+                  "render; on by default with --model=grid); falls back to eager if "
+                  "compilation fails.")
 flags.DEFINE_bool("profile", True, "Report XLA's FLOP count of the step, the MLP matmuls' "
                   "share and achieved GFLOP/s, and PyTorch's top operators.")
 flags.DEFINE_enum("timing", "interleaved", ["interleaved", "blocks"],
                   "interleaved: one call of each contender in turn; blocks: each "
                   "contender's calls in a row (none runs right after another's).")
-flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: cpu preset, 64 rays, "
-                  "32 x 32 frames, 2 steps, no warm-up, no profile, no torch.compile, "
-                  "1 core unless --threads is given.")
+flags.DEFINE_bool("smoke", False, "Tiny run for the test suite: cpu preset (grid: tiny), "
+                  "64 rays, 32 x 32 frames, 2 steps, no warm-up, no profile, no "
+                  "torch.compile, 1 core unless --threads is given.")
 harness.define_flags("cpu", 10, 2, "Seed of the parameters, the synthetic person and the "
                      "rays.", presets=PRESETS)
 flags.DEFINE_bool("eigen_dots", False, "Also time the JAX step compiled with XLA:CPU's dots "
@@ -73,17 +97,6 @@ STEP_METRICS = ("mse_coarse", "mse_fine", "loss", "grad_norm")
 # `reduce`); keeping only `reduce` leaves the dots to Eigen (the cumulative sums of the
 # fine sampling stay in YNNPACK, where they are fast).
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def step_noise(key, r, cfg):
-    """The sample jitter (u_coarse [R, num_coarse], u_fine [R, num_fine]) the library's
-    head step draws from its rng on a 1-device mesh (mirrors `train.nerf._ray_noise` +
-    `parallel.global_uniform`; if the library changes, the start-up check fails)."""
-    import jax
-    import numpy as np
-    k1, k2 = jax.random.split(key)
-    return (np.array(jax.random.uniform(k1, (r, cfg.num_coarse))),
-            np.array(jax.random.uniform(k2, (r, cfg.num_fine))))
 
 
 def jax_colors_fn(model, intrinsics):
@@ -124,95 +137,75 @@ def mlp_macs(cfg):
     return macs + 3 * cin, per_ray + cfg.view_dim * cfg.color_width
 
 
-def bare_mlp_gflops(cfg, rows, calls):
-    """GFLOP/s of a JAX gradient step of a bare `depth` x `width` ReLU MLP (no bias, input
-    the encoded position, mean-square loss) on `rows` samples: what the matmuls alone
-    reach on the network's shapes."""
-    import jax
-    import jax.numpy as jnp
-    keys = jax.random.split(jax.random.PRNGKey(0), cfg.depth + 1)
-    dims = [cfg.pos_dim] + [cfg.width] * cfg.depth
-    ws = [jax.random.normal(k, (a, b)) / jnp.sqrt(a)
-          for k, a, b in zip(keys[1:], dims[:-1], dims[1:])]
-    x = jax.random.normal(keys[0], (rows, cfg.pos_dim))
-
-    def loss(ws, x):
-        h = x
-        for w in ws:
-            h = jax.nn.relu(h @ w)
-        return jnp.mean(h * h)
-
-    grad = jax.jit(jax.grad(loss)).lower(ws, x).compile()
-    call = lambda: jax.block_until_ready(grad(ws, x))  # noqa: E731
-    call()
-    flops = 3 * 2 * rows * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
-    return flops / harness.time_calls(call, max(calls, 3)) / 1e9
+def options():
+    """The run's sizes from the flags (`--smoke` and the per-model defaults applied)."""
+    grid = FLAGS.model == "grid"
+    o = dict(cfg_name=FLAGS.config, rays=FLAGS.rays, size=FLAGS.size or (128 if grid else 64),
+             steps=FLAGS.steps, warmup=FLAGS.warmup, threads=FLAGS.threads,
+             use_compile=FLAGS.torch_compile or (grid and not FLAGS["torch_compile"].present),
+             profile=FLAGS.profile, num_frames=NUM_FRAMES, chunk=FLAGS.chunk, seed=FLAGS.seed,
+             timing=FLAGS.timing, system_malloc=FLAGS.system_malloc)
+    if FLAGS.smoke:
+        o.update(cfg_name="tiny" if grid else "cpu", rays=64, size=32, steps=2, warmup=0,
+                 num_frames=8, use_compile=False, profile=False, threads=FLAGS.threads or 1)
+    if not o["rays"]:
+        o["rays"] = (grid_presets.get_config(o["cfg_name"]).head.rays if grid else 1024)
+    if o["steps"] < 1 or o["rays"] < 1 or o["warmup"] < 0 or o["chunk"] < 1:
+        raise app.UsageError("--steps, --rays and --chunk must be >= 1, --warmup >= 0")
+    if o["size"] < 16:
+        raise app.UsageError(f"--size must be >= 16, got {o['size']}")
+    try:
+        o["overrides"] = {k: ast.literal_eval(v) for k, v in
+                          (item.split("=", 1) for item in FLAGS.model_overrides)}
+    except (ValueError, SyntaxError) as e:
+        raise app.UsageError(f"--model_overrides: expected field=value items: {e}") from e
+    return types.SimpleNamespace(**o)
 
 
 def main(argv):
     del argv
-    cfg_name, rays_per_step, size, steps, warmup = (FLAGS.config, FLAGS.rays, FLAGS.size,
-                                                    FLAGS.steps, FLAGS.warmup)
-    use_compile, do_profile, threads_wanted = FLAGS.torch_compile, FLAGS.profile, FLAGS.threads
-    num_frames = NUM_FRAMES
-    if FLAGS.smoke:
-        cfg_name, rays_per_step, size, steps, warmup, num_frames = "cpu", 64, 32, 2, 0, 8
-        use_compile, do_profile = False, False
-        threads_wanted = FLAGS.threads or 1
-    if steps < 1 or rays_per_step < 1 or warmup < 0 or FLAGS.chunk < 1:
-        raise app.UsageError("--steps, --rays and --chunk must be >= 1, --warmup >= 0")
-    if size < 16:
-        raise app.UsageError(f"--size must be >= 16, got {size}")
-    run = harness.Run(threads_wanted, FLAGS.system_malloc)
-    threads, blocks = run.threads, FLAGS.timing == "blocks"
+    o = options()
+    if FLAGS.model == "grid":
+        from experiments.bench import nerf_grid
+        return nerf_grid.grid_main(o)
+    return mlp_main(o)
 
-    import time
+
+def mlp_main(o):
+    cfg_name, rays_per_step, size, steps, warmup = o.cfg_name, o.rays, o.size, o.steps, o.warmup
+    use_compile, do_profile = o.use_compile, o.profile
+    run = harness.Run(o.threads, o.system_malloc)
+    threads, blocks = run.threads, o.timing == "blocks"
+
     import jax
     import torch
-    from geneface_jax.data.synthetic import world
     from geneface_jax.render import fields, frames
-    from geneface_jax.train import loop, nerf, parallel
+    from geneface_jax.train import nerf, parallel
     from experiments.bench import xla_trace
-    from experiments.bench.torch_reference.nerf import HeadRunner
+    from experiments.bench.torch_reference.nerf import HeadRunner, step_noise
 
     torch.set_num_threads(threads)
-    torch.manual_seed(FLAGS.seed)
+    torch.manual_seed(o.seed)
     cfg = dataclasses.replace(nerf.model_config(nerf_presets.get_config(cfg_name).model),
-                              smooth_warmup_steps=0)
+                              smooth_warmup_steps=0, **o.overrides)
     optim = nerf.NeRFOptimConfig()
-    arrays, meta, _ = world.make_person(FLAGS.seed, size=size, num_frames=num_frames,
-                                        progress=False)
-    views = nerf.PersonViews(dict(arrays, meta=meta))
-    sampling = nerf.RaySamplingConfig(frames_per_step=1, rays_per_frame=rays_per_step)
-    get_batch = nerf.make_batch_fn(views, nerf.HEAD, sampling, window=cfg.smooth_window,
-                                   seed=FLAGS.seed)
-    host_batches = [get_batch(i) for i in range(NUM_BATCHES)]
-    t_frame = views.split_range("train")[0]
-    frame_inputs = {"pose": views.poses[t_frame],
-                    "window": views.windows([t_frame], cfg.smooth_window)[0],
-                    "background": views.background}
+    views, host_batches, frame_inputs = harness.nerf_person(o, cfg.smooth_window, NUM_BATCHES)
     frame_rays = size * size
 
     # ---- JAX: the library's step on a 1-device mesh
-    model, state = nerf.create_nerf_state(cfg, optim, nerf.HEAD, FLAGS.seed)
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    state = parallel.replicate(state, mesh)
-    jbatches = [parallel.shard_batch(b, mesh, ("frames",)) for b in host_batches]
-    keys = [loop.step_key(state, i) for i in range(1 + warmup + steps + 1)]
+    model, state = nerf.create_nerf_state(cfg, optim, nerf.HEAD, o.seed)
+    js = harness.one_device_step(nerf.make_head_step(model, views.intrinsics), state,
+                                 host_batches, 1 + warmup + steps + 1, ("frames",))
+    mesh, state, jbatches, keys, jax_step = js.mesh, js.state, js.batches, js.keys, js.step
+    lowered_step, jax_compile_s = js.lowered, js.compile_s
     init_params = jax.device_get(state.params)       # host copy: the step donates the state
     jax_params = fields.count_params(init_params)
-    t = time.perf_counter()
-    lowered_step = parallel.data_parallel(nerf.make_head_step(model, views.intrinsics), mesh,
-                                          replicated=("frames",)).lower(state, jbatches[0],
-                                                                        keys[0])
-    jax_step = lowered_step.compile()
-    jax_compile_s = time.perf_counter() - t
     log(f"jax: {jax_params} params, step compiled in {jax_compile_s:.1f} s")
 
     # ---- equivalence: same rays, same jitter -> same colours; then the first step
     def runner(batches, compile_model=False):
         return HeadRunner(cfg, optim, views.intrinsics, init_params, batches, frame_inputs,
-                          FLAGS.chunk, compile_model)
+                          o.chunk, compile_model)
 
     noise0 = step_noise(keys[0], rays_per_step, cfg)
     tnoise0 = tuple(torch.from_numpy(u) for u in noise0)
@@ -252,7 +245,7 @@ def main(argv):
 
     # ---- full-frame renders (deterministic samples), initial parameters on both sides
     renderer = frames.FrameRenderer(cfg, {"params": init_params}, views, mesh=mesh,
-                                  chunk=FLAGS.chunk)
+                                  chunk=o.chunk)
     render_jax = lambda timed=False: renderer.render(  # noqa: E731
         frame_inputs["pose"], frame_inputs["window"])["rgb"]
     frame_j = render_jax()
@@ -337,7 +330,8 @@ def main(argv):
             temp_mb = round(jax_step.memory_analysis().temp_size_in_bytes / 2 ** 20, 1)
         except Exception:  # noqa: BLE001 - not every backend reports it
             temp_mb = None
-        bare_gflops = bare_mlp_gflops(cfg, samples, steps)
+        bare_gflops = harness.bare_mlp_gflops([cfg.pos_dim] + [cfg.width] * cfg.depth,
+                                              samples, steps)
         profile = {
             "field_evaluations_per_step": samples, "mlp_matmul_flops_per_step": mlp_flops,
             "jax_mlp_matmul_flops_per_step": jax_mlp_flops, "xla_flops_per_step": step_flops,
@@ -380,8 +374,8 @@ def main(argv):
         "step_flops_source": "xla cost analysis" if step_flops else "analytic MLP count",
         "torch_compile": compile_note, "config": cfg_name, "rays": rays_per_step,
         "samples_per_ray": [cfg.num_coarse, cfg.num_coarse + cfg.num_fine],
-        "frame": [size, size], "chunk": FLAGS.chunk, "steps": steps, "warmup": warmup,
-        "timing": FLAGS.timing, "params": jax_params,
+        "frame": [size, size], "chunk": o.chunk, "steps": steps, "warmup": warmup,
+        "timing": o.timing, "params": jax_params,
         "equivalence_max_abs_err": float(f"{color_err:.2e}"),
         "render_max_abs_err": float(f"{render_err:.2e}"), "first_step_rel_err": check,
         "compile_seconds": round(jax_compile_s, 1),

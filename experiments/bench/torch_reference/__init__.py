@@ -15,6 +15,8 @@ parameter trees into its PyTorch twin without a per-network map.
   syncnet.py  the landmark SyncNet (frozen in stages 1 and 2)
   postnet.py  stage 2: CNN post-net, MLP discriminator and the GAN step
   nerf.py     stage 3: landmark-conditioned head NeRF, training step and frame render
+  grid.py     stage 3: the grid head (RAD-NeRF), occupancy sampling and update, training
+              step and frame render
 
 torch is a test / benchmark extra, never a dependency of `geneface_jax`: only the benches
 and tests import this package (and the modules import torch at their top).
@@ -74,7 +76,7 @@ def load_flax(module, variables, prefix=""):
             raise ValueError(f"{key}: PyTorch shape {tuple(state[key].shape)} != converted "
                              f"{value.shape}")
         with torch.no_grad():
-            state[key].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            state[key].copy_(torch.from_numpy(np.array(value, order="C")))
         done.add(key)
     missing = [k for k in state if k.startswith(prefix) and k not in done
                and not k.endswith("num_batches_tracked")]

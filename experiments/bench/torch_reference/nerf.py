@@ -322,3 +322,14 @@ class HeadRunner:
                                            bg[i:i + c])
                 out.append(rgb)
             return torch.cat(out).reshape(h, w, 3).numpy()
+
+
+def step_noise(key, r, cfg):
+    """The sample jitter (u_coarse [R, num_coarse], u_fine [R, num_fine]) numpy that the
+    library's head step draws from its rng on a 1-device mesh (mirrors
+    `train.nerf._ray_noise` + `parallel.global_uniform`; if the library changes, the
+    bench's start-up check fails)."""
+    import jax
+    k1, k2 = jax.random.split(key)
+    return (np.array(jax.random.uniform(k1, (r, cfg.num_coarse))),
+            np.array(jax.random.uniform(k2, (r, cfg.num_fine))))
