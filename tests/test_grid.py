@@ -317,3 +317,14 @@ def test_a_geneface_directory_is_pointed_to_the_import(tmp_path):
     (tmp_path / "model_ckpt_steps_1000.ckpt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="import_geneface"):
         rf.load_nerf(tmp_path, "head")
+
+
+def test_an_untrained_field_keeps_every_cell_occupied():
+    """The occupancy grid starts at the threshold density; while the field's density is
+    the same everywhere (below the decayed start), no cell may be dropped."""
+    cfg = dataclasses.replace(SPHERE_CFG, occupancy_decay=0.95, grid_size=8)
+    occ = {"density": jnp.full((8,) * 3, cfg.sigma_thresh), "bits": jnp.ones((8,) * 3)}
+    flat = lambda p: jnp.full(p.shape[:1], 1e-3)                       # noqa: E731
+    for i in range(20):
+        occ = gf.update_occupancy(flat, occ, jax.random.PRNGKey(i), cfg, i)
+        assert float(occ["bits"].min()) == 1.0, i

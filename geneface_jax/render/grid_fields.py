@@ -287,7 +287,8 @@ def bin_occupancy(origins, directions, bits, config: GridConfig):
     h = length / m
     mids = t0[:, None] + (jnp.arange(m, dtype=jnp.float32) + 0.5)[None] * h[:, None]
     pts = origins[:, None, :] + directions[:, None, :] * mids[..., None]
-    occ = bits.reshape(-1).at[cell_index(pts, config)].get(mode="promise_in_bounds") * (
+    occ = jnp.asarray(bits).reshape(-1).at[cell_index(pts, config)].get(
+        mode="promise_in_bounds") * (
         length[:, None] > 0)
     return t0, h, jax.lax.stop_gradient(occ.astype(jnp.float32))
 
@@ -493,7 +494,10 @@ def update_occupancy(density_fn, occupancy, key, config: GridConfig, update_inde
     dens = old.at[cells].set(jnp.maximum(old[cells] * config.occupancy_decay, sigma))
     dens = dens.reshape(g, g, g)
     thresh = jnp.minimum(config.sigma_thresh, jnp.mean(dens))
-    occ = (dens > thresh).astype(jnp.float32)
+    # A field that has not yet told cells apart (every cell at the mean, e.g. the start
+    # value decayed) keeps them all occupied instead of dropping them all: the comparison
+    # allows the mean's float round-off.
+    occ = (dens >= thresh * (1.0 - 1e-4)).astype(jnp.float32)
     dil = jax.lax.reduce_window(occ, -jnp.inf, jax.lax.max, (3, 3, 3), (1, 1, 1), "SAME")
     return {"density": dens, "bits": dil}
 
