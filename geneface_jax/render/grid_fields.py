@@ -52,7 +52,7 @@ Shapes: R rays, K samples; float32, channel-last.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Tuple
 
 import flax.linen as nn
 import jax
@@ -575,8 +575,3 @@ def init_grid(config: GridConfig, part: str, key):
         model = GridTorso(config)
         return model, dict(jax.jit(model.init)(key, jnp.zeros((2, 2)), jnp.zeros((6,))))
     raise ValueError(f"part must be 'head' or 'torso', got {part!r}")
-
-
-def count_rows(config: Optional[GridConfig] = None) -> int:
-    """Rows of the head's 3-D table (for reports)."""
-    return (config or GridConfig()).head_grid.rows
