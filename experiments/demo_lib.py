@@ -69,7 +69,8 @@ def stage_configs(config, seed):
     for stage in ("syncnet", "audio2motion"):
         out[stage].run.eval_every = 0
     out["audio2motion"].optim.warmup = min(200, c.steps.audio2motion // 5)
-    out["head"].head.mouth_percent = c.mouth_percent
+    for k in ("mouth_percent", "eye_percent", "blink_frame_percent"):
+        out["head"].head[k] = c[k]
     return out
 
 

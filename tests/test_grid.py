@@ -285,7 +285,7 @@ def test_grid_bad_inputs(tiny_runs, person_dir, tmp_path):
     # render without the occupancy collection
     with pytest.raises(ShapeError, match="occupancy"):
         gf.GridHeadNeRF(hcfg).apply({"params": hvars["params"]}, jnp.zeros((2, 3)),
-                                    jnp.ones((2, 3)), jnp.zeros((hcfg.cond_dim,)),
+                                    jnp.ones((2, 3)), jnp.zeros((hcfg.cond_width,)),
                                     jnp.zeros(3), method=gf.GridHeadNeRF.render)
 
 
@@ -328,3 +328,46 @@ def test_an_untrained_field_keeps_every_cell_occupied():
     for i in range(20):
         occ = gf.update_occupancy(flat, occ, jax.random.PRNGKey(i), cfg, i)
         assert float(occ["bits"].min()) == 1.0, i
+
+
+def test_eye_feature_is_the_lid_gap_and_reaches_the_density():
+    """With `eye_feature` the head's condition ends with the window centre's eye opening
+    (upper minus lower lid y, normalised units), and the density depends on it directly
+    (the sigma MLP takes it), so a closing eye can change the rendered surface."""
+    cfg = dataclasses.replace(TINY_GRID, eye_feature=True)
+    assert cfg.cond_width == cfg.cond_dim + 1
+    model, variables = gf.init_grid(cfg, "head", jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    win = rng.standard_normal((2, cfg.smooth_window, 68, 3)).astype(np.float32)
+    centre = win[:, cfg.smooth_window // 2]
+    gap = (centre[:, [37, 38, 43, 44], 1] - centre[:, [41, 40, 47, 46], 1]).mean(-1)
+    cond = model.apply(variables, jnp.asarray(win), False, method=gf.GridHeadNeRF.condition)
+    assert cond.shape == (2, cfg.cond_width)
+    np.testing.assert_allclose(cond[:, -1], gap, rtol=1e-6)
+    # only the centre frame counts: other frames' lids do not move the feature
+    other = win.copy()
+    other[:, 0, 37:48, 1] += 3.0
+    np.testing.assert_allclose(model.apply(variables, jnp.asarray(other), False,
+                                           method=gf.GridHeadNeRF.condition)[:, -1], gap,
+                               rtol=1e-6)
+    leaves, tree = jax.tree_util.tree_flatten(variables["params"])
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                                 for x, k in zip(leaves, keys)])
+    pts = jnp.asarray(rng.uniform(-0.1, 0.1, (64, 3)), jnp.float32)
+    c0 = cond[:1]
+    c1 = c0.at[0, -1].add(-5.0)
+    sig = [model.apply({"params": params}, pts, None, c, group=64,
+                       method=gf.GridHeadNeRF.field)[0] for c in (c0, c1)]
+    assert float(jnp.abs(sig[0] - sig[1]).mean()) > 1e-3 * float(jnp.abs(sig[0]).mean())
+    # the same change with the feature cut from the sigma MLP's input (ambient path only)
+    # moves the density less: the direct input carries it
+    k = params["sigma_net"]["net_0"]["kernel"]
+    cut = jax.tree_util.tree_map(lambda x: x, params)
+    cut["sigma_net"]["net_0"]["kernel"] = k.at[-1].set(0.0)
+    sig_cut = [model.apply({"params": cut}, pts, None, c, group=64,
+                           method=gf.GridHeadNeRF.field)[0] for c in (c0, c1)]
+    assert float(jnp.abs(sig_cut[0] - sig_cut[1]).mean()) < float(
+        jnp.abs(sig[0] - sig[1]).mean())
+    old = dataclasses.replace(cfg, eye_feature=False)         # GeneFace's head: no input
+    assert old.cond_width == cfg.cond_dim

@@ -96,6 +96,48 @@ def test_batches_are_pure_and_sample_the_rect(views):
     np.testing.assert_array_equal(t["frames"]["torso_pose"][1], views.torso_pose())
 
 
+def test_eye_rays_and_closing_eye_frames(tmp_path):
+    """`eye_percent` of a frame's rays fall in its eye box (which holds the eye points);
+    `blink_frame_percent` of the frames are drawn among those whose eyes close; both
+    pure functions of the step, and nothing of the kind for the torso."""
+    from geneface_jax.data import landmarks as lm
+    arrays, meta, wav = world.make_person(5, size=32, num_frames=125, progress=False)
+    fmt.write_person(tmp_path / "person", arrays, meta, wav)
+    views = tn.PersonViews(fmt.load_person(tmp_path / "person"))     # 5 s: a few blinks
+    lo, hi = views.split_range("train")
+    closing = views.closing_eye_frames()
+    ear = lm.eye_aspect_ratio(views.landmarks[lo:hi])
+    assert 0 < len(closing) < (hi - lo) // 4
+    np.testing.assert_array_equal(closing, lo + np.flatnonzero(ear < 0.75 * np.median(ear)))
+    eyes = views.landmarks_2d[:, 36:48]
+    x0, y0, x1, y1 = views.eye_rect.T
+    assert ((eyes[..., 0] >= x0[:, None]) & (eyes[..., 0] <= x1[:, None])
+            & (eyes[..., 1] >= y0[:, None]) & (eyes[..., 1] <= y1[:, None])).all()
+    samp = tn.RaySamplingConfig(frames_per_step=4, rays_per_frame=200, in_rect_percent=1.0,
+                                eye_percent=0.25, blink_frame_percent=0.5)
+    get = tn.make_batch_fn(views, "head", samp, window=5, seed=3)
+    drawn = []
+    for step in range(40):
+        a = get(step)
+        np.testing.assert_array_equal(a["rays"]["rows"], get(step)["rays"]["rows"])
+        ts = lo + a["frames"]["code_index"]
+        np.testing.assert_array_equal(a["frames"]["pose"], views.poses[ts])
+        drawn.extend(ts)
+        r = a["rays"]
+        for i, t in enumerate(ts):
+            sel = r["frame"] == i
+            x0, y0, x1, y1 = views.eye_rect[t]
+            inside = ((r["cols"][sel] >= x0) & (r["cols"][sel] < x1)
+                      & (r["rows"][sel] >= y0) & (r["rows"][sel] < y1))
+            assert inside.sum() >= 50
+    share = np.isin(drawn, closing).mean()
+    base = len(closing) / (hi - lo)
+    assert share > base + 0.25, (share, base)          # about half of them, not ~base
+    plain = tn.make_batch_fn(views, "torso", samp, window=5, seed=3)(0)
+    np.testing.assert_array_equal(plain["frames"]["code_index"],
+                                  epoch_indices(3, 0, hi - lo, 4))
+
+
 def test_ray_bounds_from_the_dataset_or_the_config():
     cfg = fields.NeRFConfig()                       # GeneFace's fixed 0.3 / 0.9
     meta = {"near": 0.45, "far": 0.7}

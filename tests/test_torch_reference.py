@@ -190,7 +190,9 @@ def test_grid_head_matches_the_library():
     from geneface_jax.train import nerf as tn
     from experiments.bench.torch_reference import grid as tg
     from experiments.configs import grid as grid_presets
-    cfg = tn.grid_model_config(grid_presets.get_config("tiny").model, num_codes=3)
+    model_cfg = grid_presets.get_config("tiny").model
+    model_cfg.eye_feature = True                   # the eye input's path too
+    cfg = tn.grid_model_config(model_cfg, num_codes=3)
     assert any(cfg.head_grid.hashed) and not all(cfg.head_grid.hashed)
     rng = np.random.default_rng(0)
     r, k, g = 48, cfg.num_samples, cfg.grid_size
@@ -198,7 +200,7 @@ def test_grid_head_matches_the_library():
     directions = np.concatenate([0.35 * rng.uniform(-1, 1, (r, 2)), -np.ones((r, 1))],
                                 1).astype(np.float32)
     directions[0] = (1.0, 0.0, 0.0)                        # misses the box: background
-    cond = rng.standard_normal((r, cfg.cond_dim)).astype(np.float32)
+    cond = rng.standard_normal((r, cfg.cond_width)).astype(np.float32)
     index = rng.integers(0, cfg.num_codes, r).astype(np.int32)
     background, target = (rng.uniform(size=(r, 3)).astype(np.float32) for _ in range(2))
     u = rng.uniform(size=(r, k)).astype(np.float32)

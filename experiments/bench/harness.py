@@ -408,3 +408,18 @@ def matmul_peak(sizes, repeats):
                 best_n, best_rate = n, max(rates.values())
     return {**{k: round(v, 1) for k, v in best.items()}, "n": best_n}
 
+
+def speech_audio(path, minutes):
+    """The packaged speech clips in turn, repeated to `minutes` of 16 kHz mono audio."""
+    import numpy as np
+
+    from geneface_jax.audio import io as audio_io
+    from geneface_jax.data.synthetic import speech
+    if path.is_file():
+        return path
+    clips = [audio_io.load_audio(p) for p in sorted(speech.default_speech_dir().glob("*.wav"))]
+    one = np.concatenate(clips)
+    n = int(round(minutes * 60 * 16000))
+    wav = np.tile(one, n // len(one) + 1)[:n]
+    audio_io.save_wav(path, wav)
+    return path

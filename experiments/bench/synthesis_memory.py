@@ -28,6 +28,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments.bench import harness
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/geneface-synthesis-memory",
                     "Checkpoints, audio and videos (checkpoints are reused across runs).")
@@ -124,24 +126,8 @@ def build_checkpoints(root):
     return seconds
 
 
-def make_audio(path, minutes):
-    """The packaged speech clips in turn, repeated to `minutes` of 16 kHz mono audio."""
-    import numpy as np
-
-    from geneface_jax.audio import io as audio_io
-    from geneface_jax.data.synthetic import speech
-    if path.is_file():
-        return path
-    clips = [audio_io.load_audio(p) for p in sorted(speech.default_speech_dir().glob("*.wav"))]
-    one = np.concatenate(clips)
-    n = int(round(minutes * 60 * 16000))
-    wav = np.tile(one, n // len(one) + 1)[:n]
-    audio_io.save_wav(path, wav)
-    return path
-
-
 def measure(root, minutes):
-    audio = make_audio(root / f"speech_{minutes:g}min.wav", minutes)
+    audio = harness.speech_audio(root / f"speech_{minutes:g}min.wav", minutes)
     out = root / f"video_{minutes:g}min.mp4"
     p = subprocess.run([sys.executable, "-m", "experiments.bench.synthesis_memory",
                         "--child", f"--workdir={root}", f"--audio={audio}", f"--out={out}"],

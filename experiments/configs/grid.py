@@ -6,11 +6,15 @@ sets it to the number of training frames); the torso takes the head run's condit
 and pixel convention. `bounds` as in `nerf.py` (`dataset`: the person's measured near/far;
 `config`: `model.near`/`model.far`). `head` and `torso`: rays per step over
 `frames_per_step` frames (`in_rect_percent` in the face rectangle / torso box, the head's
-`mouth_percent` in the mouth box), Adam `lr` for the networks with `grid_lr_scale` x lr for
-the grid tables and `smoother_lr_scale` x lr for the attention smoother, all decaying as
-`lr_decay ** (step / lr_decay_steps)`; the head's loss weights `lambda_entropy` (opacity
-entropy) and `lambda_ambient` (ambient coordinates outside the face rectangle, ramped up
-over `ambient_ramp_steps`). `eval` and `run` as in `nerf.py`.
+`mouth_percent` in the mouth box, `eye_percent` in the eye box, `blink_frame_percent` of
+the frames drawn among the closing-eye ones), Adam `lr` for the networks with
+`grid_lr_scale` x lr for the grid tables and `smoother_lr_scale` x lr for the attention
+smoother, all decaying as `lr_decay ** (step / lr_decay_steps)`; the head's loss weights
+`lambda_entropy` (opacity entropy) and `lambda_ambient` (ambient coordinates outside the
+face rectangle, ramped up over `ambient_ramp_steps`). `eval` and `run` as in `nerf.py`.
+
+`model.eye_feature=True` gives the head each frame's eye opening as well (RAD-NeRF's eye
+input; GeneFace's head has none, and no preset sets it yet: docs/stage3_nerf.md, "Eyes").
 
 paper: GeneFace's `lm3d_radnerf` / `radnerf_torso` (16 levels x 2 features, base 16,
   finest 2048, 2^16 rows per level; MLPs 3x128 ambient, 3x128 sigma -> 1 + 128, 2x128
@@ -38,7 +42,8 @@ def get_config(preset="paper"):
     # render.grid_fields.GridConfig, field by field (its docstring describes each)
     c.model = dict(cond_dim=64, landmark_channels=(32, 32, 64, 64), landmark_fc=64,
                    smooth_window=5, smooth_warmup_steps=200_000,
-                   attention_channels=(16, 8, 4, 2), center=(0.0, 0.0, 0.0), bound=0.16,
+                   attention_channels=(16, 8, 4, 2), eye_feature=False,
+                   center=(0.0, 0.0, 0.0), bound=0.16,
                    levels=16, features=2, base=16, finest=2048, log2_table=16,
                    ambient_finest=2048, ambient_layers=3, ambient_hidden=128,
                    sigma_layers=3, sigma_hidden=128, geo_feat_dim=128, color_layers=2,
@@ -50,6 +55,7 @@ def get_config(preset="paper"):
                    torso_code_dim=8, torso_shrink=0.8, torso_pos_freqs=10, torso_pose_freqs=4)
     c.bounds = "dataset"                                # dataset | config
     c.head = dict(rays=65536, frames_per_step=1, in_rect_percent=0.95, mouth_percent=0.0,
+                  eye_percent=0.0, blink_frame_percent=0.0,
                   lr=5e-4, grid_lr_scale=10.0, smoother_lr_scale=5.0, lr_decay=0.1,
                   lr_decay_steps=250_000, lambda_entropy=1e-4, lambda_ambient=0.1,
                   ambient_ramp_steps=250_000)

@@ -46,6 +46,7 @@ def get_config(preset="paper"):
     # head: 95 % of the rays in the face rectangle (GeneFace); torso: 80 % in the box of
     # the torso mask (GeneFace's torso draws 95 % in the image's lower half).
     c.head = dict(rays=2048, frames_per_step=1, in_rect_percent=0.95, mouth_percent=0.0,
+                  eye_percent=0.0, blink_frame_percent=0.0,
                   lr=5e-4, lr_decay=0.1, lr_decay_steps=250_000)
     c.torso = dict(rays=2048, frames_per_step=1, in_rect_percent=0.8,
                    lr=5e-4, lr_decay=0.1, lr_decay_steps=250_000)

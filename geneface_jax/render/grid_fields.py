@@ -75,7 +75,10 @@ class GridConfig:
     """Sizes of the grid head and torso; defaults are GeneFace's `lm3d_radnerf` values.
 
     Condition (as `fields.NeRFConfig`): cond_dim, landmark_channels, landmark_fc,
-      smooth_window, smooth_warmup_steps, attention_channels.
+      smooth_window, smooth_warmup_steps, attention_channels. `eye_feature`: the
+      condition also carries the window centre's eye opening (`eye_opening`, one number
+      appended: `cond_width` = cond_dim + 1), which the sigma MLP takes directly as well
+      as the ambient MLP (RAD-NeRF's eye input; GeneFace's head has none: False).
     Box: center (3 floats), bound (half side, head units: the synthetic skull is ~0.2).
     Grids: levels x features, base -> finest vertices per side, 2^log2_table rows per
       level (head 3-D grid; the ambient and torso 2-D grids use `ambient_finest` /
@@ -97,6 +100,7 @@ class GridConfig:
     smooth_window: int = 5
     smooth_warmup_steps: int = 200_000
     attention_channels: Tuple[int, ...] = (16, 8, 4, 2)
+    eye_feature: bool = False
     center: Tuple[float, float, float] = (0.0, 0.0, 0.0)
     bound: float = 0.16
     levels: int = 16
@@ -134,6 +138,11 @@ class GridConfig:
     torso_shrink: float = 0.8
     torso_pos_freqs: int = 10
     torso_pose_freqs: int = 4
+
+    @property
+    def cond_width(self) -> int:
+        """Size of the head's per-frame condition: cond_dim (+ 1 with eye_feature)."""
+        return self.cond_dim + int(self.eye_feature)
 
     def __post_init__(self):
         if self.bound <= 0:
@@ -344,11 +353,25 @@ def composite_equal(sigma, rgb, delta, dir_norm, background):
 
 # --------------------------------------------------------------------------- head
 
+# upper and lower lid points of the 68-point topology (right eye 37, 38 over 41, 40; left
+# eye 43, 44 over 47, 46)
+UPPER_LIDS, LOWER_LIDS = (37, 38, 43, 44), (41, 40, 47, 46)
+
+
+def eye_opening(landmarks):
+    """`[..., 68, 3]` normalised landmarks -> `[...]`: the mean vertical gap between the
+    lids (y of the upper lid points minus the lower ones'), in the normaliser's units
+    (`render.frames.LandmarkNormalizer`): about 0 for the person's mean eyes, several units
+    away from it when they close."""
+    y = jnp.asarray(landmarks)[..., 1]
+    return jnp.mean(y[..., UPPER_LIDS] - y[..., LOWER_LIDS], axis=-1)
+
+
 class GridHeadNeRF(nn.Module):
     """The grid head (module doc). Methods, used with `apply(variables, ..., method=)`;
     `variables` = {"params", "occupancy"}:
 
-      condition(landmark_windows [B, W, 68, 3], smooth) -> cond [B, cond_dim]
+      condition(landmark_windows [B, W, 68, 3], smooth) -> cond [B, cond_width]
       field(points [N, 3], view_dirs [N, 3] or None, cond [N, C], code [N, D] or None)
         -> (sigma [N], rgb [N, 3] or None, ambient [N, 2])
       render(origins [R, 3], directions [R, 3], cond [R, C] or [C], background [R, 3] or
@@ -385,7 +408,11 @@ class GridHeadNeRF(nn.Module):
             self.bits = self.variable("occupancy", "bits", lambda: jnp.ones((g, g, g)))
 
     def condition(self, landmark_windows, smooth=True):
-        return landmark_condition(self, landmark_windows, smooth)
+        cond = landmark_condition(self, landmark_windows, smooth)
+        if not self.config.eye_feature:
+            return cond
+        centre = jnp.asarray(landmark_windows)[:, self.config.smooth_window // 2]
+        return jnp.concatenate([cond, eye_opening(centre)[:, None]], axis=-1)
 
     def codes(self, index):
         cfg = self.config
@@ -410,7 +437,9 @@ class GridHeadNeRF(nn.Module):
         f = self.grid(self._unit(points))
         amb = jnp.tanh(self.ambient_net([(f, False), (cond, True)], group))
         g = self.ambient_grid((amb + 1.0) * 0.5)
-        h = self.sigma_net(jnp.concatenate([f, g], axis=-1))
+        h = jnp.concatenate([f, g], axis=-1)
+        h = self.sigma_net([(h, False), (cond[..., -1:], True)] if cfg.eye_feature else h,
+                           group)
         sigma = trunc_exp(h[..., 0])
         if view_dirs is None:
             return sigma, None, amb
@@ -430,7 +459,7 @@ class GridHeadNeRF(nn.Module):
             raise ShapeError(f"GridHeadNeRF.render: origins and directions must both be "
                              f"[R, 3], got {_shape(origins)} and {_shape(directions)}")
         r, k = origins.shape[0], cfg.num_samples
-        cond = check_per_ray(cond, r, cfg.cond_dim, "GridHeadNeRF condition")
+        cond = check_per_ray(cond, r, cfg.cond_width, "GridHeadNeRF condition")
         if cfg.code_dim:
             code = check_per_ray(self.mean_code() if code is None else code, r,
                                  cfg.code_dim, "GridHeadNeRF code")

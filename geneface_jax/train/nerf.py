@@ -101,6 +101,13 @@ class RaySamplingConfig:
     # of the rest. 0 = GeneFace's sampler; a lip-focused share makes the few-thousand-step
     # CPU runs learn the mouth (GeneFace fine-tunes lips separately at the end instead).
     mouth_percent: float = 0.0
+    # Head only: share of a frame's rays drawn inside its eye box (the eye landmarks 36-47
+    # grown by 20 % of their width each side), and share of the frames drawn whose eyes
+    # are closing (`PersonViews.closing_eye_frames`) in place of the epoch's frame. A blink
+    # is a few frames of a video and a few pixels of each: without these the few-thousand
+    # step runs never learn it and every rendered blink is lost. 0 = GeneFace's sampler.
+    eye_percent: float = 0.0
+    blink_frame_percent: float = 0.0
 
     @property
     def rays_per_step(self) -> int:
@@ -148,6 +155,19 @@ class PersonViews:
         grow = 0.3 * (hi_uv - lo_uv)
         self.mouth_rect = np.concatenate(
             [np.floor(lo_uv - grow), np.ceil(hi_uv + grow)], -1).astype(np.int32)
+        eyes = self.landmarks_2d[:, 36:48]
+        lo_uv, hi_uv = eyes.min(1), eyes.max(1)
+        grow = 0.2 * (hi_uv - lo_uv)[:, :1]           # the width: an eye box is flat
+        self.eye_rect = np.concatenate(
+            [np.floor(lo_uv - grow), np.ceil(hi_uv + grow)], -1).astype(np.int32)
+
+    def closing_eye_frames(self, split="train", drop=0.75):
+        """Frames of `split` (dataset indices, int `[K]`) whose eye aspect ratio
+        (`landmarks.eye_aspect_ratio`, head-space landmarks) is below `drop` x the split's
+        median: the frames of the video's blinks."""
+        lo, hi = self.split_range(split)
+        ear = lm.eye_aspect_ratio(self.landmarks[lo:hi])
+        return lo + np.flatnonzero(ear < drop * np.median(ear))
 
     def split_range(self, split):
         if split not in self.splits:
@@ -180,17 +200,27 @@ def make_batch_fn(views: PersonViews, part: str, sampling: RaySamplingConfig, *,
     f, n = sampling.frames_per_step, sampling.rays_per_frame
     h, w = views.height, views.width
 
+    head = part == HEAD
+    closing = (views.closing_eye_frames(split)
+               if head and sampling.blink_frame_percent > 0 else np.zeros(0, np.int64))
+
     def get_batch(step):
         ts = lo + epoch_indices(seed, step, hi - lo, f)
         rng = np.random.default_rng([seed, 7, int(step)])
+        if len(closing):
+            swap = rng.random(f) < sampling.blink_frame_percent
+            ts = np.where(swap, rng.choice(closing, f), ts)
         rows, cols, frame, target, bg = [], [], [], [], []
         for i, t in enumerate(ts):
-            rect = views.face_rect[t] if part == HEAD else views.torso_box
-            n_mouth = int(round(n * sampling.mouth_percent)) if part == HEAD else 0
-            r, c = rays_lib.sample_pixels(rng, rect, h, w, n - n_mouth, sampling.in_rect_percent)
-            if n_mouth:
-                rm, cm = rays_lib.sample_pixels(rng, views.mouth_rect[t], h, w, n_mouth, 1.0)
-                r, c = np.concatenate([rm, r]), np.concatenate([cm, c])
+            rect = views.face_rect[t] if head else views.torso_box
+            n_mouth = int(round(n * sampling.mouth_percent)) if head else 0
+            n_eye = int(round(n * sampling.eye_percent)) if head else 0
+            r, c = rays_lib.sample_pixels(rng, rect, h, w, n - n_mouth - n_eye,
+                                          sampling.in_rect_percent)
+            for box, k in ((views.mouth_rect[t], n_mouth), (views.eye_rect[t], n_eye)):
+                if k:
+                    rb, cb = rays_lib.sample_pixels(rng, box, h, w, k, 1.0)
+                    r, c = np.concatenate([rb, r]), np.concatenate([cb, c])
             rows.append(r)
             cols.append(c)
             frame.append(np.full(n, i, np.int32))
@@ -540,6 +570,8 @@ def model_config(model, *, near_far=None, head=None, config_class=fields.NeRFCon
     if head is not None:
         values.update(cond_dim=head.cond_dim, smooth_window=head.smooth_window,
                       pixel_convention=head.pixel_convention)
+        if hasattr(head, "eye_feature"):
+            values["eye_feature"] = head.eye_feature
     try:
         return config_class(**values)
     except (TypeError, ValueError) as e:
@@ -551,11 +583,13 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
 
     Head (`make_head_step`): every step draws `frames_per_step` training frames and `rays`
     rays among them, `in_rect_percent` inside each frame's face rectangle (`mouth_percent`
-    in its mouth box first); the head is rendered over the ground-truth torso and the
-    static background. Torso (`make_torso_step`): the head run's model is frozen; rays
-    (`in_rect_percent` in the box of the torso mask) are rendered by the head in the
-    frame's camera and by the torso in the first frame's camera, composited head over
-    torso over background. Adam with exponential decay, data-parallel over rays.
+    in its mouth box and `eye_percent` in its eye box first; `blink_frame_percent` of the
+    frames drawn among those whose eyes are closing); the head is rendered over the
+    ground-truth torso and the static background. Torso (`make_torso_step`): the head
+    run's model is frozen; rays (`in_rect_percent` in the box of the torso mask) are
+    rendered by the head in the frame's camera and by the torso in the first frame's
+    camera, composited head over torso over background. Adam with exponential decay,
+    data-parallel over rays.
 
     Args:
       config: `experiments/configs/nerf.py`'s ConfigDict (model, bounds, head, torso, eval,
@@ -616,7 +650,9 @@ def train_nerf(config, workdir, part, data=None, head=None, *, mesh=None):
                          f"frames_per_step x devices = {fps} x {n_dev}")
     sampling = RaySamplingConfig(frames_per_step=fps, rays_per_frame=rays // fps,
                                  in_rect_percent=p.in_rect_percent,
-                                 mouth_percent=p.mouth_percent if part == HEAD else 0.0)
+                                 **{k: p.get(k, 0.0) if part == HEAD else 0.0
+                                    for k in ("mouth_percent", "eye_percent",
+                                              "blink_frame_percent")})
     if grid:
         optim = GridOptimConfig(lr=p.lr, decay_rate=p.lr_decay, decay_steps=p.lr_decay_steps,
                                 **{k: p[k] for k in ("grid_lr_scale", "smoother_lr_scale",

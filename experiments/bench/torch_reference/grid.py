@@ -204,8 +204,10 @@ class GridHead(nn.Module):
         self.grid = GridEncoder(cfg.head_grid)
         self.ambient_grid = GridEncoder(cfg.ambient_grid)
         f = self.grid.out_dim
-        self.ambient_net = MLP(f + cfg.cond_dim, 2, cfg.ambient_hidden, cfg.ambient_layers)
-        self.sigma_net = MLP(f + self.ambient_grid.out_dim, 1 + cfg.geo_feat_dim,
+        eye = int(getattr(cfg, "eye_feature", False))
+        self.ambient_net = MLP(f + cfg.cond_dim + eye, 2, cfg.ambient_hidden,
+                               cfg.ambient_layers)
+        self.sigma_net = MLP(f + self.ambient_grid.out_dim + eye, 1 + cfg.geo_feat_dim,
                              cfg.sigma_hidden, cfg.sigma_layers)
         self.color_net = MLP(16 + cfg.geo_feat_dim + cfg.code_dim, 3, cfg.color_hidden,
                              cfg.color_layers)
@@ -215,7 +217,14 @@ class GridHead(nn.Module):
                              persistent=False)
 
     def condition(self, windows, smooth=True):
-        return self.smoother(self.landmark_encoder(windows), smooth)
+        cond = self.smoother(self.landmark_encoder(windows), smooth)
+        if not getattr(self.cfg, "eye_feature", False):
+            return cond
+        # the centre frame's mean gap between the upper (37, 38, 43, 44) and lower (41,
+        # 40, 47, 46) lid points, y in the normaliser's units, appended
+        y = windows[:, self.cfg.smooth_window // 2, :, 1]
+        gap = (y[:, [37, 38, 43, 44]] - y[:, [41, 40, 47, 46]]).mean(-1, keepdim=True)
+        return torch.cat([cond, gap], -1)
 
     def codes(self, index):
         return self.code_table[index.clamp(0, self.cfg.num_codes - 1)]
@@ -229,7 +238,10 @@ class GridHead(nn.Module):
         f = self.grid((points - self.center) / (2 * self.cfg.bound) + 0.5)
         amb = torch.tanh(self.ambient_net([(f, False), (cond, True)], group))
         g = self.ambient_grid((amb + 1.0) * 0.5)
-        h = self.sigma_net([(torch.cat([f, g], -1), False)])
+        parts = [(torch.cat([f, g], -1), False)]
+        if getattr(self.cfg, "eye_feature", False):
+            parts.append((cond[:, -1:], True))
+        h = self.sigma_net(parts, group)
         return TruncExp.apply(h[:, 0]), h[:, 1:], amb
 
     def render(self, origins, directions, cond, background, code, bits, u=None):
