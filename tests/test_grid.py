@@ -23,6 +23,8 @@ from geneface_jax.train import nerf as tn
 from experiments.configs import grid as grid_presets
 from experiments.configs import nerf as nerf_presets
 
+from conftest import perturbed
+
 PRIMES = (1, 2654435761, 805459861)
 
 
@@ -350,10 +352,7 @@ def test_eye_feature_is_the_lid_gap_and_reaches_the_density():
     np.testing.assert_allclose(model.apply(variables, jnp.asarray(other), False,
                                            method=gf.GridHeadNeRF.condition)[:, -1], gap,
                                rtol=1e-6)
-    leaves, tree = jax.tree_util.tree_flatten(variables["params"])
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
-                                                 for x, k in zip(leaves, keys)])
+    params = perturbed(variables["params"], 2, 0.1)
     pts = jnp.asarray(rng.uniform(-0.1, 0.1, (64, 3)), jnp.float32)
     c0 = cond[:1]
     c1 = c0.at[0, -1].add(-5.0)

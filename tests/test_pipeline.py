@@ -19,6 +19,8 @@ from geneface_jax.train import nerf as tn
 
 from experiments.configs import nerf as nerf_presets
 
+from conftest import perturbed
+
 # the tiny preset's sizes (experiments/configs/nerf.py), the synthetic person's bounds
 TINY = fields.NeRFConfig(**dict(nerf_presets.get_config("tiny").model, near=0.4, far=0.8,
                                 smooth_warmup_steps=1000))
@@ -104,9 +106,7 @@ def test_region_render_equals_full_render_inside_and_background_outside(person):
     _, torso_state = tn.create_nerf_state(TINY, tn.NeRFOptimConfig(), rf.TORSO, 4,
                                           {"params": head_state.params})
     # Non-trivial weights: the torso's output layers start near zero.
-    torso_params = jax.tree.map(
-        lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
-        torso_state.params)
+    torso_params = perturbed(torso_state.params, 1, 0.3)
     mesh = train.make_mesh(jax.devices()[:2])
     r = rf.FrameRenderer(TINY, {"params": head_state.params}, views, torso_cfg=TINY,
                          torso_vars={"params": torso_params}, chunk=97, smooth=False,

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import optimizer_moves
+from conftest import optimizer_moves, perturbed
 from geneface_jax import train
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
@@ -20,10 +20,7 @@ D = 204
 
 
 def _perturb(tree, seed, scale=0.1):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return perturbed(tree, seed, scale)
 
 
 def _mask(lengths, t):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import optimizer_moves
+from conftest import optimizer_moves, perturbed
 from geneface_jax import train
 from geneface_jax.data.epochs import epoch_indices
 from geneface_jax.errors import ShapeError
@@ -22,10 +22,7 @@ TINY = vae_lib.Audio2MotionConfig(feature_dim=12, hidden=16, latent=4, kernel_si
 
 def _perturb(tree, seed, scale=0.05):
     """Adds noise to every leaf so zero-initialised layers (the coupling `post`) act."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    return perturbed(tree, seed, scale)
 
 
 def _batch(b=3, t=24, lengths=(24, 17, 9), c=12, d=204, seed=0):

@@ -22,6 +22,8 @@ from geneface_jax.motion.wavenet import (PosteriorEncoder, WaveNet, WNConv1d, us
                                          weight_norm_kernel)
 from geneface_jax.motion.winograd import winograd_conv1d, winograd_matrices
 
+from conftest import perturbed
+
 B, T = 3, 17
 LENGTHS = (17, 11, 5)
 HIDDEN, FLOW, BINS, GIN = 16, 8, 10, 6
@@ -47,10 +49,7 @@ def _assert_close(actual, expected, what, atol=ATOL):
 
 
 def _random_like(tree, seed, scale=0.3):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+    return perturbed(tree, seed, scale, add=False)
 
 
 def _shapes(tree):
