@@ -30,8 +30,8 @@ def get_config(preset="cpu"):
     c.steps = dict(syncnet=800, audio2motion=1000, postnet=1000, head=1500, torso=300)
     c.rays = 2048                       # NeRF rays per training step
     c.mouth_percent = 0.25              # share of the head's rays in the mouth box
-    c.eye_percent = 0.0                 # ... in the eye box (docs/stage3_nerf.md, "Eyes")
-    c.blink_frame_percent = 0.0         # share of head frames drawn among closing-eye ones
+    c.eye_percent = 0.2                 # ... in the eye box (docs/stage3_nerf.md, "Eyes")
+    c.blink_frame_percent = 0.3         # share of head frames drawn among closing-eye ones
     c.eval_frames = 0                   # held-out frames scored by eval_nerf (0: all)
     if preset == "quick":
         c.person.update(size=64, frames=100)

@@ -13,8 +13,10 @@ smoother, all decaying as `lr_decay ** (step / lr_decay_steps)`; the head's loss
 `lambda_entropy` (opacity entropy) and `lambda_ambient` (ambient coordinates outside the
 face rectangle, ramped up over `ambient_ramp_steps`). `eval` and `run` as in `nerf.py`.
 
-`model.eye_feature=True` gives the head each frame's eye opening as well (RAD-NeRF's eye
-input; GeneFace's head has none, and no preset sets it yet: docs/stage3_nerf.md, "Eyes").
+Every preset sets `model.eye_feature` (the head also takes each frame's eye opening, as
+RAD-NeRF does; GeneFace's head does not), and `cpu` / `tiny` spend 20 % of the head's rays
+in the eye box and draw 30 % of its frames among the closing-eye ones: without these the
+rendered eyes never close (docs/stage3_nerf.md, "Eyes").
 
 paper: GeneFace's `lm3d_radnerf` / `radnerf_torso` (16 levels x 2 features, base 16,
   finest 2048, 2^16 rows per level; MLPs 3x128 ambient, 3x128 sigma -> 1 + 128, 2x128
@@ -42,7 +44,7 @@ def get_config(preset="paper"):
     # render.grid_fields.GridConfig, field by field (its docstring describes each)
     c.model = dict(cond_dim=64, landmark_channels=(32, 32, 64, 64), landmark_fc=64,
                    smooth_window=5, smooth_warmup_steps=200_000,
-                   attention_channels=(16, 8, 4, 2), eye_feature=False,
+                   attention_channels=(16, 8, 4, 2), eye_feature=True,
                    center=(0.0, 0.0, 0.0), bound=0.16,
                    levels=16, features=2, base=16, finest=2048, log2_table=16,
                    ambient_finest=2048, ambient_layers=3, ambient_hidden=128,
@@ -69,7 +71,8 @@ def get_config(preset="paper"):
         c.model.update(finest=512, ambient_finest=512, torso_finest=512, ambient_hidden=64,
                        sigma_hidden=64, geo_feat_dim=64, color_hidden=64, grid_size=64,
                        num_bins=64, occupancy_stride=4, smooth_warmup_steps=1000)
-        c.head.update(rays=2048, lr=1e-3, lr_decay_steps=3000, ambient_ramp_steps=3000)
+        c.head.update(rays=2048, lr=1e-3, lr_decay_steps=3000, ambient_ramp_steps=3000,
+                      eye_percent=0.2, blink_frame_percent=0.3)
         c.torso.update(rays=2048, lr=1e-3, lr_decay_steps=500)
         c.run.update(steps=3000, torso_steps=500)
     if preset == "tiny":
