@@ -110,6 +110,35 @@ def test_pose_files_of_the_wrong_shape_or_nan_are_refused(tmp_path):
     np.testing.assert_allclose(hp.load_pose_file(f, target), good)
 
 
+def test_pose_files_from_a_video_and_from_a_person_dataset(tmp_path):
+    """A video is tracked with preprocessing's tracker and its head poses retargeted onto
+    the target's mean pose (its roll follows the video's); a person dataset's poses are
+    retargeted the same way."""
+    from geneface_jax.data import format as fmt
+    from geneface_jax.data.synthetic import realface, world
+    video = tmp_path / "talk.mp4"
+    truth = realface.make_talking_photo(video, seconds=2.0, size=256)
+    target = _poses(30, seed=4)
+    poses = hp.load_pose_file(video, target)
+    assert poses.shape == (truth["num_frames"], 4, 4) and np.isfinite(poses).all()
+    rot, trans = hp._head_to_camera(poses)
+    _, t_tgt = hp._head_to_camera(target)
+    np.testing.assert_allclose(trans.mean(0), t_tgt.mean(0), atol=1e-5)
+    np.testing.assert_allclose(np.einsum("nij,nkj->nik", rot, rot),
+                               np.broadcast_to(np.eye(3), rot.shape), atol=1e-5)
+    roll = np.degrees(np.arctan2(rot[:, 1, 0], rot[:, 0, 0]))
+    r = np.corrcoef(roll, truth["roll_deg"])[0, 1]
+    assert abs(r) > 0.9, r                                     # the video's head roll
+    arrays, meta, wav = world.make_person(3, size=32, num_frames=12, progress=False)
+    fmt.write_person(tmp_path / "other", arrays, meta, wav)
+    from_person = hp.load_pose_file(tmp_path / "other", target)
+    assert from_person.shape == (12, 4, 4)
+    np.testing.assert_allclose(hp._head_to_camera(from_person)[1].mean(0), t_tgt.mean(0),
+                               atol=1e-5)
+    with pytest.raises(InputError, match="pose file"):
+        hp.load_pose_file(tmp_path / "other" / "meta.json", target)
+
+
 def test_retarget_keeps_relative_motion_and_lands_on_the_target_mean():
     src = _poses(30, seed=1, depth=1.2)
     tgt = _poses(30, seed=2, depth=0.6)
