@@ -98,8 +98,8 @@ def tiny_demo(speech_clip, tmp_path_factory):
 # loadfile` the files are handed to the two workers in collection order, so starting the
 # long ones first keeps a long file from being the last one left running on one worker
 # while the other sits idle.
-_FILE_WEIGHT = {"test_nerf_train.py": 395, "test_grid.py": 382, "test_end_to_end.py": 344,
-                "test_postnet.py": 202, "test_paste_pose_blinks.py": 200, "test_vae.py": 185,
+_FILE_WEIGHT = {"test_nerf_train.py": 395, "test_grid.py": 382, "test_end_to_end.py": 380,
+                "test_postnet.py": 202, "test_paste_pose_blinks.py": 20, "test_vae.py": 185,
                 "test_fields.py": 128,
                 "test_preprocess.py": 114, "test_preemption.py": 110,
                 "test_stage1_cli.py": 98, "test_postnet_cli.py": 91,

@@ -429,3 +429,65 @@ def test_synthesize_report_needs_the_face_models_up_front(demo, clip, tmp_path, 
     with pytest.raises(GenefaceError, match="face_models --fetch"):
         pl.synthesize(clip, demo[0] / "checkpoints", out, report=True, mesh=_one_device())
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_synthesize_pastes_back_holds_a_static_pose_and_blinks(tiny_demo, speech_clip,
+                                                                tmp_path):
+    """Paste-back, a static pose and auto blinks in synthesis (`render.paste`,
+    `data.head_poses`, `data.blinks`; their unit tests: test_paste_pose_blinks.py): the
+    tiny demo's person put into an off-centre box of a 2x source video."""
+    import dataclasses
+
+    from geneface_jax.data import blinks
+    from geneface_jax.data import format as fmt
+    from geneface_jax.data import preprocess
+    from geneface_jax.data.video import write_video
+    from geneface_jax.errors import VideoError
+    pipe = pl.TalkingFacePipeline.load(tiny_demo[0] / "checkpoints",
+                                       mesh=train.make_mesh(jax.devices()[:1]))
+    ref = pipe.reference
+    person = fmt.load_person(pipe.head_run["data"])
+    s = ref.height
+    h = w = 2 * s
+    u0, v0 = s // 2 + 8, 12
+    canvas = np.zeros((person.num_frames, h, w, 3), np.uint8)
+    canvas[:] = np.linspace(40, 200, w).astype(np.uint8)[None, None, :, None]
+    canvas[:, v0:v0 + s, u0:u0 + s] = person["frames"]
+    src = tmp_path / "source.mp4"
+    write_video(src, canvas)
+    rec = preprocess.source_record(src, w, h, 25.0, (u0, v0, s), range(person.num_frames))
+    lo, hi = person.meta["splits"]["train"]
+    pipe.reference = dataclasses.replace(
+        ref, source=json.dumps(dict(rec, frames=rec["frames"][lo:hi])))
+    out = tmp_path / "out.mp4"
+    quiet = dict(progress=lambda *a: None)
+    res = pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
+        pose="static:3", blink="auto", max_frames=12), **quiet)
+    assert res["pasted"] and (probe_video(out)["height"], probe_video(out)["width"]) == (h, w)
+    np.testing.assert_array_equal(res["track"], 3)
+    np.testing.assert_array_equal(res["poses"], np.broadcast_to(ref.poses[3], (12, 4, 4)))
+    np.testing.assert_array_equal(res["blink"], blinks.blink_schedule(0, 12).closure)
+    frames = np.stack(list(read_video(out))).astype(int)
+    source = np.stack(list(read_video(src)))[lo + 3].astype(int)
+    outside = np.ones((h, w), bool)
+    outside[v0 - 4:v0 + s + 4, u0 - 4:u0 + s + 4] = False      # H.264 blocks bleed a little
+    assert np.abs(frames[:, outside] - source[outside]).mean() < 1.0
+    assert np.abs(np.diff(frames, axis=0))[:, outside].max() <= 2    # the frame holds still
+    # blink=none holds the eyes open; an explicit --nopaste_back writes the crop
+    res = pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
+        blink="none", max_frames=4, paste_back=False), **quiet)
+    assert not res["pasted"] and probe_video(out)["width"] == s
+    np.testing.assert_array_equal(res["blink"], 0.0)
+    # a moved source is refused by name, found again with source_video
+    moved = tmp_path / "moved.mp4"
+    src.rename(moved)
+    with pytest.raises(VideoError, match="source.mp4"):
+        pipe.synthesize(speech_clip, out, pl.SynthesisOptions(max_frames=2,
+                                                              paste_back=True), **quiet)
+    assert pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
+        max_frames=2, source_video=str(moved)), **quiet)["pasted"]
+    # a pose file: an .npy is used as is
+    np.save(tmp_path / "poses.npy", ref.poses[:5])
+    res = pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
+        pose=str(tmp_path / "poses.npy"), max_frames=6, paste_back=False), **quiet)
+    np.testing.assert_allclose(res["poses"], ref.poses[[0, 1, 2, 3, 4, 3]])
