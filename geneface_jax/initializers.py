@@ -1,6 +1,7 @@
 """PyTorch's default layer initialisers as Flax initialisers (shared by the motion
 networks and the NeRF fields, so fresh models draw from GeneFace's distributions)."""
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -23,3 +24,21 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(module, kwargs):
+    return jax.jit(functools.partial(module.init, **dict(kwargs)))
+
+
+def jitted_init(module, **kwargs):
+    """`jax.jit(module.init)` (keyword arguments bound), one per module configuration:
+    linen modules hash and compare by their fields, so a process that builds the same
+    model again (the stages of a run, tests) reuses the traced and compiled init instead
+    of tracing, lowering and compiling it anew. Results are those of `module.init`."""
+    key = tuple(sorted(kwargs.items()))
+    try:
+        hash((module, key))
+    except TypeError:                       # a field that does not hash: no cache
+        return jax.jit(functools.partial(module.init, **kwargs))
+    return _jitted_init(module, key)

@@ -275,3 +275,28 @@ def test_model_inits_compile_one_program_each():
         eqns = jax.make_jaxpr(init)().jaxpr.eqns
         jitted = [e for e in eqns if e.primitive.name in ("pjit", "jit")]
         assert len(eqns) <= 24 and jitted, (name, len(eqns))    # op by op: 758 and up
+
+
+def test_jitted_init_is_one_program_per_module_configuration():
+    """`initializers.jitted_init`: modules equal by their fields share one jitted init
+    (so a second build of the same model compiles nothing), others do not; the variables
+    are `module.init`'s."""
+    import flax.linen as nn
+
+    from geneface_jax.initializers import jitted_init
+
+    class Toy(nn.Module):
+        width: int
+
+        @nn.compact
+        def __call__(self, x, scale=1.0):
+            return scale * nn.Dense(self.width)(x)
+
+    x = jnp.ones((2, 3))
+    key = jax.random.PRNGKey(0)
+    assert jitted_init(Toy(4)) is jitted_init(Toy(4))
+    assert jitted_init(Toy(4)) is not jitted_init(Toy(5))
+    assert jitted_init(Toy(4), scale=2.0) is not jitted_init(Toy(4))
+    got = jitted_init(Toy(4))(key, x)
+    want = Toy(4).init(key, x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)

@@ -53,7 +53,8 @@ import flax.linen as nn
 import numpy as np
 
 from geneface_jax.errors import ShapeError
-from geneface_jax.initializers import torch_default_bias_init, torch_default_kernel_init
+from geneface_jax.initializers import (jitted_init, torch_default_bias_init,
+                                      torch_default_kernel_init)
 from geneface_jax.motion.batchnorm import MaskedBatchNorm
 from geneface_jax.motion.wavenet import WNConv1d, check_mask, check_sequence
 
@@ -213,8 +214,8 @@ def init_postnet(config: PostNetConfig, rng, axis_name=None):
     gen = CNNPostNet(config, axis_name=axis_name)
     disc = MLPDiscriminator(config, axis_name=axis_name)
     x = jnp.zeros((1, 4, config.motion_dim), jnp.float32)
-    g_vars = jax.jit(gen.init)(k_g, x)         # one program each, not op by op
-    d_vars = jax.jit(disc.init)(k_d, x)
+    g_vars = jitted_init(gen)(k_g, x)         # one program each, not op by op
+    d_vars = jitted_init(disc)(k_d, x)
     return gen, disc, {"generator": {"params": g_vars["params"],
                                      "batch_stats": g_vars["batch_stats"]},
                        "discriminator": {"params": d_vars["params"]}}

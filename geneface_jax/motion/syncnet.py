@@ -23,6 +23,7 @@ import numpy as np
 from geneface_jax.data import landmarks as lm_topology
 from geneface_jax.errors import ShapeError
 from geneface_jax.motion.wavenet import WNConv1d, check_sequence
+from geneface_jax.initializers import jitted_init
 
 MOUTH = np.asarray(lm_topology.MOUTH)
 EPS = 1e-7
@@ -141,7 +142,7 @@ def init_syncnet(config: SyncNetConfig, rng, axis_name=None):
     """(model, variables) with `params` and `batch_stats`."""
     model = SyncNet(config, axis_name=axis_name)
     key = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    variables = jax.jit(model.init)(key, jnp.zeros((2, 2 * config.window, config.feature_dim)),
+    variables = jitted_init(model)(key, jnp.zeros((2, 2 * config.window, config.feature_dim)),
                                     jnp.zeros((2, config.window, config.mouth_dim)))
     return model, variables
 

@@ -25,7 +25,6 @@ audio -> motion regression with the same capacity on the audio path.
 """
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
@@ -38,6 +37,7 @@ from geneface_jax.errors import ShapeError
 from geneface_jax.motion.batchnorm import MaskedBatchNorm
 from geneface_jax.motion.flows import ResidualCouplingBlock
 from geneface_jax.motion.wavenet import WaveNet, WNConv1d, check_mask, check_sequence
+from geneface_jax.initializers import jitted_init
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -329,7 +329,7 @@ def init_audio2motion(config: Audio2MotionConfig, rng, frames=16, axis_name=None
     mask = jnp.ones((1, t, 1))
     k1, k2 = jax.random.split(jax.random.PRNGKey(rng) if isinstance(rng, int) else rng)
     # One compiled program, not one per initializer and forward op (op by op).
-    variables = jax.jit(functools.partial(model.init, train=False))(
+    variables = jitted_init(model, train=False)(
         {"params": k1, "sample": k2}, feats, motion, mask)
     return model, variables
 

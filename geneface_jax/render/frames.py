@@ -28,6 +28,7 @@ from geneface_jax.render import fields
 from geneface_jax.render import grid_fields
 from geneface_jax.render import rays as rays_lib
 from geneface_jax.render import sharded
+from geneface_jax.initializers import jitted_init
 
 HEAD, TORSO = "head", "torso"
 
@@ -114,11 +115,11 @@ def init_nerf(config: fields.NeRFConfig, part: str, key):
     if part == HEAD:
         model = fields.HeadNeRF(config)
         win = jnp.zeros((config.smooth_window, 68, 3))
-        return model, jax.jit(model.init)(key, o, d, win, bg)["params"]
+        return model, jitted_init(model)(key, o, d, win, bg)["params"]
     if part == TORSO:
         model = fields.TorsoNeRF(config)
         rgb = jnp.zeros((2, 3)) if config.torso_color_dim else None
-        return model, jax.jit(model.init)(key, o, d, jnp.zeros((config.cond_dim,)),
+        return model, jitted_init(model)(key, o, d, jnp.zeros((config.cond_dim,)),
                                           jnp.zeros((6,)), bg, rgb)["params"]
     raise ValueError(f"part must be 'head' or 'torso', got {part!r}")
 

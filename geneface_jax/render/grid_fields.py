@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geneface_jax.errors import ShapeError
-from geneface_jax.initializers import torch_default_kernel_init
+from geneface_jax.initializers import jitted_init, torch_default_kernel_init
 from geneface_jax.render import encodings, rays
 from geneface_jax.render import grid_encoding as ge
 from geneface_jax.render.fields import (NUM_LANDMARKS, AttentionSmoother, LandmarkEncoder,
@@ -599,8 +599,8 @@ def init_grid(config: GridConfig, part: str, key):
     if part == "head":
         model = GridHeadNeRF(config)
         win = jnp.zeros((config.smooth_window, NUM_LANDMARKS, 3))
-        return model, dict(jax.jit(model.init)(key, o, d, win, jnp.zeros((3,))))
+        return model, dict(jitted_init(model)(key, o, d, win, jnp.zeros((3,))))
     if part == "torso":
         model = GridTorso(config)
-        return model, dict(jax.jit(model.init)(key, jnp.zeros((2, 2)), jnp.zeros((6,))))
+        return model, dict(jitted_init(model)(key, jnp.zeros((2, 2)), jnp.zeros((6,))))
     raise ValueError(f"part must be 'head' or 'torso', got {part!r}")
