@@ -206,3 +206,18 @@ def test_bad_sizes_raise():
     with pytest.raises(DatasetError):
         world.make_corpus(0, num_utterances=4, num_speakers=2, held_out_speakers=2,
                           progress=False)
+
+
+def test_static_pose_person_holds_the_first_pose_and_keeps_the_rest():
+    """`make_person(static_pose=True)`: every frame has the first frame's pose; the
+    speech, landmarks (mouth, blinks) are those of the moving person; pixels differ."""
+    moving, _, wav = world.make_person(4, size=24, num_frames=20, progress=False)
+    still, _, wav_s = world.make_person(4, size=24, num_frames=20, progress=False,
+                                        static_pose=True)
+    np.testing.assert_array_equal(still["poses"], np.broadcast_to(moving["poses"][0],
+                                                                  moving["poses"].shape))
+    assert not np.allclose(moving["poses"], moving["poses"][:1])
+    np.testing.assert_array_equal(still["landmarks"], moving["landmarks"])
+    np.testing.assert_array_equal(wav_s, wav)
+    np.testing.assert_array_equal(still["frames"][0], moving["frames"][0])
+    assert not np.array_equal(still["frames"][-1], moving["frames"][-1])

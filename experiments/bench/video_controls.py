@@ -55,6 +55,12 @@ Figures (bars from the paste-back / pose / blink issue):
                       in the round-tripped source (bar: no larger). `paste.png`: a source
                       frame beside its pasted output.
 
+  tracker_floor_px    the head-drift figure of the person's own ground truth rendered by
+                      the synthetic world with the head held still for `--static_seconds`
+                      while it speaks and blinks (synthetic persons only; H.264 round
+                      trip, tracked the same way): how far the tracked position moves when
+                      nothing but the mouth and eyes do. `--floor_only` measures just this.
+
 The last line printed is one JSON object. Each synthesis is skipped when its video is in
 `--workdir` (delete the directory to measure again).
 """
@@ -76,6 +82,7 @@ flags.DEFINE_float("seconds", 60.0, "Seconds of speech synthesized per run.")
 flags.DEFINE_float("static_seconds", 10.0, "Head drift is measured over this first span.")
 flags.DEFINE_integer("seed", 0, "Blink schedule seed.")
 flags.DEFINE_integer("static_frame", 0, "Reference frame the static pose holds.")
+flags.DEFINE_bool("floor_only", False, "Measure only the tracker floor (module doc).")
 
 STATIC_BAR_PX = 0.5
 BLINK_FOUND_BAR = 0.9
@@ -182,6 +189,26 @@ def measure_paste(pipe, root, log, seconds=4.0):
             "source_border_step": round(border_step(rt, (u0, v0, s)), 3)}
 
 
+def tracker_floor(meta, root, seconds, tracker):
+    """`tracker_floor_px` of the module doc (None for a person not from the synthetic
+    world)."""
+    import numpy as np
+
+    from geneface_jax.data.synthetic import world
+    from geneface_jax.data.video import read_video, write_video
+    if meta.get("source") != "synthetic":
+        return None
+    frames = int(round(seconds * 25))
+    size = int(meta.get("size", 0)) or None
+    arrays, _, _ = world.make_person(int(meta["seed"]), size=size or 128, num_frames=frames,
+                                     progress=False, static_pose=True)
+    path = root / "floor_static_truth.mp4"
+    write_video(path, arrays["frames"])
+    decoded = np.stack(list(read_video(path)))
+    pts, _ = tracker.track(decoded)
+    return round(drift_px(head_points(pts)), 3)
+
+
 def run(pipe, audio, out, options, log):
     """Synthesizes (unless `out` exists) and returns the decoded frames `[N, H, W, 3]`."""
     import numpy as np
@@ -216,6 +243,17 @@ def main(argv):
     root = pathlib.Path(FLAGS.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if FLAGS.floor_only:
+        from geneface_jax.data import format as fmt
+        head_run = json.loads((pathlib.Path(FLAGS.checkpoints) / "head" / "config.json")
+                              .read_text())
+        person = fmt.load_person(head_run["data"])
+        meta = dict(person.meta, size=person.meta.get("size", int(person["frames"].shape[1])))
+        floor = tracker_floor(meta, root, FLAGS.static_seconds, FrameTracker())
+        print(json.dumps({"bench": "video_controls", "tracker_floor_px": floor,
+                          "seconds": FLAGS.static_seconds,
+                          "wall_seconds": round(time.time() - t0, 1)}))
+        return
     audio = speech_audio(root / f"speech_{FLAGS.seconds:g}s.wav", FLAGS.seconds / 60.0)
     pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints,
                                        mesh=train.make_mesh(jax.devices()))
@@ -239,6 +277,8 @@ def main(argv):
     without = blinks.detect_blinks(lm.eye_aspect_ratio(pts_b), drop=TRACKED_DROP)
     person = fmt.load_person(pipe.head_run["data"])
     pts_src, _ = tracker.track(np.asarray(person["frames"]))
+    floor = tracker_floor(dict(person.meta, size=int(np.asarray(person["frames"]).shape[1])),
+                          root, FLAGS.static_seconds, tracker)
     src_share, src_extra = blinks.match_blinks(
         blinks.detect_blinks(lm.eye_aspect_ratio(np.asarray(person["landmarks"]))),
         blinks.detect_blinks(lm.eye_aspect_ratio(pts_src), drop=TRACKED_DROP),
@@ -249,6 +289,7 @@ def main(argv):
         "head_drift_px": round(drift, 3),
         "head_drift_px_all": round(drift_px(centres_a), 3),
         "source_head_range_px": round(drift_px(centres_b[:first]), 3),
+        "tracker_floor_px": floor,
         "blinks_scheduled": int(len(schedule.peaks)),
         "blinks_found_share": round(share, 3),
         "blinks_extra": extra,

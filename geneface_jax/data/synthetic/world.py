@@ -50,7 +50,7 @@ def _articulation(wav, style, blink):
 
 
 def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=2,
-                valid_fraction=0.1, progress=True):
+                valid_fraction=0.1, progress=True, static_pose=False):
     """Generates the target person's video dataset.
 
     Args:
@@ -62,6 +62,8 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
       supersample: s x s rays per pixel in the ground-truth renderer.
       valid_fraction: the last fraction of frames forms the 'valid' split.
       progress: show a progress bar while rendering.
+      static_pose: hold the head (and torso) in the first frame's pose throughout; the
+        person, speech, mouth and blinks are the same as without it.
     Returns:
       (arrays, meta, wav) as taken by `format.write_person`.
     """
@@ -77,6 +79,8 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     blink = oracle.blinks(r_blink, num_frames)
     f, _, artic = _articulation(wav, TARGET_STYLE, blink)
     angles, shift = oracle.head_motion(r_pose, num_frames)
+    if static_pose:
+        angles, shift = (np.broadcast_to(a[:1], a.shape).copy() for a in (angles, shift))
     rot = oracle.rotation_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     trans = HEAD_REST + shift
     torso_trans = HEAD_REST + TORSO_FOLLOW * shift
