@@ -491,3 +491,20 @@ def test_synthesize_pastes_back_holds_a_static_pose_and_blinks(tiny_demo, speech
     res = pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
         pose=str(tmp_path / "poses.npy"), max_frames=6, paste_back=False), **quiet)
     np.testing.assert_allclose(res["poses"], ref.poses[[0, 1, 2, 3, 4, 3]])
+
+
+@pytest.mark.slow
+def test_video_controls_bench_runs_on_the_tiny_demo(tiny_demo, tmp_path):
+    """`experiments.bench.video_controls` on the tiny demo's checkpoints (2 s): one JSON
+    line with every figure and bar, a paste-back picture."""
+    p = _run("experiments.bench.video_controls",
+             f"--checkpoints={tiny_demo[0] / 'checkpoints'}", f"--workdir={tmp_path}",
+             "--seconds=2", "--static_seconds=1")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(out["bars"]) == {"static_pose", "blinks_auto", "blinks_none",
+                                "paste_outside_p99", "paste_border"}
+    assert out["frames"] == 50 and out["paste_size"] == [64, 64]
+    for key in ("paste_outside_mean", "paste_outside_p99", "paste_border_step",
+                "source_border_step", "tracker_floor_px"):
+        assert np.isfinite(out[key]), key            # (the bars are read at 128 px)
+    assert (tmp_path / "paste.png").is_file()

@@ -108,8 +108,10 @@ def drift_px(centres):
 def torso_flicker(frames, points, peaks):
     """(mean |frame step| below the chin near blink closures, elsewhere) in grey levels."""
     import numpy as np
-    chin = np.nanmax(points[:, :17, 1])                       # lowest jaw point, any frame
-    top = int(np.ceil(chin)) + CHIN_MARGIN
+    jaw = points[:, :17, 1]
+    if not np.isfinite(jaw).any():                            # no face found anywhere
+        return float("nan"), float("nan")
+    top = int(np.ceil(np.nanmax(jaw))) + CHIN_MARGIN          # under the lowest jaw point
     if top >= frames.shape[1] - 1:
         return float("nan"), float("nan")
     step = np.abs(np.diff(frames[:, top:].astype(np.float64), axis=0)).mean(axis=(1, 2, 3))
