@@ -24,11 +24,16 @@ def _bench(module, *args, timeout=300):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _bench_json(module, *args, timeout=300):
+    """`_bench` that must succeed: its last stdout line, parsed."""
+    proc = _bench(module, *args, timeout=timeout)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_nerf_benchmark_smoke():
-    proc = _bench("nerf", "--smoke", "--eigen_dots", timeout=600)
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _bench_json("nerf", "--smoke", "--eigen_dots", timeout=600)
     for key in ("jax_rays_per_s", "torch_rays_per_s", "jax_render_rays_per_s",
                 "torch_render_rays_per_s"):
         assert out[key] > 0, key
@@ -60,9 +65,7 @@ def test_nerf_benchmark_smoke():
 
 @pytest.mark.slow
 def test_grid_nerf_benchmark_smoke():
-    proc = _bench("nerf", "--model=grid", "--smoke", timeout=600)
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _bench_json("nerf", "--model=grid", "--smoke", timeout=600)
     for key in ("jax_rays_per_s", "torch_eager_rays_per_s", "mlp_rays_per_s",
                 "jax_render_fps", "torch_eager_render_fps", "mlp_render_fps"):
         assert out[key] > 0, key
@@ -122,9 +125,7 @@ def test_profile_classifies_gathers_scatters_and_matmuls():
 def test_matmul_shapes_smoke():
     """The per-product comparison (fwd, dx, dW of a dense layer, a square product) runs,
     checks that both frameworks computed the same products, and ends with its JSON line."""
-    proc = _bench("matmul_shapes", "--smoke")
-    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _bench_json("matmul_shapes", "--smoke")
     assert set(out["products"]) == {"fwd_16", "dx_16", "dW_16", "fwd_32", "dx_32", "dW_32",
                                     "square_64"}
     for name, r in out["products"].items():

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturbed
+
 torch = pytest.importorskip("torch")
 
 from experiments.bench import torch_reference as tr  # noqa: E402 - needs torch
@@ -29,15 +31,6 @@ def _close(what, jax_out, torch_out, atol=ATOL):
     assert jax_out.shape == torch_out.shape, (what, jax_out.shape, torch_out.shape)
     err = float(np.max(np.abs(jax_out - torch_out)))
     assert err <= atol, f"{what}: max abs err {err:.2e} > {atol}"
-
-
-def _perturbed(tree, seed, scale=0.1):
-    """`tree` + N(0, scale^2) noise: no zero-initialised layer (the flows' `post`) hides."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_unflatten(treedef, [
-        np.asarray(x) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
-        for x in leaves])
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +66,7 @@ def test_vae_training_pass_matches_the_library():
     cfg = vae.Audio2MotionConfig(feature_dim=8, cond_dim=16, hidden=16, enc_layers=2,
                                  dec_layers=2, flow_hidden=8, flow_layers=2, num_flows=2)
     model, variables = vae.init_audio2motion(cfg, 0)
-    variables = _perturbed(variables, 1)
+    variables = perturbed(variables, 1)
     rng = np.random.default_rng(0)
     b, t = 2, 16
     mask = (np.arange(t)[None, :, None] < np.array([t, 10])[:, None, None]).astype(np.float32)
@@ -101,7 +94,7 @@ def test_postnet_and_discriminator_match_the_library(static_coords):
     from experiments.configs import postnet as presets
     cfg = pn.PostNetConfig(static_coords=static_coords, **presets.get_config("cpu").model)
     gen, disc, variables = pn.init_postnet(cfg, 0)
-    variables = _perturbed(variables, 2)
+    variables = perturbed(variables, 2)
     x = np.random.default_rng(0).standard_normal((2, 16, cfg.motion_dim)).astype(np.float32)
     refined, _ = jax.jit(lambda v, x: gen.apply(v, x, jnp.ones((2, 16, 1)), train=True,
                                                 mutable=["batch_stats"]))(
@@ -125,7 +118,7 @@ def test_syncnet_matches_the_library():
     from experiments.configs import syncnet as sync_presets
     sc = sync_lib.SyncNetConfig(feature_dim=8, **sync_presets.get_config("cpu").model)
     model, variables = sync_lib.init_syncnet(sc, 0)
-    variables = _perturbed(variables, 3)
+    variables = perturbed(variables, 3)
     rng = np.random.default_rng(0)
     audio = rng.standard_normal((3, 2 * sc.window, 8)).astype(np.float32)
     mouth = rng.standard_normal((3, sc.window, sc.mouth_dim)).astype(np.float32)
@@ -155,7 +148,7 @@ def test_head_nerf_matches_the_library():
     noise = (rng.uniform(size=(r, cfg.num_coarse)).astype(np.float32),
              rng.uniform(size=(r, cfg.num_fine)).astype(np.float32))
     model = fields.HeadNeRF(cfg)
-    params = _perturbed(jax.jit(model.init)(jax.random.PRNGKey(0), origins, directions,
+    params = perturbed(jax.jit(model.init)(jax.random.PRNGKey(0), origins, directions,
                                             windows[0], background)["params"], 4, scale=0.05)
 
     @jax.jit
@@ -206,7 +199,7 @@ def test_grid_head_matches_the_library():
     u = rng.uniform(size=(r, k)).astype(np.float32)
     bits = jnp.asarray(rng.uniform(size=(g, g, g)) < 0.3, jnp.float32)
     model, variables = gf.init_grid(cfg, "head", jax.random.PRNGKey(0))
-    params = _perturbed(variables["params"], 5, scale=0.1)
+    params = perturbed(variables["params"], 5, scale=0.1)
 
     def loss(params):
         variables = {"params": params, "occupancy": {"bits": bits, "density": bits}}

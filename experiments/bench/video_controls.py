@@ -135,8 +135,9 @@ def border_step(frames, crop):
     return float(np.mean([np.abs(e).mean() for e in edges]))
 
 
-def measure_paste(pipe, root, log, seconds=4.0):
-    """Part C of the module doc: figures dict, and `paste.png` in `root`."""
+def measure_paste(pipe, person, root, log, seconds=4.0):
+    """Part C of the module doc (`person`: the head run's dataset): figures dict, and
+    `paste.png` in `root`."""
     import dataclasses
 
     import numpy as np
@@ -144,12 +145,10 @@ def measure_paste(pipe, root, log, seconds=4.0):
 
     from experiments.bench.harness import speech_audio
     from geneface_jax import pipeline as pl
-    from geneface_jax.data import format as fmt
     from geneface_jax.data import preprocess
     from geneface_jax.data.synthetic import raster
     from geneface_jax.data.video import read_video, write_video
     ref = pipe.reference
-    person = fmt.load_person(pipe.head_run["data"])
     s = ref.height
     h = w = 2 * s
     u0, v0 = 100 * s // 128, 60 * s // 128
@@ -191,19 +190,19 @@ def measure_paste(pipe, root, log, seconds=4.0):
             "source_border_step": round(border_step(rt, (u0, v0, s)), 3)}
 
 
-def tracker_floor(meta, root, seconds, tracker):
-    """`tracker_floor_px` of the module doc (None for a person not from the synthetic
-    world)."""
+def tracker_floor(person, root, seconds, tracker):
+    """`tracker_floor_px` of the module doc for a person dataset (None for one not from
+    the synthetic world)."""
     import numpy as np
 
     from geneface_jax.data.synthetic import world
     from geneface_jax.data.video import read_video, write_video
-    if meta.get("source") != "synthetic":
+    if person.meta.get("source") != "synthetic":
         return None
-    frames = int(round(seconds * 25))
-    size = int(meta.get("size", 0)) or None
-    arrays, _, _ = world.make_person(int(meta["seed"]), size=size or 128, num_frames=frames,
-                                     progress=False, static_pose=True)
+    arrays, _, _ = world.make_person(int(person.meta["seed"]),
+                                     size=int(person["frames"].shape[1]),
+                                     num_frames=int(round(seconds * 25)), progress=False,
+                                     static_pose=True)
     path = root / "floor_static_truth.mp4"
     write_video(path, arrays["frames"])
     decoded = np.stack(list(read_video(path)))
@@ -233,11 +232,12 @@ def main(argv):
     from experiments.bench.machine import cpu_name
     from experiments.bench.harness import speech_audio
     from geneface_jax import pipeline as pl
-    from geneface_jax import train
     from geneface_jax.data import blinks
     from geneface_jax.data import format as fmt
     from geneface_jax.data import landmarks as lm
+    from geneface_jax.mesh import make_mesh
     from geneface_jax.render.face_tracking import FrameTracker
+    from geneface_jax.render.frames import read_config
 
     def log(msg):
         print(f"[video_controls] {msg}", file=sys.stderr, flush=True)
@@ -246,19 +246,15 @@ def main(argv):
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if FLAGS.floor_only:
-        from geneface_jax.data import format as fmt
-        head_run = json.loads((pathlib.Path(FLAGS.checkpoints) / "head" / "config.json")
-                              .read_text())
-        person = fmt.load_person(head_run["data"])
-        meta = dict(person.meta, size=person.meta.get("size", int(person["frames"].shape[1])))
-        floor = tracker_floor(meta, root, FLAGS.static_seconds, FrameTracker())
+        person = fmt.load_person(read_config(pathlib.Path(FLAGS.checkpoints) / "head")["data"])
+        floor = tracker_floor(person, root, FLAGS.static_seconds, FrameTracker())
         print(json.dumps({"bench": "video_controls", "tracker_floor_px": floor,
                           "seconds": FLAGS.static_seconds,
                           "wall_seconds": round(time.time() - t0, 1)}))
         return
     audio = speech_audio(root / f"speech_{FLAGS.seconds:g}s.wav", FLAGS.seconds / 60.0)
-    pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints,
-                                       mesh=train.make_mesh(jax.devices()))
+    pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints, mesh=make_mesh(jax.devices()))
+    person = fmt.load_person(pipe.head_run["data"])
     fps = 25.0
     static = pl.SynthesisOptions(pose=f"static:{FLAGS.static_frame}", blink="auto",
                                  seed=FLAGS.seed, paste_back=False)
@@ -277,10 +273,8 @@ def main(argv):
     found_a_blinks = blinks.detect_blinks(lm.eye_aspect_ratio(pts_a), drop=TRACKED_DROP)
     share, extra = blinks.match_blinks(schedule.peaks, found_a_blinks, BLINK_TOLERANCE)
     without = blinks.detect_blinks(lm.eye_aspect_ratio(pts_b), drop=TRACKED_DROP)
-    person = fmt.load_person(pipe.head_run["data"])
     pts_src, _ = tracker.track(np.asarray(person["frames"]))
-    floor = tracker_floor(dict(person.meta, size=int(np.asarray(person["frames"]).shape[1])),
-                          root, FLAGS.static_seconds, tracker)
+    floor = tracker_floor(person, root, FLAGS.static_seconds, tracker)
     src_share, src_extra = blinks.match_blinks(
         blinks.detect_blinks(lm.eye_aspect_ratio(np.asarray(person["landmarks"]))),
         blinks.detect_blinks(lm.eye_aspect_ratio(pts_src), drop=TRACKED_DROP),
@@ -306,7 +300,7 @@ def main(argv):
         "blinks_auto": bool(share >= BLINK_FOUND_BAR and extra == 0),
         "blinks_none": bool(len(without) == 0),
     }
-    paste = measure_paste(pipe, root, log)
+    paste = measure_paste(pipe, person, root, log)
     figures.update(paste)
     bars["paste_outside_p99"] = bool(paste["paste_outside_p99"] <= 2)
     bars["paste_border"] = bool(paste["paste_border_step"] <= paste["source_border_step"])

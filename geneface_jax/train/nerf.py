@@ -124,6 +124,16 @@ def _mask_box(mask, label):
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.int32)
 
 
+def _grown_boxes(points, share, by_width=False):
+    """`[N, P, 2]` pixel points -> int32 `[N, 4]` (x0, y0, x1, y1): each frame's bounding box
+    grown each side by `share` of its size per axis (of its width on both with
+    `by_width`), rounded outwards."""
+    lo, hi = points.min(1), points.max(1)
+    size = hi - lo
+    grow = share * (size[:, :1] if by_width else size)
+    return np.concatenate([np.floor(lo - grow), np.ceil(hi + grow)], -1).astype(np.int32)
+
+
 class PersonViews:
     """A person dataset (`format.load_person`) as frames of rays for stage 3.
 
@@ -150,16 +160,9 @@ class PersonViews:
         self.normalizer = normalizer or LandmarkNormalizer.fit(self.landmarks[lo:hi])
         self.torso_box = _mask_box(self.masks[lo:hi].max(0) == fmt.TORSO, True)
         self.landmarks_2d = np.asarray(person["landmarks_2d"], np.float32)
-        lips = self.landmarks_2d[:, 48:68]
-        lo_uv, hi_uv = lips.min(1), lips.max(1)
-        grow = 0.3 * (hi_uv - lo_uv)
-        self.mouth_rect = np.concatenate(
-            [np.floor(lo_uv - grow), np.ceil(hi_uv + grow)], -1).astype(np.int32)
-        eyes = self.landmarks_2d[:, 36:48]
-        lo_uv, hi_uv = eyes.min(1), eyes.max(1)
-        grow = 0.2 * (hi_uv - lo_uv)[:, :1]           # the width: an eye box is flat
-        self.eye_rect = np.concatenate(
-            [np.floor(lo_uv - grow), np.ceil(hi_uv + grow)], -1).astype(np.int32)
+        self.mouth_rect = _grown_boxes(self.landmarks_2d[:, 48:68], 0.3)
+        # grown by a share of the width both ways: an eye box is flat
+        self.eye_rect = _grown_boxes(self.landmarks_2d[:, 36:48], 0.2, by_width=True)
 
     def closing_eye_frames(self, split="train", drop=0.75):
         """Frames of `split` (dataset indices, int `[K]`) whose eye aspect ratio
