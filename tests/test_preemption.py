@@ -113,15 +113,17 @@ def test_signal_saves_that_step_and_the_rerun_equals_the_uninterrupted_run(
 
 def test_signal_on_a_periodic_checkpoint_step_and_outside_the_loop(tmp_path, reference):
     # Stopped on a step that was just checkpointed: no second save, same resume.
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(Preempted, match="at step 5"):
         _run(tmp_path, get_batch=_batches(kill=(signal.SIGTERM, 5)))
     assert _steps(tmp_path) == [5]
     state, last = _run(tmp_path)
     _assert_equals_reference(state, last, tmp_path, reference)
-    # Outside the loop the previous handler is back: SIGINT is a KeyboardInterrupt again.
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+    # Outside the loop the previous handlers are back: SIGINT is a KeyboardInterrupt
+    # again. (Read, not sent: a SIGINT that lands while the interpreter runs a garbage
+    # collector callback, such as JAX's, has its KeyboardInterrupt swallowed, which made
+    # a delivered signal flaky here.)
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def _read_events(path):

@@ -114,8 +114,8 @@ def test_chunk_size_does_not_matter(tmp_path, clip):
 
 @pytest.mark.parametrize("width", [32, 48, 64])
 def test_encoding_is_reproducible(tmp_path, width):
-    """The same frames give the same video every time (libx264's macroblock-tree rate
-    control made 28 of 30 encodes of a 64x64 clip differ; see VideoWriter._open)."""
+    """The same frames give the same video every time (libx264's AVX-512 code made most
+    encodes of a 64x64 clip differ; `video.x264_simd_flags`)."""
     rng = np.random.default_rng(width)
     frames = np.clip(pattern(30, 64, width).astype(np.int16)
                      + rng.integers(0, 20, (30, 64, width, 3)), 0, 255).astype(np.uint8)

@@ -23,6 +23,7 @@ starts at sample 0 of the input, tested to the sample), and `read_audio_track` t
 end padding to the stream's duration.
 """
 
+import functools
 import math
 import os
 import pathlib
@@ -137,6 +138,37 @@ def _create_temp(path):
     return tmp
 
 
+# /proc/cpuinfo flag -> x264's name for the same instruction set
+_X264_SIMD = (("mmxext", "MMX2"), ("sse", "SSE"), ("sse2", "SSE2"), ("pni", "SSE3"),
+              ("ssse3", "SSSE3"), ("sse4_1", "SSE4.1"), ("sse4_2", "SSE4.2"),
+              ("abm", "LZCNT"), ("avx", "AVX"), ("fma", "FMA3"), ("bmi1", "BMI1"),
+              ("bmi2", "BMI2"), ("avx2", "AVX2"))
+
+
+@functools.lru_cache(maxsize=None)
+def x264_simd_flags():
+    """The SIMD sets libx264 may use here: on a Linux x86 CPU with AVX-512, every set it
+    has but AVX-512 (x264's names); None elsewhere (x264 picks its own).
+
+    libx264's AVX-512 code made encodes of the same frames differ from run to run
+    (decoded frames up to 8 grey levels apart; 28 of 30 encodes of a 64x64 clip distinct,
+    still so with one thread), so synthesis was not reproducible. Without it every encode
+    measured is identical, and no slower (`python -m experiments.bench.video_encoding`;
+    docs/benchmarks.md, "Video encoding").
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return None
+    have = set(line.split(":", 1)[-1].split())
+    if "avx512f" not in have:
+        return None
+    # Intel reports MMX2 as part of SSE ("mmxext" is AMD's name)
+    return tuple(name for flag, name in _X264_SIMD
+                 if flag in have or (flag == "mmxext" and "sse" in have))
+
+
 class VideoWriter:
     """Streams RGB frames (and optional mono audio) into an H.264/AAC mp4 file.
 
@@ -241,13 +273,10 @@ class VideoWriter:
         video.width, video.height = width, height
         video.pix_fmt = "yuv420p"
         video.codec_context.time_base = 1 / self.fps
-        # mbtree=0: with libx264's macroblock-tree rate control the same frames gave
-        # different files from run to run (decoded frames up to 8 levels apart; 28 of 30
-        # encodes of a 64x64 clip distinct, even with threads=1 and lookahead-threads=1),
-        # so synthesis would not be reproducible. Without it every encode measured was
-        # identical (30 of 30 at 32 .. 128 px); the cost at crf 18 is a larger file (the
-        # 128-px demo video: +27 %, PSNR against the frames 41.8 -> 42.2 dB).
-        options = {"crf": str(self.crf), "preset": self.preset, "x264-params": "mbtree=0"}
+        options = {"crf": str(self.crf), "preset": self.preset}
+        flags = x264_simd_flags()
+        if flags:
+            options["x264-params"] = "asm=" + ",".join(flags)
         video.options = options
         cc = video.codec_context
         cc.colorspace = cc.color_primaries = cc.color_trc = _AVCOL_BT709
