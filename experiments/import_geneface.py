@@ -10,14 +10,17 @@ r"""Imports one stage of GeneFace's own PyTorch checkpoints as a workdir of this
       --lm3d_stats=data/binary/videos/May/trainval_dataset.npy --out=runs/geneface_head
   python -m experiments.import_geneface --ckpt=checkpoints/May/lm3d_nerf_torso \
       --stage=torso --head=runs/geneface_head --out=runs/geneface_torso
+  python -m experiments.import_geneface --ckpt=checkpoints/May/lm3d_radnerf --stage=head \
+      --lm3d_stats=data/binary/videos/May/trainval_dataset.npy --out=runs/geneface_grid_head
 
 `--ckpt` is a GeneFace work dir (its newest `model_ckpt_steps_*.ckpt`, or `--step`) or one
 checkpoint file; it is read without PyTorch and without running pickled code. The workdir
 (`--out`) is what the stage's own training run writes, so `eval_*`, `train_postnet
 --audio2motion=`, `train_audio2motion --syncnet=`, `synthesize` and the pipeline take it
 (docs/import_geneface.md). Stage 1 and the SyncNet are found in their own runs and inside
-a post-net run (`audio2motion_task`, `syncnet_task`). GeneFace's grid renderer
-(lm3d_radnerf) has no counterpart here yet. Prints a JSON summary.
+a post-net run (`audio2motion_task`, `syncnet_task`); `--stage=head|torso` takes both of
+GeneFace's renderers (lm3d_nerf and the grid lm3d_radnerf, told apart by their keys).
+Prints a JSON summary.
 """
 
 import json

@@ -156,7 +156,49 @@ KINDS: Dict[str, Tuple[Callable, Callable, Callable]] = {
     "wn_g": (lambda w: w.reshape(-1), lambda w: w.reshape(-1, 1, 1), lambda s: (s[0], 1, 1)),
     "vector": (lambda w: w, lambda w: w, lambda s: tuple(s)),
     "centre_tap": (lambda w: w[:, :, 1].T, None, lambda s: (s[1], s[0], 3)),
+    # torch-ngp's occupancy grid: [cascade=1, G^3] densities and their packed bits
+    # [G^3 / 8] in Morton order -> [G, G, G] indexed (x, y, z)
+    "morton_density": (lambda w: _from_morton(np.maximum(w[0], 0.0)),
+                       lambda w: _to_morton(w)[None], lambda s: (1, s[0] ** 3)),
+    "morton_bits": (lambda w: _from_morton(np.unpackbits(w.astype(np.uint8),
+                                                         bitorder="little")
+                                           .astype(np.float32)),
+                    lambda w: np.packbits(_to_morton(w) > 0, bitorder="little"),
+                    lambda s: (s[0] ** 3 // 8,)),
 }
+
+
+def _morton3d(x, y, z):
+    """torch-ngp's Morton code of integer cell coordinates (each < 1024)."""
+    def spread(v):
+        v = np.asarray(v, np.uint64)
+        v = (v * np.uint64(0x00010001)) & np.uint64(0xFF0000FF)
+        v = (v * np.uint64(0x00000101)) & np.uint64(0x0F00F00F)
+        v = (v * np.uint64(0x00000011)) & np.uint64(0xC30C30C3)
+        v = (v * np.uint64(0x00000005)) & np.uint64(0x49249249)
+        return v
+    return (spread(x) | (spread(y) << np.uint64(1)) | (spread(z) << np.uint64(2))).astype(
+        np.int64)
+
+
+def _morton_order(n):
+    g = round(n ** (1 / 3))
+    if g ** 3 != n:
+        raise CheckpointError(f"an occupancy grid of {n} cells is not a cube")
+    x, y, z = np.meshgrid(*(np.arange(g),) * 3, indexing="ij")
+    return g, _morton3d(x, y, z)                  # [g, g, g]: Morton index of cell (x, y, z)
+
+
+def _from_morton(flat):
+    g, order = _morton_order(flat.size)
+    return np.asarray(flat, np.float32).reshape(-1)[order]
+
+
+def _to_morton(grid):
+    g, order = _morton_order(np.asarray(grid).size)
+    out = np.empty(g ** 3, np.float32)
+    out[order.reshape(-1)] = np.asarray(grid, np.float32).reshape(-1)
+    return out
 
 
 def _centre_tap_to_torch(w, side_taps=None):
@@ -616,7 +658,225 @@ TORSO = Stage(
              "(--stage=head imports it from its own run)")),
     description="ADNeRFTorso: `model.` of lm3d_nerf_torso")
 
-STAGES = {s.name: s for s in (AUDIO2MOTION, SYNCNET, POSTNET, HEAD, TORSO)}
+# ---- stage 3, grid renderer: RADNeRF (lm3d_radnerf) and RADNeRFTorso (lm3d_radnerf_torso)
+
+GRID_LAYOUTS = {"tiledgrid": "ngp_tiled", "hashgrid": "ngp_hash"}
+
+
+def _mlp_sizes(sd, net, where):
+    """(layers, hidden, in, out) of a RAD-NeRF MLP (`net.{i}.weight`, bias-free)."""
+    n = _count(sd, net)
+    if not n:
+        raise CheckpointError(f"{where}: missing key '{net}.0.weight'")
+    first = _shape_of(sd, f"{net}.0.weight", where)
+    last = _shape_of(sd, f"{net}.{n - 1}.weight", where)
+    return n, (first[0] if n > 1 else 0), first[1], last[0]
+
+
+def _grid_hparams(hparams, where):
+    h = dict(hparams or {})
+    if h.get("grid_interpolation_type", "linear") != "linear":
+        raise CheckpointError(f"{where}: grid_interpolation_type "
+                              f"{h['grid_interpolation_type']!r}: only 'linear' is supported")
+    grid_type = h.get("grid_type", "tiledgrid")
+    if grid_type not in GRID_LAYOUTS:
+        raise CheckpointError(f"{where}: grid_type {grid_type!r} is not one of "
+                              f"{sorted(GRID_LAYOUTS)}")
+    if not h.get("use_window_cond", True) or int(h.get("cond_win_size", 1)) != 1:
+        raise CheckpointError(f"{where}: cond_win_size {h.get('cond_win_size')}: only "
+                              "GeneFace's lm3d_radnerf layout (cond_win_size: 1) is supported")
+    if not h.get("with_att", True):
+        raise CheckpointError(f"{where}: with_att: false (no attention smoother) is not "
+                              "supported")
+    return h
+
+
+def _grid_head_config(sd, root, hparams):
+    """GridConfig of a GeneFace RADNeRF head (sizes from the tensors, the rest from its
+    hparams or lm3d_radnerf's defaults)."""
+    from geneface_jax.render.grid_fields import GridConfig
+    where = "head (grid)"
+    h = _grid_hparams(hparams, where)
+    cin = _shape_of(sd, root + "cond_prenet.encoder_conv.0.weight", where)[1]
+    if cin != 204:
+        raise CheckpointError(f"{where}: the condition net takes {cin} channels: an "
+                              "audio-driven RAD-NeRF (deepspeech 29 / esperanto 44); only "
+                              "the landmark-driven lm3d_radnerf (68 x 3 = 204) is supported")
+    cond = _shape_of(sd, root + "cond_prenet.encoder_fc1.2.weight", where)[0]
+    fc = _shape_of(sd, root + "cond_prenet.encoder_fc1.0.weight", where)[0]
+    channels = tuple(_shape_of(sd, root + f"cond_prenet.encoder_conv.{2 * i}.weight",
+                               where)[0]
+                     for i in range(_count(sd, root + "cond_prenet.encoder_conv", step=2)))
+    att = _count(sd, root + "cond_att_net.attentionConvNet", step=2)
+    if not att:
+        raise CheckpointError(f"{where}: no attention smoother ('{root}cond_att_net."
+                              "attentionConvNet.0.weight')")
+    att_ch = tuple(_shape_of(sd, root + f"cond_att_net.attentionConvNet.{2 * i}.weight",
+                             where)[0] for i in range(att - 1))
+    window = _shape_of(sd, root + "cond_att_net.attentionNet.0.weight", where)[0]
+    a_layers, a_hidden, _, _ = _mlp_sizes(sd, root + "ambient_net.net", where)
+    s_layers, s_hidden, _, s_out = _mlp_sizes(sd, root + "sigma_net.net", where)
+    c_layers, c_hidden, _, _ = _mlp_sizes(sd, root + "color_net.net", where)
+    codes = root + "individual_embeddings"
+    num_codes, code_dim = _shape_of(sd, codes, where) if codes in sd else (1, 0)
+    grid = _shape_of(sd, root + "density_grid", where)
+    g = round(grid[1] ** (1 / 3))
+    bound = float(h.get("bound", 1.0))
+    cell = 2.0 * bound / g
+    # GeneFace's occupancy threshold is a density (density_thresh, 10); here an opacity
+    # across one cell
+    alpha = float(1.0 - np.exp(-float(h.get("density_thresh", 10.0)) * cell))
+    desired = int(h.get("desired_resolution", 2048))
+    return GridConfig(
+        cond_dim=cond, landmark_channels=channels, landmark_fc=fc, smooth_window=window,
+        smooth_warmup_steps=0,                # RAD-NeRF smooths from the first step
+        attention_channels=att_ch, eye_feature=False, center=(0.0, 0.0, 0.0), bound=bound,
+        levels=16, features=2, base=16, finest=int(round(desired * bound)),
+        log2_table=int(h.get("log2_hashmap_size", 16)), ambient_finest=desired,
+        ambient_layers=a_layers, ambient_hidden=a_hidden, sigma_layers=s_layers,
+        sigma_hidden=s_hidden, geo_feat_dim=s_out - 1, color_layers=c_layers,
+        color_hidden=c_hidden, code_dim=code_dim, num_codes=num_codes,
+        num_samples=int(h.get("max_steps", 16)), num_bins=max(g, 2), grid_size=g,
+        occupancy_decay=0.95, occupancy_every=int(h.get("update_extra_interval", 16)),
+        alpha_thresh=alpha, near=float(h.get("min_near", 0.05)),
+        far=float(2.0 * np.sqrt(3.0) * bound + 10.0), pixel_convention="centers",
+        torso_inputs="radnerf",
+        torso_shrink=float(h.get("torso_shrink", 0.8)),
+        grid_layout=GRID_LAYOUTS[h.get("grid_type", "tiledgrid")], inference_code=0)
+
+
+def _check_offsets(sd, key, spec, where):
+    """A torch-ngp encoder's `offsets` buffer must be the layout's level offsets."""
+    if key not in sd:
+        return
+    want = np.asarray(spec.offsets + (spec.rows,), np.int64)
+    got = np.asarray(sd[key]).astype(np.int64).reshape(-1)
+    if got.shape != want.shape or not np.array_equal(got, want):
+        raise CheckpointError(f"{where}: '{key}' = {got.tolist()} is not the level "
+                              f"offsets of {spec} ({want.tolist()})")
+
+
+def _grid_head_config_checked(sd, root, hparams):
+    config = _grid_head_config(sd, root, hparams)
+    _check_offsets(sd, root + "position_embedder.offsets", config.head_grid, "head (grid)")
+    _check_offsets(sd, root + "ambient_embedder.offsets", config.ambient_grid, "head (grid)")
+    return config
+
+
+def _grid_template(part):
+    def template(config):
+        from geneface_jax.render.grid_fields import init_grid
+        return jax.eval_shape(lambda: init_grid(config, part, jax.random.PRNGKey(0))[1])
+    return template
+
+
+def _mlp_key(prefix, parts):
+    _, i = _split_index(parts[0])
+    return f"{prefix}.net.{i}.weight", "linear"
+
+
+def _grid_head_rename(path):
+    collection, net, *parts = path
+    if collection == "occupancy":
+        return {"density": ("density_grid", "morton_density"),
+                "bits": ("density_bitfield", "morton_bits")}[net]
+    if net in ("grid", "ambient_grid"):
+        return {"grid": "position_embedder", "ambient_grid": "ambient_embedder"}[net] + \
+            ".embeddings", "vector"
+    if net == "code_table":
+        return "individual_embeddings", "vector"
+    if net in ("ambient_net", "sigma_net", "color_net"):
+        return _mlp_key(net, parts)
+    key, kind = _head_rename(("params", net, *parts))
+    key = key.replace("lm_encoder.", "cond_prenet.", 1).replace("lmatt_encoder.",
+                                                                "cond_att_net.", 1)
+    return key, kind
+
+
+_GRID_HEAD_BOOKKEEPING = (
+    (r"\.(aabb_train|aabb_infer)$", "the ray-marching box (here the occupancy grid's cube "
+     "of side 2 bound, with near = min_near)"),
+    (r"\.step_counter$", "the CUDA ray marcher's sample counter"),
+    (r"\.(position|ambient)_embedder\.offsets$", "level offsets of the grid tables "
+     "(checked against the layout's on import)"),
+)
+_LPIPS = (r"^criterion_lpips\.", "the LPIPS network of the lip loss (training only)")
+
+GRID_HEAD = Stage(
+    name="grid_head",
+    prefixes=(("model.",),),
+    probe="position_embedder.embeddings",
+    config_from=_grid_head_config_checked,
+    template=_grid_template("head"),
+    rename=_grid_head_rename,
+    unused=_GRID_HEAD_BOOKKEEPING + (_LPIPS,),
+    description="RADNeRF: `model.` of lm3d_radnerf")
+
+
+def grid_torso_config(sd, root, hparams, head_config):
+    """The grid torso's GridConfig: the head run's (`head_config`) with the torso's
+    sizes from the tensors."""
+    where = "torso (grid)"
+    if root + "head_color_weights_encoder.0.weight" in sd:
+        raise CheckpointError(f"{where}: a head-aware RAD-NeRF torso (torso_head_aware: "
+                              "true, 'head_color_weights_encoder') is not supported")
+    d_layers, d_hidden, d_in, _ = _mlp_sizes(sd, root + "torso_deform_net.net", where)
+    t_layers, t_hidden, t_in, _ = _mlp_sizes(sd, root + "torso_canonicial_net.net", where)
+    codes = root + "torso_individual_codes"
+    code_dim = _shape_of(sd, codes, where)[1] if codes in sd else 0
+    pos_freqs, pose_freqs = 10, 4                     # GeneFace's fixed frequency encoders
+    want = 2 * (1 + 2 * pos_freqs) + 6 * (1 + 2 * pose_freqs) + code_dim
+    if d_in != want:
+        raise CheckpointError(f"{where}: '{root}torso_deform_net.net.0.weight' takes {d_in} "
+                              f"inputs, not position ({2 * (1 + 2 * pos_freqs)}) + pose "
+                              f"({6 * (1 + 2 * pose_freqs)}) + code ({code_dim})")
+    config = dataclasses.replace(
+        head_config, torso_levels=16, torso_features=2, torso_base=16, torso_finest=2048,
+        torso_log2_table=16,
+        torso_deform=(d_layers, d_hidden), torso_mlp=(t_layers, t_hidden),
+        torso_code_dim=code_dim, torso_pos_freqs=pos_freqs, torso_pose_freqs=pose_freqs,
+        torso_shrink=float(dict(hparams or {}).get("torso_shrink", 0.8)),
+        num_codes=max(head_config.num_codes, _shape_of(sd, codes, where)[0]
+                      if codes in sd else 1))
+    if t_in != config.torso_grid.output_dim + d_in:
+        raise CheckpointError(f"{where}: '{root}torso_canonicial_net.net.0.weight' takes "
+                              f"{t_in} inputs, not grid ({config.torso_grid.output_dim}) + "
+                              f"{d_in}")
+    _check_offsets(sd, root + "torso_embedder.offsets", config.torso_grid, where)
+    return config
+
+
+def _grid_torso_rename(path):
+    _, net, *parts = path
+    if net == "grid":
+        return "torso_embedder.embeddings", "vector"
+    if net == "code_table":
+        return "torso_individual_codes", "vector"
+    return _mlp_key({"deform_net": "torso_deform_net",
+                     "torso_net": "torso_canonicial_net"}[net], parts)
+
+
+GRID_TORSO = Stage(
+    name="grid_torso",
+    prefixes=(("model.",),),
+    probe="torso_deform_net.net.0.weight",
+    config_from=_torso_config_missing_head,
+    template=_grid_template("torso"),
+    rename=_grid_torso_rename,
+    unused=((r"^model\.(cond_prenet|cond_att_net|position_embedder|ambient_embedder|"
+             r"ambient_net|sigma_net|color_net|individual_embeddings|density_grid|"
+             r"density_bitfield|step_counter|aabb_train|aabb_infer)\b",
+             "the frozen head inside the torso's model (--stage=head imports it from the "
+             "head's own checkpoint)"),
+            (r"^model\.density_grid_torso$", "the torso's 2-D occupancy: GeneFace skips "
+             "torso pixels below density_thresh_torso there; here every pixel is evaluated"),
+            (r"^model\.torso_embedder\.offsets$", "level offsets of the torso grid (checked "
+             "against the layout on import)"),
+            _LPIPS),
+    description="RADNeRFTorso: `model.` of lm3d_radnerf_torso")
+
+STAGES = {s.name: s for s in (AUDIO2MOTION, SYNCNET, POSTNET, HEAD, TORSO,
+                               GRID_HEAD, GRID_TORSO)}
 
 # keys of the head's one-frame landmark convs that never meet data (the side taps live in
 # the weights' last axis; `centre_tap`): no entry of their own, listed for the table.
@@ -790,11 +1050,16 @@ def paper_configs():
     from geneface_jax.motion.syncnet import SyncNetConfig
     from geneface_jax.motion.vae import Audio2MotionConfig
     from geneface_jax.render.fields import NeRFConfig
+    from geneface_jax.render.grid_fields import GridConfig
     head = NeRFConfig(pixel_convention="geneface")
+    # lm3d_radnerf / lm3d_radnerf_torso (egs/egs_bases/radnerf/base.yaml: 128-wide MLPs,
+    # 2^16-row tiled grids up to 2048, 13000 codes of 4 / 8, a 128^3 occupancy grid)
+    grid = GridConfig(bound=1.0, num_codes=13000, grid_layout="ngp_tiled",
+                      torso_inputs="radnerf", torso_log2_table=16, inference_code=0)
     return {"audio2motion": Audio2MotionConfig(feature_dim=1024),
             "syncnet": SyncNetConfig(feature_dim=1024),
             "postnet": PostNetConfig(),
-            "head": head, "torso": head}
+            "head": head, "torso": head, "grid_head": grid, "grid_torso": grid}
 
 
 def key_table_rows(stage_name, config=None):
@@ -823,6 +1088,8 @@ def key_table_markdown():
         for pattern, why in stage.unused:
             lines.append(f"| {name} | `{pattern}` | {why} |")
     lines.append(f"| head | `{CENTRE_TAP_NOTE[0]}` | {CENTRE_TAP_NOTE[1]} |")
+    lines.append(f"| grid_head | `{CENTRE_TAP_NOTE[0].replace('lm_encoder', 'cond_prenet')}` "
+                 f"| {CENTRE_TAP_NOTE[1]} |")
     lines.append("| all | `epoch`, `global_step`, `optimizer_states`, "
                  "`checkpoint_callback_best` | training bookkeeping (`global_step` becomes "
                  "the workdir's checkpoint step) |")

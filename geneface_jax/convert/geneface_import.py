@@ -62,6 +62,22 @@ def geneface_representation(landmark_unit=1.0):
                     "landmark_std = landmark_unit / scale and identity 0"}
 
 
+def radnerf_pose(c2w, camera_scale=4.0, camera_offset=(0.0, 0.0, 0.0)):
+    """A GeneFace NeRF dataset's camera-to-world pose(s) `[..., 4, 4]` (its `c2w`) -> the
+    pose an imported grid head (`lm3d_radnerf`) renders with: RAD-NeRF's world
+    (`nerf_matrix_to_ngp`: the axes cycled to (y, z, x), the translation times
+    `camera_scale` plus `camera_offset`, GeneFace's hparams) with this project's camera axes
+    (x right, y up, looking down -z). float32."""
+    p = np.asarray(c2w, np.float64)
+    if p.shape[-2:] != (4, 4):
+        raise ShapeError(f"radnerf_pose: expected poses [..., 4, 4], got {p.shape}")
+    out = np.zeros(p.shape, np.float64)
+    out[..., :3, :3] = p[..., [1, 2, 0], :3]
+    out[..., :3, 3] = p[..., [1, 2, 0], 3] * camera_scale + np.asarray(camera_offset)
+    out[..., 3, 3] = 1.0
+    return out.astype(np.float32)
+
+
 def read_lm3d_stats(path):
     """(mean, std) `[68, 3]` of a person's idexp_lm3d, from GeneFace's
     `trainval_dataset.npy` (read without running pickled code) or an `.npz` with
@@ -145,16 +161,26 @@ def convert_stage(ckpt, stage_name, *, step=None, head_config=None):
     The torso needs `head_config` (the head run's NeRFConfig)."""
     if stage_name not in gf.STAGES:
         raise ValueError(f"stage must be one of {sorted(gf.STAGES)}, got {stage_name!r}")
-    stage = gf.STAGES[stage_name]
     ck = ckpt if isinstance(ckpt, gf.GenefaceCheckpoint) else gf.read_checkpoint(ckpt, step)
     sd = ck.state_dict
+    # the head and torso of GeneFace's grid renderer (lm3d_radnerf) are found by their keys
+    grid = {"head": gf.GRID_HEAD, "torso": gf.GRID_TORSO}.get(stage_name)
+    if grid is not None and any(r[0] + grid.probe in sd for r in grid.prefixes):
+        stage_name = grid.name
+    stage = gf.STAGES[stage_name]
     roots = gf.locate(stage, sd)
     where = f"{ck.path}"
-    if stage_name == "torso":
+    if stage_name in ("torso", "grid_torso"):
         if head_config is None:
             raise CheckpointError("torso: the import needs the head run (its landmark "
                                   "encoder feeds the torso); pass the imported head workdir")
-        config = gf.torso_config(sd, roots[0], ck.hparams, head_config)
+        from geneface_jax.render.frames import is_grid
+        if is_grid(head_config) != (stage_name == "grid_torso"):
+            raise CheckpointError(f"{where}: a {'grid' if stage_name == 'grid_torso' else 'MLP'}"
+                                  f" torso needs a head of the same renderer; the given head "
+                                  f"is {'grid' if is_grid(head_config) else 'MLP'}")
+        make = gf.grid_torso_config if stage_name == "grid_torso" else gf.torso_config
+        config = make(sd, roots[0], ck.hparams, head_config)
     else:
         config = stage.config_from(sd, roots if stage_name == "postnet" else roots[0],
                                    ck.hparams)
@@ -275,7 +301,9 @@ def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
         elif stage == "head":
             mean, sd = read_lm3d_stats(lm3d_stats)
             params = fold_landmark_stats(conv.variables["params"], mean, sd)
-            run = dict(stage="nerf", part="head", renderer="mlp", model=cfg, bounds="config",
+            grid = conv.stage == "grid_head"
+            run = dict(stage="nerf", part="head", renderer="grid" if grid else "mlp",
+                       model=cfg, bounds="config",
                        data=None, head=None, head_model=None, representation=rep,
                        imported=_imported_record(conv, lm3d_stats=str(
                            pathlib.Path(lm3d_stats).absolute()), folded="idexp_lm3d mean / "
@@ -283,17 +311,22 @@ def import_geneface(ckpt, stage, out, *, step=None, lm3d_stats=None, head=None,
             frames.LandmarkNormalizer(mean=np.zeros((68, 3), np.float32),
                                       scale=landmark_unit / IDEXP_SCALE).save(
                 tmp / "landmark_norm.npz")
-            _save_checkpoint(tmp, ck.step, dict(step=np.int32(ck.step), params=params))
+            state = dict(step=np.int32(ck.step), params=params)
+            if grid:            # the occupancy grid, where training runs keep it
+                state["batch_stats"] = conv.variables["occupancy"]
+            _save_checkpoint(tmp, ck.step, state)
         else:
             head_abs = str(pathlib.Path(head).absolute())
-            run = dict(stage="nerf", part="torso", renderer="mlp", model=cfg,
+            grid = conv.stage == "grid_torso"
+            run = dict(stage="nerf", part="torso", renderer="grid" if grid else "mlp",
+                       model=cfg,
                        bounds="config", data=head_run.get("data"), head=head_abs,
                        head_model=head_run["model"],
                        representation=head_run.get("representation", rep),
-                       imported=_imported_record(conv, condition=(
+                       imported=_imported_record(conv, **({} if grid else dict(condition=(
                            "GeneFace's torso was trained on a DeepSpeech audio feature "
                            "(aud_net/audatt_net, not converted); here its 64 condition "
-                           "channels take the head's landmark feature")))
+                           "channels take the head's landmark feature")))))
             normalizer.save(tmp / "landmark_norm.npz")
             _save_checkpoint(tmp, ck.step, dict(step=np.int32(ck.step),
                                                 params=conv.variables["params"]))

@@ -259,14 +259,19 @@ class FrameRenderer:
         if self.torso is not None:
             if self.grid:       # the 2-D torso reads pixel positions, not rays
                 yy, xx = np.divmod(np.arange(h * w), w)
-                to = np.asarray(grid_fields.pixel_uv(yy, xx, h, w))
+                uv = ("geneface" if self.torso.config.torso_inputs == "radnerf"
+                      else "centers")
+                to = np.asarray(grid_fields.pixel_uv(yy, xx, h, w, uv))
                 td = None
             else:
                 to, td = (np.asarray(a).reshape(-1, 3) for a in
                           rays_lib.pixel_rays(jnp.asarray(torso_pose),
                                               self.torso_ray_intrinsics, h, w))
             params["torso"] = self.torso_vars
-            pose_vec = np.asarray(fields.head_pose_vector(jnp.asarray(poses)), np.float32)
+            pose_vec = np.asarray(grid_fields.torso_pose_vector(jnp.asarray(poses),
+                                                                self.torso.config)
+                                  if self.grid else fields.head_pose_vector(jnp.asarray(poses)),
+                                  np.float32)
         bg = self.background.reshape(-1, 3)
         res = {"rgb": np.tile(bg, (f, 1, 1)), "head_rgb": np.tile(bg, (f, 1, 1)),
                "head_acc": np.zeros((f, h * w), np.float32)}

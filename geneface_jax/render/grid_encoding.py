@@ -19,6 +19,18 @@ clipped onto it. A grid holding a linear function of the vertex positions theref
 reproduces it exactly inside every cell, and the gradient with respect to `x` flows
 through the weights (the ambient path of the head needs it).
 
+Layouts (`GridSpec.layout`). Everything above is the `native` layout. `ngp_tiled` and
+`ngp_hash` compute torch-ngp's GridEncoder (GeneFace's `tiledgrid` / `hashgrid` with
+align_corners off, linear interpolation), so a GeneFace table imports as is: per-level
+scale `p = 2^(log2(finest / base) / (L - 1))`; level l reads at `s_l = base 2^(l log2 p)
+- 1` (float32), `N_l = ceil(s_l) + 1`; a point sits at `x s_l + 1/2`, its lower vertex is
+`floor` of that (no clipping); the table has `min((ceil(base p^l) + 1)^d, 2^T)` rows
+(rounded up to 8); a vertex's row is the dense index with strides `(N_l + 1)^i`, summed
+over the axes while the stride is at most the table size (so very fine tiled levels drop
+their last axes), or, for `ngp_hash` where the full dense index would not fit, the spatial
+hash above; either taken modulo the table size. A point outside `[0, 1]^d` gets zero
+features (every level). The features are level-major as above.
+
 Backward pass: autodiff of the one gather of all `L 2^d` corner rows is one scatter-add
 into the table (XLA's sorted/serial scatter on CPU, atomics on GPU); `docs/benchmarks.md`
 has its share of a training step.
@@ -38,6 +50,7 @@ import numpy as np
 from geneface_jax.errors import ShapeError
 
 PRIMES = (1, 2654435761, 805459861)
+LAYOUTS = ("native", "ngp_tiled", "ngp_hash")
 INIT_SCALE = 1e-4        # tables start uniform in +-1e-4 (Instant-NGP)
 
 
@@ -51,8 +64,11 @@ class GridSpec:
     base: int = 16
     finest: int = 2048
     log2_table: int = 16
+    layout: str = "native"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"GridSpec: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.dims not in (2, 3):
             raise ValueError(f"GridSpec: dims must be 2 or 3, got {self.dims}")
         if self.levels < 1 or self.features < 1:
@@ -64,8 +80,19 @@ class GridSpec:
             raise ValueError(f"GridSpec: log2_table must be in [4, 30], got {self.log2_table}")
 
     @property
+    def ngp_scales(self) -> Tuple[float, ...]:
+        """torch-ngp layouts: `s_l` of each level (float32 arithmetic, as its kernel)."""
+        growth = (np.log2(self.finest / self.base) / (self.levels - 1)
+                  if self.levels > 1 else 0.0)
+        s = np.float32(np.log2(np.exp2(growth)))
+        return tuple(float(np.exp2(np.float32(lv) * s) * np.float32(self.base)
+                           - np.float32(1.0)) for lv in range(self.levels))
+
+    @property
     def resolutions(self) -> Tuple[int, ...]:
         """Vertices per side of each level."""
+        if self.layout != "native":
+            return tuple(int(math.ceil(np.float32(s))) + 1 for s in self.ngp_scales)
         if self.levels == 1:
             return (self.base,)
         growth = math.exp((math.log(self.finest) - math.log(self.base)) / (self.levels - 1))
@@ -78,12 +105,22 @@ class GridSpec:
         """Rows of each level's table: the dense vertex count, capped at 2^log2_table,
         rounded up to a multiple of 8."""
         cap = 1 << self.log2_table
+        if self.layout != "native":
+            growth = (np.exp2(np.log2(self.finest / self.base) / (self.levels - 1))
+                      if self.levels > 1 else 1.0)
+            dense = [(int(np.ceil(self.base * growth ** lv)) + 1) ** self.dims
+                     for lv in range(self.levels)]
+            return tuple(-(-min(cap, n) // 8) * 8 for n in dense)
         return tuple(min(cap, -(-(r ** self.dims) // 8) * 8) for r in self.resolutions)
 
     @property
     def hashed(self) -> Tuple[bool, ...]:
-        """Whether each level is hashed (its dense vertex count exceeds its table)."""
-        return tuple(r ** self.dims > s for r, s in zip(self.resolutions, self.sizes))
+        """Whether each level is hashed (its dense vertex count exceeds its table; never
+        in the `ngp_tiled` layout, which wraps the dense index instead)."""
+        if self.layout == "ngp_tiled":
+            return (False,) * self.levels
+        side = (lambda r: r + 1) if self.layout == "ngp_hash" else (lambda r: r)
+        return tuple(side(r) ** self.dims > s for r, s in zip(self.resolutions, self.sizes))
 
     @property
     def offsets(self) -> Tuple[int, ...]:
@@ -108,10 +145,7 @@ def _corner_offsets(dims):
 def _level_rows(v, res, size, hashed):
     """Rows of integer vertices `v [..., d]` (int32) in one level's table."""
     if hashed:
-        vu = v.astype(jnp.uint32)
-        h = vu[..., 0] * jnp.uint32(PRIMES[0])
-        for i in range(1, v.shape[-1]):
-            h = h ^ (vu[..., i] * jnp.uint32(PRIMES[i]))
+        h = _hash(v.astype(jnp.uint32))
         return (h & jnp.uint32(size - 1)).astype(jnp.int32) if size & (size - 1) == 0 \
             else (h % jnp.uint32(size)).astype(jnp.int32)
     row = v[..., 0]
@@ -122,9 +156,44 @@ def _level_rows(v, res, size, hashed):
     return row
 
 
+def _hash(vu):
+    h = vu[..., 0] * jnp.uint32(PRIMES[0])
+    for i in range(1, vu.shape[-1]):
+        h = h ^ (vu[..., i] * jnp.uint32(PRIMES[i]))
+    return h
+
+
+def _ngp_corner_rows_and_weights(x, spec: GridSpec):
+    """`corner_rows_and_weights` in the torch-ngp layouts (module doc)."""
+    x = jnp.asarray(x, jnp.float32)
+    inside = jnp.all((x >= 0.0) & (x <= 1.0), axis=-1)                      # [N]
+    corners = jnp.asarray(_corner_offsets(spec.dims))
+    rows, weights = [], []
+    for scale, res, size, hashed, off in zip(spec.ngp_scales, spec.resolutions, spec.sizes,
+                                             spec.hashed, spec.offsets):
+        p = x * jnp.float32(scale) + jnp.float32(0.5)
+        v0 = jnp.floor(p)
+        w = p - v0
+        v = (v0.astype(jnp.int32)[:, None, :] + corners).astype(jnp.uint32)    # [N, C, d]
+        index, stride = jnp.zeros(v.shape[:-1], jnp.uint32), 1
+        for i in range(spec.dims):
+            if stride > size:
+                break
+            index = index + v[..., i] * jnp.uint32(stride)
+            stride *= res + 1
+        if hashed and stride > size:
+            index = _hash(v)
+        rows.append((index % jnp.uint32(size)).astype(jnp.int32) + off)
+        wc = jnp.where(corners == 1, w[:, None, :], 1.0 - w[:, None, :])
+        weights.append(jnp.where(inside[:, None], jnp.prod(wc, axis=-1), 0.0))
+    return jnp.stack(rows, axis=1), jnp.stack(weights, axis=1)
+
+
 def corner_rows_and_weights(x, spec: GridSpec):
     """Where a point reads the table: rows `[N, L, 2^d]` (int32, joint-table rows) and
     d-linear weights `[N, L, 2^d]` of points `x [N, d]` in `[0, 1]^d`."""
+    if spec.layout != "native":
+        return _ngp_corner_rows_and_weights(x, spec)
     x = jnp.clip(jnp.asarray(x, jnp.float32), 0.0, 1.0)
     corners = jnp.asarray(_corner_offsets(spec.dims))                       # [C, d]
     rows, weights = [], []

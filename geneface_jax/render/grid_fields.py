@@ -52,7 +52,7 @@ Shapes: R rays, K samples; float32, channel-last.
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -65,7 +65,7 @@ from geneface_jax.render import encodings, rays
 from geneface_jax.render import grid_encoding as ge
 from geneface_jax.render.fields import (NUM_LANDMARKS, AttentionSmoother, LandmarkEncoder,
                                         RayOutput, RenderResult, check_per_ray,
-                                        landmark_condition, _shape)
+                                        head_pose_vector, landmark_condition, _shape)
 
 RENDERER = "grid"
 
@@ -92,6 +92,16 @@ class GridConfig:
       near, far (ray bounds, intersected with the box); pixel_convention.
     Torso: torso_levels/features/base/finest, torso_deform (layers, hidden), torso_mlp
       (layers, hidden), torso_code_dim, torso_shrink, torso_pos_freqs, torso_pose_freqs.
+    torso_log2_table: the torso grid's table bound (None: `log2_table`; GeneFace's is
+      always 16).
+    grid_layout: how every grid indexes its table (`grid_encoding.GridSpec.layout`):
+      "native", or torch-ngp's "ngp_tiled" / "ngp_hash" (what GeneFace's checkpoints hold).
+    torso_inputs: what the torso reads: "native" (`pixel_uv` of the pixel centres as
+      (column, row); `fields.head_pose_vector`) or "radnerf", GeneFace's RADNeRFTorso
+      (`torso_pose_vector`, `pixel_uv(convention="geneface")`).
+    inference_code: the per-frame code row (head and torso) a frame without one of its
+      own gets (synthesis, held-out frames): -1 the mean of the table, k >= 0 row k
+      (GeneFace renders unseen frames with row 0).
     """
 
     cond_dim: int = 64
@@ -138,6 +148,10 @@ class GridConfig:
     torso_shrink: float = 0.8
     torso_pos_freqs: int = 10
     torso_pose_freqs: int = 4
+    torso_log2_table: Optional[int] = None
+    grid_layout: str = "native"
+    torso_inputs: str = "native"
+    inference_code: int = -1
 
     @property
     def cond_width(self) -> int:
@@ -165,23 +179,30 @@ class GridConfig:
                              f"{self.grid_size ** 3}, got {self.occupancy_stride}")
         if self.num_codes < 1 or self.code_dim < 0 or self.torso_code_dim < 0:
             raise ValueError("GridConfig: need num_codes >= 1 and code sizes >= 0")
+        if self.torso_inputs not in TORSO_INPUTS:
+            raise ValueError(f"GridConfig: torso_inputs must be one of {TORSO_INPUTS}, got "
+                             f"{self.torso_inputs!r}")
+        if not -1 <= self.inference_code < self.num_codes:
+            raise ValueError(f"GridConfig: inference_code must be -1 (the mean) or a row "
+                             f"below num_codes={self.num_codes}, got {self.inference_code}")
         for spec in ("head_grid", "ambient_grid", "torso_grid"):     # validates them
             getattr(self, spec)
 
     @property
     def head_grid(self) -> ge.GridSpec:
         return ge.GridSpec(3, self.levels, self.features, self.base, self.finest,
-                           self.log2_table)
+                           self.log2_table, self.grid_layout)
 
     @property
     def ambient_grid(self) -> ge.GridSpec:
         return ge.GridSpec(2, self.levels, self.features, self.base, self.ambient_finest,
-                           self.log2_table)
+                           self.log2_table, self.grid_layout)
 
     @property
     def torso_grid(self) -> ge.GridSpec:
+        log2 = self.log2_table if self.torso_log2_table is None else self.torso_log2_table
         return ge.GridSpec(2, self.torso_levels, self.torso_features, self.torso_base,
-                           self.torso_finest, self.log2_table)
+                           self.torso_finest, log2, self.grid_layout)
 
     @property
     def cell_size(self) -> float:
@@ -367,6 +388,11 @@ def eye_opening(landmarks):
     return jnp.mean(y[..., UPPER_LIDS] - y[..., LOWER_LIDS], axis=-1)
 
 
+def _inference_code(table, row):
+    """`GridConfig.inference_code` of a code table `[num_codes, D]` -> `[D]`."""
+    return jnp.mean(table, axis=0) if row < 0 else table[row]
+
+
 class GridHeadNeRF(nn.Module):
     """The grid head (module doc). Methods, used with `apply(variables, ..., method=)`;
     `variables` = {"params", "occupancy"}:
@@ -421,8 +447,9 @@ class GridHeadNeRF(nn.Module):
         return jnp.take(self.code_table, jnp.clip(index, 0, cfg.num_codes - 1), axis=0)
 
     def mean_code(self):
-        return (jnp.mean(self.code_table, axis=0) if self.config.code_dim
-                else jnp.zeros((0,), jnp.float32))
+        """The code of a frame without one (`GridConfig.inference_code`)."""
+        return (_inference_code(self.code_table, self.config.inference_code)
+                if self.config.code_dim else jnp.zeros((0,), jnp.float32))
 
     def _unit(self, points):
         cfg = self.config
@@ -541,11 +568,36 @@ def head_density(model: GridHeadNeRF, params, cond):
 
 # --------------------------------------------------------------------------- torso
 
-def pixel_uv(rows, cols, height: int, width: int):
-    """Pixel centres in [-1, 1]^2 `[R, 2]` (x = column, y = row) of the torso's image
-    plane."""
-    x = (jnp.asarray(cols, jnp.float32) + 0.5) / width * 2.0 - 1.0
-    y = (jnp.asarray(rows, jnp.float32) + 0.5) / height * 2.0 - 1.0
+TORSO_INPUTS = ("native", "radnerf")
+
+
+def torso_pose_vector(pose, config: GridConfig):
+    """The torso's head-pose input `[..., 6]` of camera-to-world poses `[..., 4, 4]`:
+    `fields.head_pose_vector`, or with `torso_inputs="radnerf"` GeneFace's
+    `convert_poses`: the XYZ Euler angles (R = Rx(a) Ry(b) Rz(c), pytorch3d's convention)
+    of the rotation in RAD-NeRF's camera axes (x right, y down, z forward: `R diag(1, -1,
+    -1)`) and the translation."""
+    if config.torso_inputs != "radnerf":
+        return head_pose_vector(pose)
+    pose = jnp.asarray(pose, jnp.float32)
+    r = pose[..., :3, :3] * jnp.asarray([1.0, -1.0, -1.0], jnp.float32)
+    b = jnp.arcsin(jnp.clip(r[..., 0, 2], -1.0, 1.0))
+    a = jnp.arctan2(-r[..., 1, 2], r[..., 2, 2])
+    c = jnp.arctan2(-r[..., 0, 1], r[..., 0, 0])
+    return jnp.concatenate([jnp.stack([a, b, c], -1), pose[..., :3, 3]], -1)
+
+
+def pixel_uv(rows, cols, height: int, width: int, convention: str = "centers"):
+    """Pixels' positions on the torso's image plane, `[R, 2]` in [-1, 1]^2: (column, row)
+    of the pixel centres; with `convention="geneface"` (`torso_inputs="radnerf"`)
+    GeneFace's (row, column) with the first and last pixel at -1 and 1 (its
+    `get_bg_coords`)."""
+    rows, cols = jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)
+    if convention == "geneface":
+        return jnp.stack([rows / max(height - 1, 1) * 2.0 - 1.0,
+                          cols / max(width - 1, 1) * 2.0 - 1.0], axis=-1)
+    x = (cols + 0.5) / width * 2.0 - 1.0
+    y = (rows + 0.5) / height * 2.0 - 1.0
     return jnp.stack([x, y], axis=-1)
 
 
@@ -570,7 +622,7 @@ class GridTorso(nn.Module):
         if cfg.torso_code_dim:
             table = self.param("code_table", lambda k: 0.1 * jax.random.normal(
                 k, (cfg.num_codes, cfg.torso_code_dim)))
-            code = jnp.mean(table, axis=0) if code is None else code
+            code = _inference_code(table, cfg.inference_code) if code is None else code
             parts.append(check_per_ray(code, r, cfg.torso_code_dim, "GridTorso code"))
         q = jnp.concatenate(parts, axis=-1)
         dx = MLP(2, cfg.torso_deform[1], cfg.torso_deform[0], name="deform_net")(q)

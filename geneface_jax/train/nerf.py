@@ -527,12 +527,14 @@ def make_grid_torso_step(model: grid_fields.GridTorso, head: grid_fields.GridHea
         head_out = head.apply(head_vars, origins, dirs, cond, bg, noise=u,
                               method=grid_fields.GridHeadNeRF.render).coarse
         head_out = jax.lax.stop_gradient(head_out)
-        pose = fields.head_pose_vector(frames["pose"])[rays["frame"]]
+        pose = grid_fields.torso_pose_vector(frames["pose"], model.config)[rays["frame"]]
         code = None
         if model.config.torso_code_dim:
             code = model.apply({"params": params}, frames["code_index"],
                                method=grid_fields.GridTorso.codes)[rays["frame"]]
-        uv = grid_fields.pixel_uv(rays["rows"], rays["cols"], h, w)
+        uv = grid_fields.pixel_uv(rays["rows"], rays["cols"], h, w,
+                                  "geneface" if model.config.torso_inputs == "radnerf"
+                                  else "centers")
         alpha, rgb, _ = model.apply({"params": params}, uv, pose, code)
         comp = grid_fields.composite_over_torso(head_out, alpha, rgb, bg)
         ones = jnp.ones((r, 1), jnp.float32)
