@@ -420,3 +420,49 @@ def test_genefaces_radnerf_layout_is_the_converters_table(stage):
     import re
     got = {k: s for k, s in sd.items() if not any(re.search(p, k) for p in unused)}
     assert got == expected
+
+
+def test_imported_grid_nerfs_render_frames_with_genefaces_torso(tmp_path):
+    """The imported head + torso through `FrameRenderer` (the renderer eval_nerf and the
+    pipeline use): where no head ray meets an occupied cell, the frame is GeneFace's torso
+    over the background at that pixel and pose (pixel positions, pose vector and code row
+    0 plumbed through the render path)."""
+    import types
+
+    from geneface_jax.render import frames
+    from geneface_jax.train import make_mesh
+    _, torso, mean, std = _grid_checkpoints(tmp_path)
+    gi.import_geneface(tmp_path / "gf_head", "head", tmp_path / "head",
+                       lm3d_stats=tmp_path / "stats.npz")
+    gi.import_geneface(tmp_path / "gf_torso", "torso", tmp_path / "torso",
+                       head=tmp_path / "head")
+    hcfg, hvars, _, norm = frames.load_nerf(tmp_path / "head", frames.HEAD)
+    tcfg, tvars, _, _ = frames.load_nerf(tmp_path / "torso", frames.TORSO)
+    g = hcfg.grid_size                      # only a central ball of the head is occupied
+    c = (np.arange(g) + 0.5) / g * 2 - 1
+    ball = ((c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None] ** 2) < 0.2)
+    hvars = dict(hvars, occupancy=dict(hvars["occupancy"], bits=ball.astype(np.float32)))
+    h, w = 8, 7
+    bg = np.full((h, w, 3), 0.25, np.float32)
+    meta = types.SimpleNamespace(intrinsics=np.array([9.0, 9.0, 3.5, 4.0], np.float32),
+                                 height=h, width=w, background=bg)
+    renderer = frames.FrameRenderer(hcfg, hvars, meta, torso_cfg=tcfg, torso_vars=tvars,
+                                    mesh=make_mesh(jax.devices()[:1]), chunk=64)
+    c2w = np.eye(4)
+    c2w[:3, 3] = [0.0, 0.0, 0.6]            # a GeneFace camera 0.6 in front of the head
+    pose = gi.radnerf_pose(c2w)
+    window = norm(np.repeat((mean / 10.0), 5, axis=0))
+    out = renderer.render(pose, window, pose)
+    assert out["rgb"].shape == (h, w, 3) and np.isfinite(out["rgb"]).all()
+    empty = out["head_acc"] == 0
+    assert empty.any() and (~empty).any()
+    rows, cols = np.nonzero(empty)
+    with torch.no_grad():
+        coords = torch.from_numpy(np.stack([rows / (h - 1) * 2 - 1, cols / (w - 1) * 2 - 1],
+                                            -1).astype(np.float32))
+        ngp = pose[:3, :3] * np.array([1.0, -1.0, -1.0], np.float32)
+        p6 = torch.from_numpy(np.concatenate([_xyz_euler(ngp), pose[:3, 3]])[None].astype(
+            np.float32))
+        a, c, _ = torso.forward_torso(coords, p6, torso.torso_individual_codes[0:1])
+    want = a.numpy() * c.numpy() + (1 - a.numpy()) * 0.25
+    _close("torso pixels of the frame", out["rgb"][empty], want, rtol=1e-3)
