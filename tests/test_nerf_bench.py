@@ -90,6 +90,17 @@ def test_grid_nerf_benchmark_smoke():
     assert out["sizes"]["num_samples"] == 4 and out["sizes"]["hashed_levels"] >= 1
 
 
+@pytest.mark.slow
+def test_gpu_grid_script_runs_small_on_cpu(tmp_path):
+    """The prepared accelerator check (`experiments.bench.gpu_grid`), shrunk: it trains,
+    renders and reports the figures the device run is read by."""
+    out = _bench_json("gpu_grid", "--size=48", "--frames=20", "--preset=tiny", "--steps=4",
+                      "--render_frames=3", f"--workdir={tmp_path / 'w'}")
+    assert out["size"] == 48 and out["steps"] == 4 and out["steps_per_s"] > 0
+    assert out["render_fps"] > 0 and out["eval_psnr"] > 0
+    assert out["meets_target"] == (out["render_fps"] >= 25)
+
+
 def test_profile_classifies_gathers_scatters_and_matmuls():
     """`xla_trace.hlo_kinds` on a compiled gradient of a table lookup followed by a matmul:
     the lookup is a gather, its gradient a scatter-add, the product a matmul; the trace
