@@ -57,6 +57,7 @@ from absl import app
 from absl import flags
 
 from experiments.bench import harness
+from experiments.bench import peak as peak_lib
 from experiments.bench.harness import log, median
 from experiments.configs import PRESETS
 from experiments.configs import grid as grid_presets
@@ -273,8 +274,8 @@ def mlp_main(o):
     # ---- the machine's matmul peak: the best of each size first, then one product of
     # the largest size per framework between the timed calls
     sizes = (256,) if FLAGS.smoke else (512, 1024, 2048)
-    peak = harness.matmul_peak(sizes, 2 if FLAGS.smoke else 5)
-    train_probe, render_probe = harness.PeakProbe(sizes[-1]), harness.PeakProbe(sizes[-1])
+    peak = peak_lib.matmul_peak(sizes, 2 if FLAGS.smoke else 5)
+    train_probe, render_probe = peak_lib.PeakProbe(sizes[-1]), peak_lib.PeakProbe(sizes[-1])
 
     # ---- timing: training steps (every contender walks batches and keys 1, 2, 3, ...)
     run_jax = harness.jax_stepper(jax_step, state, jbatches, keys, first=1)
@@ -312,7 +313,7 @@ def mlp_main(o):
     macs, ray_macs = mlp_macs(cfg)
     mlp_flops = 3 * 2 * samples * macs          # forward + 2 products in the backward
     jax_mlp_flops = 3 * 2 * (samples * (macs - ray_macs) + rays_per_step * 2 * ray_macs)
-    step_flops = harness.xla_flops(jax_step)
+    step_flops = peak_lib.xla_flops(jax_step)
     render_flops = 2 * frame_rays * per_ray_evals * macs
     jax_render_flops = 2 * frame_rays * (per_ray_evals * (macs - ray_macs) + 2 * ray_macs)
     peak_gflops, render_peak_gflops = median(train_probe.rates), median(render_probe.rates)
@@ -330,7 +331,7 @@ def mlp_main(o):
             temp_mb = round(jax_step.memory_analysis().temp_size_in_bytes / 2 ** 20, 1)
         except Exception:  # noqa: BLE001 - not every backend reports it
             temp_mb = None
-        bare_gflops = harness.bare_mlp_gflops([cfg.pos_dim] + [cfg.width] * cfg.depth,
+        bare_gflops = peak_lib.bare_mlp_gflops([cfg.pos_dim] + [cfg.width] * cfg.depth,
                                               samples, steps)
         profile = {
             "field_evaluations_per_step": samples, "mlp_matmul_flops_per_step": mlp_flops,

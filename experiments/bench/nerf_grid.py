@@ -4,7 +4,7 @@ resolved options).
 
 Contenders, timed interleaved in one process on the same cores: the library's grid head
 step (`train.nerf.make_grid_head_step` through `data_parallel` on a one-device mesh) and
-whole-frame render (`render.frames.FrameRenderer`); `torch_reference.grid.GridRunner`
+whole-frame render (`render.frames.FrameRenderer`); `torch_reference.grid_runner.GridRunner`
 eager and `torch.compile`d (loss and render chunk); the library's MLP head step and render
 (`train.nerf.make_head_step`, the preset of the same name in experiments/configs/nerf.py,
 smoother on) at the same rays per step and frame size. Rates: rays/s = rays per step /
@@ -95,7 +95,7 @@ def grid_main(o):
     from geneface_jax.render import fields, frames
     from geneface_jax.train import nerf
     from experiments.bench import xla_trace
-    from experiments.bench.torch_reference import grid as tg
+    from experiments.bench.torch_reference import grid_runner as tg
 
     torch.set_num_threads(threads)
     torch.manual_seed(o.seed)
