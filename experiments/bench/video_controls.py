@@ -18,9 +18,13 @@ Figures (bars from the paste-back / pose / blink issue):
   head_drift_px       A: the largest distance of the tracked head position (the mean of
                       the brow and nose points 17-35, which move with the head alone: the
                       jaw line follows the mouth) from its mean over the first
-                      `--static_seconds`; bar <= 0.5 px. `head_drift_px_all`
-                      over the whole clip. `source_head_range_px` the same figure for B, whose
-                      head follows the person's video (the issue: "several pixels").
+                      `--static_seconds`; bar <= 0.5 px. The position is averaged over
+                      `--tracker_shifts` passes of the tracker on the frames shifted by
+                      whole pixels (`shifted_track`; shift undone): each pass places the
+                      mesh's crop differently, and one pass alone jitters by about as much
+                      as the bar (`head_drift_px_one_pass`). `head_drift_px_all` over the
+                      whole clip (one pass). `source_head_range_px` the same figure for B,
+                      whose head follows the person's video (the issue: "several pixels").
   blinks_found_share  A: the tracked eye-aspect-ratio's blinks (`data.blinks.detect_blinks`
                       with `drop=TRACKED_DROP`) matched to the schedule's full closures
                       (`match_blinks`, within 2 frames): share found (bar >= 0.9) and
@@ -59,7 +63,9 @@ Figures (bars from the paste-back / pose / blink issue):
                       the synthetic world with the head held still for `--static_seconds`
                       while it speaks and blinks (synthetic persons only; H.264 round
                       trip, tracked the same way): how far the tracked position moves when
-                      nothing but the mouth and eyes do. `--floor_only` measures just this.
+                      nothing but the mouth and eyes do (with the same shift-averaged
+                      tracking; `tracker_floor_px_one_pass` one pass). `--floor_only`
+                      measures just this.
 
 The last line printed is one JSON object. Each synthesis is skipped when its video is in
 `--workdir` (delete the directory to measure again).
@@ -83,6 +89,8 @@ flags.DEFINE_float("static_seconds", 10.0, "Head drift is measured over this fir
 flags.DEFINE_integer("seed", 0, "Blink schedule seed.")
 flags.DEFINE_integer("static_frame", 0, "Reference frame the static pose holds.")
 flags.DEFINE_bool("floor_only", False, "Measure only the tracker floor (module doc).")
+flags.DEFINE_integer("tracker_shifts", 4, "Tracker passes (frames shifted by 0/1 pixel down "
+                     "and right) averaged for the head-position figures.")
 
 STATIC_BAR_PX = 0.5
 BLINK_FOUND_BAR = 0.9
@@ -96,6 +104,30 @@ def head_points(points):
     """`[N, 68, 2]` -> `[N, 2]`: the mean of the brow and nose points (17-35)."""
     import numpy as np
     return np.asarray(points, np.float64)[:, 17:36].mean(1)
+
+
+def shift_offsets(count):
+    """The first `count` (dy, dx) whole-pixel shifts of (0,0), (1,0), (0,1), (1,1), (-1,0),
+    (0,-1), (-1,-1), (1,-1), (-1,1)."""
+    order = [(0, 0), (1, 0), (0, 1), (1, 1), (-1, 0), (0, -1), (-1, -1), (1, -1), (-1, 1)]
+    if not 1 <= count <= len(order):
+        raise ValueError(f"tracker_shifts must be in [1, {len(order)}], got {count}")
+    return order[:count]
+
+
+def shifted_track(tracker, frames, count):
+    """Points `[N, 68, 2]` averaged over `count` tracker passes on `frames [N, H, W, 3]`
+    shifted by whole pixels (edges repeated), each pass's shift subtracted again."""
+    import numpy as np
+    h, w = frames.shape[1:3]
+    padded = np.pad(frames, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    passes = []
+    for dy, dx in shift_offsets(count):
+        moved = np.ascontiguousarray(padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w])
+        pts, _ = tracker.track(moved)
+        passes.append(pts - np.asarray([dx, dy], np.float32))
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.stack(passes), axis=0) if count > 1 else passes[0]
 
 
 def drift_px(centres):
@@ -206,8 +238,9 @@ def tracker_floor(person, root, seconds, tracker):
     path = root / "floor_static_truth.mp4"
     write_video(path, arrays["frames"])
     decoded = np.stack(list(read_video(path)))
-    pts, _ = tracker.track(decoded)
-    return round(drift_px(head_points(pts)), 3)
+    one, _ = tracker.track(decoded)
+    shifted = shifted_track(tracker, decoded, FLAGS.tracker_shifts)
+    return (round(drift_px(head_points(shifted)), 3), round(drift_px(head_points(one)), 3))
 
 
 def run(pipe, audio, out, options, log):
@@ -248,7 +281,10 @@ def main(argv):
     if FLAGS.floor_only:
         person = fmt.load_person(read_config(pathlib.Path(FLAGS.checkpoints) / "head")["data"])
         floor = tracker_floor(person, root, FLAGS.static_seconds, FrameTracker())
-        print(json.dumps({"bench": "video_controls", "tracker_floor_px": floor,
+        print(json.dumps({"bench": "video_controls",
+                          "tracker_floor_px": floor and floor[0],
+                          "tracker_floor_px_one_pass": floor and floor[1],
+                          "tracker_shifts": FLAGS.tracker_shifts,
                           "seconds": FLAGS.static_seconds,
                           "wall_seconds": round(time.time() - t0, 1)}))
         return
@@ -280,12 +316,16 @@ def main(argv):
         blinks.detect_blinks(lm.eye_aspect_ratio(pts_src), drop=TRACKED_DROP),
         BLINK_TOLERANCE)
     near, far = torso_flicker(frames_a, pts_a, schedule.peaks)
-    drift = drift_px(centres_a[:first])
+    drift = drift_px(head_points(shifted_track(tracker, frames_a[:first],
+                                               FLAGS.tracker_shifts)))
     figures = {
         "head_drift_px": round(drift, 3),
+        "head_drift_px_one_pass": round(drift_px(centres_a[:first]), 3),
+        "tracker_shifts": FLAGS.tracker_shifts,
         "head_drift_px_all": round(drift_px(centres_a), 3),
         "source_head_range_px": round(drift_px(centres_b[:first]), 3),
-        "tracker_floor_px": floor,
+        "tracker_floor_px": floor and floor[0],
+        "tracker_floor_px_one_pass": floor and floor[1],
         "blinks_scheduled": int(len(schedule.peaks)),
         "blinks_found_share": round(share, 3),
         "blinks_extra": extra,
