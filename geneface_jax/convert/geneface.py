@@ -542,21 +542,30 @@ def _nerf_hparams(hparams, where):
                 smooth_warmup_steps=int(h.get("no_smo_iterations", 200_000)))
 
 
+def _condition_sizes(sd, encoder, smoother, where):
+    """(cond_dim, landmark_fc, landmark_channels, attention_channels, smooth_window) of
+    GeneFace's landmark `AudioNet` at the flat prefix `encoder` and its `AudioAttNet` at
+    `smoother`."""
+    cond = _shape_of(sd, encoder + "encoder_fc1.2.weight", where)[0]
+    fc = _shape_of(sd, encoder + "encoder_fc1.0.weight", where)[0]
+    channels = tuple(_shape_of(sd, encoder + f"encoder_conv.{2 * i}.weight", where)[0]
+                     for i in range(_count(sd, encoder + "encoder_conv", step=2)))
+    att = _count(sd, smoother + "attentionConvNet", step=2)
+    if not att:
+        raise CheckpointError(f"{where}: no attention smoother ('{smoother}"
+                              "attentionConvNet.0.weight'); with_att: false is not supported")
+    att_ch = tuple(_shape_of(sd, smoother + f"attentionConvNet.{2 * i}.weight", where)[0]
+                   for i in range(att - 1))
+    window = _shape_of(sd, smoother + "attentionNet.0.weight", where)[0]
+    return cond, fc, channels, att_ch, window
+
+
 def _head_config(sd, root, hparams):
     from geneface_jax.render.fields import NeRFConfig
     where = "head"
     sizes, in_dim = _nerf_backbone_sizes(sd, root + "model_coarse.", where)
-    cond = _shape_of(sd, root + "lm_encoder.encoder_fc1.2.weight", where)[0]
-    fc = _shape_of(sd, root + "lm_encoder.encoder_fc1.0.weight", where)[0]
-    channels = tuple(_shape_of(sd, root + f"lm_encoder.encoder_conv.{2 * i}.weight", where)[0]
-                     for i in range(_count(sd, root + "lm_encoder.encoder_conv", step=2)))
-    att = _count(sd, root + "lmatt_encoder.attentionConvNet", step=2)
-    if not att:
-        raise CheckpointError(f"{where}: no attention smoother ('{root}lmatt_encoder."
-                              "attentionConvNet.0.weight'); with_att: false is not supported")
-    att_ch = tuple(_shape_of(sd, root + f"lmatt_encoder.attentionConvNet.{2 * i}.weight",
-                             where)[0] for i in range(att - 1))
-    window = _shape_of(sd, root + "lmatt_encoder.attentionNet.0.weight", where)[0]
+    cond, fc, channels, att_ch, window = _condition_sizes(sd, root + "lm_encoder.",
+                                                          root + "lmatt_encoder.", where)
     return NeRFConfig(pos_freqs=_freqs(in_dim - cond, where, "position"), cond_dim=cond,
                       landmark_channels=channels, landmark_fc=fc, smooth_window=window,
                       attention_channels=att_ch, pixel_convention="geneface",
@@ -702,18 +711,8 @@ def _grid_head_config(sd, root, hparams):
         raise CheckpointError(f"{where}: the condition net takes {cin} channels: an "
                               "audio-driven RAD-NeRF (deepspeech 29 / esperanto 44); only "
                               "the landmark-driven lm3d_radnerf (68 x 3 = 204) is supported")
-    cond = _shape_of(sd, root + "cond_prenet.encoder_fc1.2.weight", where)[0]
-    fc = _shape_of(sd, root + "cond_prenet.encoder_fc1.0.weight", where)[0]
-    channels = tuple(_shape_of(sd, root + f"cond_prenet.encoder_conv.{2 * i}.weight",
-                               where)[0]
-                     for i in range(_count(sd, root + "cond_prenet.encoder_conv", step=2)))
-    att = _count(sd, root + "cond_att_net.attentionConvNet", step=2)
-    if not att:
-        raise CheckpointError(f"{where}: no attention smoother ('{root}cond_att_net."
-                              "attentionConvNet.0.weight')")
-    att_ch = tuple(_shape_of(sd, root + f"cond_att_net.attentionConvNet.{2 * i}.weight",
-                             where)[0] for i in range(att - 1))
-    window = _shape_of(sd, root + "cond_att_net.attentionNet.0.weight", where)[0]
+    cond, fc, channels, att_ch, window = _condition_sizes(sd, root + "cond_prenet.",
+                                                          root + "cond_att_net.", where)
     a_layers, a_hidden, _, _ = _mlp_sizes(sd, root + "ambient_net.net", where)
     s_layers, s_hidden, _, s_out = _mlp_sizes(sd, root + "sigma_net.net", where)
     c_layers, c_hidden, _, _ = _mlp_sizes(sd, root + "color_net.net", where)

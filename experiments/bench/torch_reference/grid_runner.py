@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from experiments.bench.torch_reference import PhaseTimer, load_flax, trainable
 from experiments.bench.torch_reference.grid import (COMPILE_OPTIONS, GridHead, bin_occupancy,
                                                     update_occupancy)
-from experiments.bench.torch_reference.nerf import rays_for_pixels
+from experiments.bench.torch_reference.nerf import batch_tensors, rays_for_pixels
 
 
 def binary_entropy(acc):
@@ -68,14 +68,12 @@ def grid_step_noise(key, rays, cfg):
 
 
 def _tensors(batch):
-    """A host ray batch of `train.nerf.make_batch_fn` as the tensors `GridLoss` takes."""
-    rays, frames = batch["rays"], batch["frames"]
-    as_long = lambda a: torch.from_numpy(np.asarray(a, np.int64))              # noqa: E731
-    as_float = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32))  # noqa: E731
-    return (as_long(rays["rows"]), as_long(rays["cols"]), as_long(rays["frame"]),
-            as_float(rays["target"]), as_float(rays["background"]),
-            as_float(frames["pose"]), as_float(frames["windows"]),
-            as_long(frames["code_index"]), as_long(frames["face_rect"]))
+    """A host ray batch of `train.nerf.make_batch_fn` as the tensors `GridLoss` takes: the
+    MLP head's (`nerf.batch_tensors`) and the frames' code indices and face rectangles."""
+    frames = batch["frames"]
+    return batch_tensors(batch) + (
+        torch.from_numpy(np.asarray(frames["code_index"], np.int64)),
+        torch.from_numpy(np.asarray(frames["face_rect"], np.int64)))
 
 
 def param_groups(module, optim):

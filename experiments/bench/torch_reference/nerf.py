@@ -227,7 +227,7 @@ class HeadLoss(nn.Module):
         return mse_c + mse_f, mse_c, mse_f, acc_f.mean()
 
 
-def _tensors(batch):
+def batch_tensors(batch):
     """A host ray batch of `train.nerf.make_batch_fn` as the tensors `HeadLoss` takes."""
     rays, frames = batch["rays"], batch["frames"]
     as_long = lambda a: torch.from_numpy(np.asarray(a, np.int64))              # noqa: E731
@@ -260,7 +260,7 @@ class HeadRunner:
         self.loss_fn = torch.compile(self.module) if compile_model else self.module
         self.render_chunk = (torch.compile(self._render_chunk) if compile_model
                              else self._render_chunk)
-        self.batches = [_tensors(b) for b in batches]
+        self.batches = [batch_tensors(b) for b in batches]
         self.frame = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32))
                       for k, v in frame_inputs.items()}
 
