@@ -150,10 +150,9 @@ def x264_simd_flags():
     """The SIMD sets libx264 may use here: on a Linux x86 CPU with AVX-512, every set it
     has but AVX-512 (x264's names); None elsewhere (x264 picks its own).
 
-    libx264's AVX-512 code made encodes of the same frames differ from run to run
-    (decoded frames up to 8 grey levels apart; 28 of 30 encodes of a 64x64 clip distinct,
-    still so with one thread), so synthesis was not reproducible. Without it every encode
-    measured is identical, and no slower (`python -m experiments.bench.video_encoding`;
+    libx264's AVX-512 code made encodes of the same frames differ from run to run, even
+    with one thread, so synthesis was not reproducible; without it every encode measured
+    is identical and no slower (`python -m experiments.bench.video_encoding`;
     docs/benchmarks.md, "Video encoding").
     """
     try:
