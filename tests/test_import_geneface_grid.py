@@ -329,7 +329,7 @@ def test_grid_head_and_torso_import_and_compute_genefaces_fields(tmp_path):
     # the torso: pixels of a 6x5 image, a head pose in this project's camera convention
     tmodel = grid_fields.GridTorso(tcfg)
     rows, cols = np.divmod(np.arange(30), 5)
-    uv = grid_fields.pixel_uv(rows, cols, 6, 5, "geneface")
+    uv = grid_fields.pixel_uv(rows, cols, 6, 5, "radnerf")
     a, b, c = 0.2, -0.3, 0.1
     rot = np.asarray(fields.rotation_from_euler(jnp.asarray([a, b, c])))
     pose = np.eye(4, dtype=np.float32)

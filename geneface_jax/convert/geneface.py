@@ -822,7 +822,7 @@ def grid_torso_config(sd, root, hparams, head_config):
     d_layers, d_hidden, d_in, _ = _mlp_sizes(sd, root + "torso_deform_net.net", where)
     t_layers, t_hidden, t_in, _ = _mlp_sizes(sd, root + "torso_canonicial_net.net", where)
     codes = root + "torso_individual_codes"
-    code_dim = _shape_of(sd, codes, where)[1] if codes in sd else 0
+    num_codes, code_dim = _shape_of(sd, codes, where) if codes in sd else (1, 0)
     pos_freqs, pose_freqs = 10, 4                     # GeneFace's fixed frequency encoders
     want = 2 * (1 + 2 * pos_freqs) + 6 * (1 + 2 * pose_freqs) + code_dim
     if d_in != want:
@@ -835,8 +835,7 @@ def grid_torso_config(sd, root, hparams, head_config):
         torso_deform=(d_layers, d_hidden), torso_mlp=(t_layers, t_hidden),
         torso_code_dim=code_dim, torso_pos_freqs=pos_freqs, torso_pose_freqs=pose_freqs,
         torso_shrink=float(dict(hparams or {}).get("torso_shrink", 0.8)),
-        num_codes=max(head_config.num_codes, _shape_of(sd, codes, where)[0]
-                      if codes in sd else 1))
+        num_codes=max(head_config.num_codes, num_codes))
     if t_in != config.torso_grid.output_dim + d_in:
         raise CheckpointError(f"{where}: '{root}torso_canonicial_net.net.0.weight' takes "
                               f"{t_in} inputs, not grid ({config.torso_grid.output_dim}) + "

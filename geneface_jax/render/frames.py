@@ -259,9 +259,8 @@ class FrameRenderer:
         if self.torso is not None:
             if self.grid:       # the 2-D torso reads pixel positions, not rays
                 yy, xx = np.divmod(np.arange(h * w), w)
-                uv = ("geneface" if self.torso.config.torso_inputs == "radnerf"
-                      else "centers")
-                to = np.asarray(grid_fields.pixel_uv(yy, xx, h, w, uv))
+                to = np.asarray(grid_fields.pixel_uv(yy, xx, h, w,
+                                                     self.torso.config.torso_inputs))
                 td = None
             else:
                 to, td = (np.asarray(a).reshape(-1, 3) for a in

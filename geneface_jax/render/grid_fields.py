@@ -98,7 +98,7 @@ class GridConfig:
       "native", or torch-ngp's "ngp_tiled" / "ngp_hash" (what GeneFace's checkpoints hold).
     torso_inputs: what the torso reads: "native" (`pixel_uv` of the pixel centres as
       (column, row); `fields.head_pose_vector`) or "radnerf", GeneFace's RADNeRFTorso
-      (`torso_pose_vector`, `pixel_uv(convention="geneface")`).
+      (`torso_pose_vector`, `pixel_uv`).
     inference_code: the per-frame code row (head and torso) a frame without one of its
       own gets (synthesis, held-out frames): -1 the mean of the table, k >= 0 row k
       (GeneFace renders unseen frames with row 0).
@@ -587,13 +587,13 @@ def torso_pose_vector(pose, config: GridConfig):
     return jnp.concatenate([jnp.stack([a, b, c], -1), pose[..., :3, 3]], -1)
 
 
-def pixel_uv(rows, cols, height: int, width: int, convention: str = "centers"):
+def pixel_uv(rows, cols, height: int, width: int, torso_inputs: str = "native"):
     """Pixels' positions on the torso's image plane, `[R, 2]` in [-1, 1]^2: (column, row)
-    of the pixel centres; with `convention="geneface"` (`torso_inputs="radnerf"`)
+    of the pixel centres; with `torso_inputs="radnerf"` (`GridConfig.torso_inputs`)
     GeneFace's (row, column) with the first and last pixel at -1 and 1 (its
     `get_bg_coords`)."""
     rows, cols = jnp.asarray(rows, jnp.float32), jnp.asarray(cols, jnp.float32)
-    if convention == "geneface":
+    if torso_inputs == "radnerf":
         return jnp.stack([rows / max(height - 1, 1) * 2.0 - 1.0,
                           cols / max(width - 1, 1) * 2.0 - 1.0], axis=-1)
     x = (cols + 0.5) / width * 2.0 - 1.0

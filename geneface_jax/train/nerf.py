@@ -533,8 +533,7 @@ def make_grid_torso_step(model: grid_fields.GridTorso, head: grid_fields.GridHea
             code = model.apply({"params": params}, frames["code_index"],
                                method=grid_fields.GridTorso.codes)[rays["frame"]]
         uv = grid_fields.pixel_uv(rays["rows"], rays["cols"], h, w,
-                                  "geneface" if model.config.torso_inputs == "radnerf"
-                                  else "centers")
+                                  model.config.torso_inputs)
         alpha, rgb, _ = model.apply({"params": params}, uv, pose, code)
         comp = grid_fields.composite_over_torso(head_out, alpha, rgb, bg)
         ones = jnp.ones((r, 1), jnp.float32)
