@@ -505,6 +505,6 @@ def test_video_controls_bench_runs_on_the_tiny_demo(tiny_demo, tmp_path):
                                 "paste_outside_p99", "paste_border"}
     assert out["frames"] == 50 and out["paste_size"] == [64, 64]
     for key in ("paste_outside_mean", "paste_outside_p99", "paste_border_step",
-                "source_border_step", "tracker_floor_px"):
+                "source_border_step", "tracker_floor_px", "tracker_floor_px_blinking"):
         assert np.isfinite(out[key]), key            # (the bars are read at 128 px)
     assert (tmp_path / "paste.png").is_file()

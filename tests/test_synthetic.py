@@ -221,3 +221,22 @@ def test_static_pose_person_holds_the_first_pose_and_keeps_the_rest():
     np.testing.assert_array_equal(wav_s, wav)
     np.testing.assert_array_equal(still["frames"][0], moving["frames"][0])
     assert not np.array_equal(still["frames"][-1], moving["frames"][-1])
+
+
+def test_person_without_blinks_keeps_its_eyes_open_and_everything_else():
+    """`make_person(blinks=False)`: no blink in the track and the eye landmarks never
+    close (the eye opening stays at its open value), while the speech, the pose, the mouth
+    and the frames without a blink are those of the blinking person."""
+    blinking, _, wav = world.make_person(4, size=24, num_frames=120, progress=False)
+    open_, _, wav_o = world.make_person(4, size=24, num_frames=120, progress=False,
+                                        blinks=False)
+    assert blinking["blink"].max() > 0.9 and open_["blink"].max() == 0.0
+    np.testing.assert_array_equal(wav_o, wav)
+    np.testing.assert_array_equal(open_["poses"], blinking["poses"])
+    np.testing.assert_array_equal(open_["landmarks"][:, 48:], blinking["landmarks"][:, 48:])
+    lids = lambda lms: lms[:, [37, 38, 43, 44], 1] - lms[:, [41, 40, 47, 46], 1]  # noqa: E731
+    gap_b, gap_o = np.abs(lids(blinking["landmarks"])), np.abs(lids(open_["landmarks"]))
+    shut = blinking["blink"] > 0.9
+    assert (gap_b[shut].mean(1) < 0.5 * gap_o[shut].mean(1)).all()
+    still = blinking["blink"] == 0.0
+    np.testing.assert_array_equal(open_["frames"][still], blinking["frames"][still])

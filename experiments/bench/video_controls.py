@@ -6,25 +6,32 @@ r"""The video a user ships, measured: a static head pose, scheduled blinks, no t
 
 Takes the checkpoints of a trained person (`experiments.demo` writes them to
 `demo_out/checkpoints`) and the packaged speech clips in turn, repeated to `--seconds` of
-audio. Two syntheses of the crop (no paste-back), each tracked frame by frame with the face
-tracker (`render.face_tracking.FrameTracker`, the tracker metric's face mesh) on the decoded
-H.264 video, i.e. on what a viewer gets:
+audio. Three syntheses of the crop (no paste-back), each tracked frame by frame with the
+face tracker (`render.face_tracking.FrameTracker`, the tracker metric's face mesh) on the
+decoded H.264 video, i.e. on what a viewer gets:
 
   A. `--pose=static:FRAME --blink=auto`
   B. `--pose=loop --blink=none` (the reference track's own head motion)
+  C. `--pose=static:FRAME --blink=none`, `--static_seconds` of the same speech
 
 Figures (bars from the paste-back / pose / blink issue):
 
-  head_drift_px       A: the largest distance of the tracked head position (the mean of
+  head_drift_px       C: the largest distance of the tracked head position (the mean of
                       the brow and nose points 17-35, which move with the head alone: the
-                      jaw line follows the mouth) from its mean over the first
-                      `--static_seconds`; bar <= 0.5 px. The position is averaged over
-                      `--tracker_shifts` passes of the tracker on the frames shifted by
-                      whole pixels (`shifted_track`; shift undone): each pass places the
-                      mesh's crop differently, and one pass alone jitters by about as much
-                      as the bar (`head_drift_px_one_pass`). `head_drift_px_all` over the
-                      whole clip (one pass). `source_head_range_px` the same figure for B,
-                      whose head follows the person's video (the issue: "several pixels").
+                      jaw line follows the mouth) from its mean over `--static_seconds`;
+                      bar <= 0.5 px. The position is averaged over `--tracker_shifts`
+                      passes of the tracker on the frames shifted by whole pixels
+                      (`shifted_track`; shift undone): each pass places the mesh's crop
+                      differently, and one pass alone jitters by about as much as the bar
+                      (`head_drift_px_one_pass`). Read with the eyes open because the
+                      mesh's brow and nose points follow the lids: in A the tracked
+                      position jumps at the blinks (a still head that blinks measures
+                      more than one that does not, on ground truth as on renders), so
+                      A's figure is reported beside it as `head_drift_px_blinking` (the
+                      first `--static_seconds` of A, same tracking). `head_drift_px_all`:
+                      A over the whole clip (one pass). `source_head_range_px` the same
+                      figure for B, whose head follows the person's video (the issue:
+                      "several pixels").
   blinks_found_share  A: the tracked eye-aspect-ratio's blinks (`data.blinks.detect_blinks`
                       with `drop=TRACKED_DROP`) matched to the schedule's full closures
                       (`match_blinks`, within 2 frames): share found (bar >= 0.9) and
@@ -61,11 +68,12 @@ Figures (bars from the paste-back / pose / blink issue):
 
   tracker_floor_px    the head-drift figure of the person's own ground truth rendered by
                       the synthetic world with the head held still for `--static_seconds`
-                      while it speaks and blinks (synthetic persons only; H.264 round
-                      trip, tracked the same way): how far the tracked position moves when
-                      nothing but the mouth and eyes do (with the same shift-averaged
-                      tracking; `tracker_floor_px_one_pass` one pass). `--floor_only`
-                      measures just this.
+                      while it speaks with the eyes open (synthetic persons only; H.264
+                      round trip, tracked the same way): how far the tracked position
+                      moves when nothing but the mouth does (`tracker_floor_px_one_pass`
+                      one pass; `tracker_floor_px_blinking` with the person's own blinks,
+                      the floor of `head_drift_px_blinking`). `--floor_only` measures just
+                      these.
 
 The last line printed is one JSON object. Each synthesis is skipped when its video is in
 `--workdir` (delete the directory to measure again).
@@ -222,9 +230,10 @@ def measure_paste(pipe, person, root, log, seconds=4.0):
             "source_border_step": round(border_step(rt, (u0, v0, s)), 3)}
 
 
-def tracker_floor(person, root, seconds, tracker):
-    """`tracker_floor_px` of the module doc for a person dataset (None for one not from
-    the synthetic world)."""
+def tracker_floor(person, root, seconds, tracker, blinks=False):
+    """`tracker_floor_px` (with `blinks`, `tracker_floor_px_blinking`) of the module doc for
+    a person dataset: (shift-averaged, one pass) px, or None for a person not from the
+    synthetic world."""
     import numpy as np
 
     from geneface_jax.data.synthetic import world
@@ -234,8 +243,8 @@ def tracker_floor(person, root, seconds, tracker):
     arrays, _, _ = world.make_person(int(person.meta["seed"]),
                                      size=int(person["frames"].shape[1]),
                                      num_frames=int(round(seconds * 25)), progress=False,
-                                     static_pose=True)
-    path = root / "floor_static_truth.mp4"
+                                     static_pose=True, blinks=blinks)
+    path = root / f"floor_static_truth_{'blinking' if blinks else 'open'}.mp4"
     write_video(path, arrays["frames"])
     decoded = np.stack(list(read_video(path)))
     one, _ = tracker.track(decoded)
@@ -280,10 +289,13 @@ def main(argv):
     t0 = time.time()
     if FLAGS.floor_only:
         person = fmt.load_person(read_config(pathlib.Path(FLAGS.checkpoints) / "head")["data"])
-        floor = tracker_floor(person, root, FLAGS.static_seconds, FrameTracker())
+        tracker = FrameTracker()
+        floor = tracker_floor(person, root, FLAGS.static_seconds, tracker)
+        floor_b = tracker_floor(person, root, FLAGS.static_seconds, tracker, blinks=True)
         print(json.dumps({"bench": "video_controls",
                           "tracker_floor_px": floor and floor[0],
                           "tracker_floor_px_one_pass": floor and floor[1],
+                          "tracker_floor_px_blinking": floor_b and floor_b[0],
                           "tracker_shifts": FLAGS.tracker_shifts,
                           "seconds": FLAGS.static_seconds,
                           "wall_seconds": round(time.time() - t0, 1)}))
@@ -297,6 +309,12 @@ def main(argv):
     moving = pl.SynthesisOptions(pose="loop", blink="none", seed=FLAGS.seed, paste_back=False)
     frames_a = run(pipe, audio, root / f"static_auto_{FLAGS.seconds:g}s.mp4", static, log)
     frames_b = run(pipe, audio, root / f"loop_none_{FLAGS.seconds:g}s.mp4", moving, log)
+    still = pl.SynthesisOptions(pose=f"static:{FLAGS.static_frame}", blink="none",
+                                seed=FLAGS.seed, paste_back=False)
+    audio_c = speech_audio(root / f"speech_{FLAGS.static_seconds:g}s.wav",
+                           FLAGS.static_seconds / 60.0)
+    frames_c = run(pipe, audio_c, root / f"static_none_{FLAGS.static_seconds:g}s.mp4", still,
+                   log)
     tracker = FrameTracker()
     t1 = time.time()
     pts_a, found_a = tracker.track(frames_a)
@@ -311,21 +329,26 @@ def main(argv):
     without = blinks.detect_blinks(lm.eye_aspect_ratio(pts_b), drop=TRACKED_DROP)
     pts_src, _ = tracker.track(np.asarray(person["frames"]))
     floor = tracker_floor(person, root, FLAGS.static_seconds, tracker)
+    floor_b = tracker_floor(person, root, FLAGS.static_seconds, tracker, blinks=True)
     src_share, src_extra = blinks.match_blinks(
         blinks.detect_blinks(lm.eye_aspect_ratio(np.asarray(person["landmarks"]))),
         blinks.detect_blinks(lm.eye_aspect_ratio(pts_src), drop=TRACKED_DROP),
         BLINK_TOLERANCE)
     near, far = torso_flicker(frames_a, pts_a, schedule.peaks)
-    drift = drift_px(head_points(shifted_track(tracker, frames_a[:first],
-                                               FLAGS.tracker_shifts)))
+    pts_c, _ = tracker.track(frames_c)
+    drift = drift_px(head_points(shifted_track(tracker, frames_c, FLAGS.tracker_shifts)))
+    drift_blinking = drift_px(head_points(shifted_track(tracker, frames_a[:first],
+                                                        FLAGS.tracker_shifts)))
     figures = {
         "head_drift_px": round(drift, 3),
-        "head_drift_px_one_pass": round(drift_px(centres_a[:first]), 3),
+        "head_drift_px_one_pass": round(drift_px(head_points(pts_c)), 3),
+        "head_drift_px_blinking": round(drift_blinking, 3),
         "tracker_shifts": FLAGS.tracker_shifts,
         "head_drift_px_all": round(drift_px(centres_a), 3),
         "source_head_range_px": round(drift_px(centres_b[:first]), 3),
         "tracker_floor_px": floor and floor[0],
         "tracker_floor_px_one_pass": floor and floor[1],
+        "tracker_floor_px_blinking": floor_b and floor_b[0],
         "blinks_scheduled": int(len(schedule.peaks)),
         "blinks_found_share": round(share, 3),
         "blinks_extra": extra,
@@ -344,7 +367,7 @@ def main(argv):
     figures.update(paste)
     bars["paste_outside_p99"] = bool(paste["paste_outside_p99"] <= 2)
     bars["paste_border"] = bool(paste["paste_border_step"] <= paste["source_border_step"])
-    np.savez(root / "tracks.npz", points_static=pts_a, points_loop=pts_b,
+    np.savez(root / "tracks.npz", points_static=pts_a, points_loop=pts_b, points_still=pts_c,
              peaks=schedule.peaks, detected=found_a_blinks, detected_none=without)
     print(json.dumps({
         "bench": "video_controls", "checkpoints": str(pathlib.Path(FLAGS.checkpoints)),

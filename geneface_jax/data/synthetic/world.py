@@ -50,7 +50,7 @@ def _articulation(wav, style, blink):
 
 
 def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=2,
-                valid_fraction=0.1, progress=True, static_pose=False):
+                valid_fraction=0.1, progress=True, static_pose=False, blinks=True):
     """Generates the target person's video dataset.
 
     Args:
@@ -64,6 +64,7 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
       progress: show a progress bar while rendering.
       static_pose: hold the head (and torso) in the first frame's pose throughout; the
         person, speech, mouth and blinks are the same as without it.
+      blinks: False holds the eyes open throughout (everything else unchanged).
     Returns:
       (arrays, meta, wav) as taken by `format.write_person`.
     """
@@ -77,6 +78,8 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     wav = speech.make_speech(clips, r_speech, num_frames * feat.SAMPLES_PER_VIDEO_FRAME,
                              pitch_semitones=(voice - 0.5, voice + 0.5))
     blink = oracle.blinks(r_blink, num_frames)
+    if not blinks:
+        blink = np.zeros_like(blink)
     f, _, artic = _articulation(wav, TARGET_STYLE, blink)
     angles, shift = oracle.head_motion(r_pose, num_frames)
     if static_pose:
