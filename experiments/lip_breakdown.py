@@ -10,7 +10,9 @@ reference frames through the trained NeRF, and prints one JSON line
 `lip_energy_corr`), `pixels_opening` (how faithfully the NeRF draws the landmarks' mouth
 opening) and `opening_energy`; `reference_pixels_opening` (the NeRF on the person's own
 landmarks). The oracle's `pixels_energy` is the most the renderer lets `lip_energy_corr`
-reach with perfect landmarks. With `--track` (default) each rendering is also tracked with
+reach with perfect landmarks; `truth` is the same heuristic on the person's ground-truth
+video of the audio (`world.person_saying`, along the same reference track): the most any
+renderer could reach. With `--track` (default) each rendering is also tracked with
 the face tracker: `face_found` and `tracked_opening` (the tracked mouth opening vs the
 landmarks', docs/tracking_metric.md), and `reference_tracked_opening`. Needs checkpoints
 trained on a synthetic person (`make_dataset --kind=person`, its seed is read from the
@@ -57,10 +59,17 @@ def main(argv):
         raise DatasetError(f"{FLAGS.checkpoints}: the head run's person dataset ({data}) is "
                            "not a synthetic person: no ground-truth landmarks to compare")
     oracle = world.person_oracle(int(meta["seed"]), samples)["landmarks"]
-    out = pl.lip_sync_breakdown(
-        pipe, samples, oracle, own_frames=FLAGS.own_frames, tracker=tracker,
-        options=pl.SynthesisOptions(temperature=FLAGS.temperature, seed=FLAGS.seed,
-                                    max_frames=FLAGS.max_frames))
+    options = pl.SynthesisOptions(temperature=FLAGS.temperature, seed=FLAGS.seed,
+                                  max_frames=FLAGS.max_frames)
+    n = len(oracle) if not FLAGS.max_frames else min(len(oracle), FLAGS.max_frames)
+    ref = pipe.reference                  # the person's train split: frames [lo, hi)
+    lo = int(meta["splits"]["train"][0])
+    total = max(int(end) for _, end in meta["splits"].values())
+    truth = world.person_saying(int(meta["seed"]), samples,
+                                lo + pl.track_indices(n, len(ref), options.pose_mode),
+                                size=ref.height, num_frames=total, progress=True)
+    out = pl.lip_sync_breakdown(pipe, samples, oracle, own_frames=FLAGS.own_frames,
+                                tracker=tracker, options=options, truth_frames=truth)
     print(json.dumps(dict(out, audio=audio, temperature=FLAGS.temperature,
                           seed=FLAGS.seed)))
 

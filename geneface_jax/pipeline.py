@@ -741,7 +741,7 @@ def tracked_video_report(video_path, landmarks, truth=None, *, tracker=None, chu
 
 def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
                        options: SynthesisOptions = SynthesisOptions(), own_frames=50,
-                       tracker=None):
+                       tracker=None, truth_frames=None):
     """Where lip sync is lost: audio -> landmarks -> rendered mouth pixels.
 
     Renders (no video file) the predicted landmarks of `wav` (16 kHz mono) and the
@@ -758,7 +758,10 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
       (`render.face_tracking.FrameTracker`) also, per rendering, `face_found` and
       `tracked_opening` (r of the tracked inner-lip opening with the rendered landmarks'
       opening: what a viewer sees of the mouth the landmarks ask for), and
-      `reference_tracked_opening`.
+      `reference_tracked_opening`. With `truth_frames` (uint8 `[N, H, W, 3]`: the person's
+      ground-truth video of the same audio along the same reference track, e.g.
+      `world.person_saying`), `truth`: its `pixels_energy` and `pixels_opening` (mouth
+      boxes from the oracle landmarks): what the pixel heuristic gives the truth itself.
     """
     wav = feat.pad_or_trim(np.asarray(wav, np.float32))
     n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
@@ -789,6 +792,15 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
         return mouth_pixel_activity(frames, boxes), tracked
 
     out = dict(frames=n)
+    if truth_frames is not None:
+        truth_frames = np.asarray(truth_frames)
+        if truth_frames.shape != (n, ref.height, ref.width, 3):
+            raise ShapeError(f"truth frames must be [{n}, {ref.height}, {ref.width}, 3], got "
+                             f"{truth_frames.shape}")
+        act = mouth_pixel_activity(truth_frames, mouth_boxes(
+            oracle, ref.poses[track], ref.intrinsics, ref.height, ref.width))
+        out["truth"] = dict(pixels_energy=pearson(act, loud),
+                            pixels_opening=pearson(act, lm.mouth_opening(oracle)))
     for name, lms in (("predicted", res["landmarks"]), ("oracle", oracle)):
         (act, tracked), opening = rendered(lms, track), lm.mouth_opening(lms)
         out[name] = dict(pixels_energy=pearson(act, loud), pixels_opening=pearson(act, opening),

@@ -22,6 +22,7 @@ from geneface_jax import pipeline as pl
 from geneface_jax import train
 from geneface_jax.audio import features as feat
 from geneface_jax.audio import io as audio_io
+from geneface_jax.data import format as fmt
 from geneface_jax.data import landmarks as lm
 from geneface_jax.data.video import probe_video, read_audio_track, read_video
 from geneface_jax.errors import CheckpointError, GenefaceError, ShapeError
@@ -250,6 +251,22 @@ def test_lip_sync_breakdown(pipe, demo, clip, tmp_path):
         assert 0.0 <= out[part]["face_found"] <= 1.0
     with pytest.raises(ShapeError):
         pl.lip_sync_breakdown(pipe, wav, oracle[:5], options=pl.SynthesisOptions(max_frames=20))
+    # The ground truth of the audio scored the same way (`truth`, the heuristic's ceiling).
+    ref = pipe.reference
+    track = pl.track_indices(20, len(ref), "loop")
+    person = fmt.load_person(pipe.head_run["data"])
+    truth = world.person_saying(0, wav, track, size=ref.height,
+                                num_frames=len(person["frames"]))
+    assert truth.shape == (20, ref.height, ref.width, 3)
+    out = pl.lip_sync_breakdown(pipe, wav, oracle, truth_frames=truth,
+                                options=pl.SynthesisOptions(max_frames=20))
+    act = pl.mouth_pixel_activity(truth, pl.mouth_boxes(oracle[:20], ref.poses[track],
+                                                        ref.intrinsics, ref.height, ref.width))
+    assert out["truth"]["pixels_opening"] == pytest.approx(
+        pl.pearson(act, lm.mouth_opening(oracle[:20])), abs=1e-12)
+    with pytest.raises(ShapeError):
+        pl.lip_sync_breakdown(pipe, wav, oracle, truth_frames=truth[:5],
+                              options=pl.SynthesisOptions(max_frames=20))
     # The command: bad audio is one `error:` line with exit status 2.
     (tmp_path / "notes.txt").write_text("this is not audio\n" * 50)
     p = _run("experiments.lip_breakdown", f"--checkpoints={demo[0] / 'checkpoints'}",

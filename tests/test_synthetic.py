@@ -240,3 +240,22 @@ def test_person_without_blinks_keeps_its_eyes_open_and_everything_else():
     assert (gap_b[shut].mean(1) < 0.5 * gap_o[shut].mean(1)).all()
     still = blinking["blink"] == 0.0
     np.testing.assert_array_equal(open_["frames"][still], blinking["frames"][still])
+
+
+def test_person_saying_its_own_audio_is_its_own_video():
+    """`world.person_saying(seed, wav, track)` with the person's own audio and frame
+    order reproduces the person's frames wherever it does not blink (the truth of new
+    audio is drawn by the same renderer, pose and background); a frame order changes the
+    pose only; a track that does not fit is refused."""
+    arrays, meta, wav = world.make_person(5, size=24, num_frames=60, progress=False)
+    truth = world.person_saying(5, wav, np.arange(60), size=24, num_frames=60)
+    still = arrays["blink"] == 0.0
+    assert still.sum() > 30
+    np.testing.assert_array_equal(truth[still], arrays["frames"][still])
+    shuffled = world.person_saying(5, wav, np.arange(60)[::-1], size=24, num_frames=60)
+    assert not np.array_equal(shuffled[0], truth[0])
+    from geneface_jax.errors import DatasetError
+    with pytest.raises(DatasetError):
+        world.person_saying(5, wav, np.arange(61), size=24, num_frames=60)
+    with pytest.raises(DatasetError):
+        world.person_saying(5, wav, [60], size=24, num_frames=60)

@@ -49,6 +49,19 @@ def _articulation(wav, style, blink):
     return f, cues, artic
 
 
+def _scene(r_pose, r_bg, num_frames, size, static_pose=False):
+    """The person video's head rotations `[T, 3, 3]`, head and torso translations `[T, 3]`,
+    intrinsics and background, from its pose and background streams."""
+    angles, shift = oracle.head_motion(r_pose, num_frames)
+    if static_pose:
+        angles, shift = (np.broadcast_to(a[:1], a.shape).copy() for a in (angles, shift))
+    rot = oracle.rotation_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    trans = HEAD_REST + shift
+    torso_trans = HEAD_REST + TORSO_FOLLOW * shift
+    return rot, trans, torso_trans, intrinsics_for(size), raster.make_background(r_bg, size,
+                                                                                 size)
+
+
 def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=2,
                 valid_fraction=0.1, progress=True, static_pose=False, blinks=True):
     """Generates the target person's video dataset.
@@ -81,14 +94,8 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     if not blinks:
         blink = np.zeros_like(blink)
     f, _, artic = _articulation(wav, TARGET_STYLE, blink)
-    angles, shift = oracle.head_motion(r_pose, num_frames)
-    if static_pose:
-        angles, shift = (np.broadcast_to(a[:1], a.shape).copy() for a in (angles, shift))
-    rot = oracle.rotation_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-    trans = HEAD_REST + shift
-    torso_trans = HEAD_REST + TORSO_FOLLOW * shift
-    k = intrinsics_for(size)
-    background = raster.make_background(r_bg, size, size)
+    rot, trans, torso_trans, k, background = _scene(r_pose, r_bg, num_frames, size,
+                                                    static_pose)
     background_u8 = np.round(background * 255).astype(np.uint8)
     frames = np.zeros((num_frames, size, size, 3), np.uint8)
     masks = np.zeros((num_frames, size, size), np.uint8)
@@ -134,6 +141,40 @@ def person_oracle(seed, wav):
     _, cues, artic = _articulation(wav, TARGET_STYLE, np.zeros(num, np.float32))
     return dict(landmarks=face_lib.landmarks_3d(shape, artic), open=artic["open"],
                 width=artic["width"], activity=cues["activity"])
+
+
+def person_saying(seed, wav, track, *, size=128, num_frames=250, supersample=2,
+                  progress=False):
+    """The ground-truth video of the target person of `make_person(seed, size=size,
+    num_frames=num_frames)` saying `wav` (16 kHz mono) with its eyes open: frame t shows
+    `person_oracle(seed, wav)`'s articulation at t in the head pose (and over the
+    background) of the person's own frame `track[t]`, i.e. what the person would look
+    like saying this audio along a synthesis's reference track
+    (`pipeline.track_indices`). Used to score renders of new audio against the truth
+    (`experiments.lip_breakdown`).
+
+    Returns: uint8 frames `[len(track), size, size, 3]`.
+    """
+    track = np.asarray(track, np.int64)
+    wav = feat.pad_or_trim(np.asarray(wav, np.float32))
+    num = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
+    if track.ndim != 1 or len(track) > num or (len(track) and (
+            track.min() < 0 or track.max() >= num_frames)):
+        raise DatasetError(f"person_saying: track must be at most {num} indices into the "
+                           f"person's {num_frames} frames, got shape {track.shape}")
+    r_face, _, _, r_pose, r_bg = _streams(seed, 1, 5)
+    shape = face_lib.sample_face_shape(r_face)
+    _, _, artic = _articulation(wav, TARGET_STYLE, np.zeros(num, np.float32))
+    rot, trans, torso_trans, k, background = _scene(r_pose, r_bg, num_frames, size)
+    frames = np.zeros((len(track), size, size, 3), np.uint8)
+    for t in tqdm.trange(len(track), desc="rendering the truth", unit="frame",
+                         disable=not progress, leave=False):
+        frame = {key: float(artic[key][t]) for key in ("open", "width", "smile", "blink")}
+        i = track[t]
+        rgb, _ = raster.render_frame(shape, frame, rot[i], trans[i], torso_trans[i], k,
+                                     background, supersample)
+        frames[t] = np.round(rgb * 255).astype(np.uint8)
+    return frames
 
 
 def make_corpus(seed, *, num_utterances=200, num_speakers=20, held_out_speakers=3,
