@@ -739,6 +739,27 @@ def tracked_video_report(video_path, landmarks, truth=None, *, tracker=None, chu
     return out
 
 
+def darkening_vs_truth(rendered, truth, opening, poses):
+    """How a render's mouth darkening `[N]` (`mouth_pixel_activity`) differs from the
+    truth's `[N]` for the same mouth openings `[N]` and camera poses `[N, 4, 4]`:
+    `slope` / `truth_slope` (least-squares darkening per unit of opening: does the
+    rendered mouth darken as much as it opens), `residual_std` (std of rendered - truth,
+    luminance in [0, 1]) and `residual_pose_r2` (the share of that residual's variance a
+    linear fit on the pose's 12 rotation and translation entries explains: an error that
+    follows the head pose rather than the mouth)."""
+    rendered, truth = np.asarray(rendered, np.float64), np.asarray(truth, np.float64)
+    opening = np.asarray(opening, np.float64)
+    resid = rendered - truth
+    x = np.concatenate([np.asarray(poses, np.float64)[:, :3].reshape(len(resid), 12),
+                        np.ones((len(resid), 1))], axis=1)
+    coef = np.linalg.lstsq(x, resid, rcond=None)[0]
+    total = float(np.sum((resid - resid.mean()) ** 2))
+    r2 = 1.0 - float(np.sum((resid - x @ coef) ** 2)) / total if total > 0 else 0.0
+    return dict(slope=float(np.polyfit(opening, rendered, 1)[0]),
+                truth_slope=float(np.polyfit(opening, truth, 1)[0]),
+                residual_std=float(resid.std()), residual_pose_r2=r2)
+
+
 def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
                        options: SynthesisOptions = SynthesisOptions(), own_frames=50,
                        tracker=None, truth_frames=None):
@@ -761,7 +782,8 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
       `reference_tracked_opening`. With `truth_frames` (uint8 `[N, H, W, 3]`: the person's
       ground-truth video of the same audio along the same reference track, e.g.
       `world.person_saying`), `truth`: its `pixels_energy` and `pixels_opening` (mouth
-      boxes from the oracle landmarks): what the pixel heuristic gives the truth itself.
+      boxes from the oracle landmarks): what the pixel heuristic gives the truth itself;
+      and `darkening_vs_truth` of the oracle's renders against it.
     """
     wav = feat.pad_or_trim(np.asarray(wav, np.float32))
     n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
@@ -792,19 +814,23 @@ def lip_sync_breakdown(pipe, wav, oracle_landmarks, *,
         return mouth_pixel_activity(frames, boxes), tracked
 
     out = dict(frames=n)
+    truth_act = None
     if truth_frames is not None:
         truth_frames = np.asarray(truth_frames)
         if truth_frames.shape != (n, ref.height, ref.width, 3):
             raise ShapeError(f"truth frames must be [{n}, {ref.height}, {ref.width}, 3], got "
                              f"{truth_frames.shape}")
-        act = mouth_pixel_activity(truth_frames, mouth_boxes(
+        truth_act = mouth_pixel_activity(truth_frames, mouth_boxes(
             oracle, ref.poses[track], ref.intrinsics, ref.height, ref.width))
-        out["truth"] = dict(pixels_energy=pearson(act, loud),
-                            pixels_opening=pearson(act, lm.mouth_opening(oracle)))
+        out["truth"] = dict(pixels_energy=pearson(truth_act, loud),
+                            pixels_opening=pearson(truth_act, lm.mouth_opening(oracle)))
     for name, lms in (("predicted", res["landmarks"]), ("oracle", oracle)):
         (act, tracked), opening = rendered(lms, track), lm.mouth_opening(lms)
         out[name] = dict(pixels_energy=pearson(act, loud), pixels_opening=pearson(act, opening),
                          opening_energy=pearson(opening, loud), **tracked)
+        if name == "oracle" and truth_act is not None:
+            out["truth"].update(darkening_vs_truth(act, truth_act, opening,
+                                                   ref.poses[track]))
     own = np.arange(min(own_frames, len(ref)))
     act, tracked = rendered(ref.landmarks[own], own)
     out["reference_pixels_opening"] = pearson(act, lm.mouth_opening(ref.landmarks[own]))

@@ -264,6 +264,9 @@ def test_lip_sync_breakdown(pipe, demo, clip, tmp_path):
                                                         ref.intrinsics, ref.height, ref.width))
     assert out["truth"]["pixels_opening"] == pytest.approx(
         pl.pearson(act, lm.mouth_opening(oracle[:20])), abs=1e-12)
+    assert {"slope", "truth_slope", "residual_std", "residual_pose_r2"} <= set(out["truth"])
+    assert out["truth"]["truth_slope"] == pytest.approx(
+        np.polyfit(lm.mouth_opening(oracle[:20]), act, 1)[0], rel=1e-9)
     with pytest.raises(ShapeError):
         pl.lip_sync_breakdown(pipe, wav, oracle, truth_frames=truth[:5],
                               options=pl.SynthesisOptions(max_frames=20))

@@ -163,3 +163,23 @@ def test_scores_and_mouth_activity():
     db = pl.frame_energy_db(np.array([1.0, 1.0, 0.0, 0.0]))
     np.testing.assert_allclose(db, [0.0, -60.0], atol=1e-6)
     assert pl.pearson([1, 2, 3], [2, 4, 7]) > 0.98
+
+
+def test_darkening_vs_truth_separates_mouth_response_from_pose_error():
+    """A render that darkens half as much per unit of opening has half the truth's slope;
+    an error that is a linear function of the pose is all pose (R^2 1), a random one is
+    not."""
+    rng = np.random.default_rng(0)
+    n = 200
+    opening = rng.uniform(0, 1, n)
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    poses[:, :3, 3] = rng.normal(0, 0.02, (n, 3))
+    truth = 0.02 * opening
+    half = pl.darkening_vs_truth(0.01 * opening, truth, opening, poses)
+    assert half["slope"] == pytest.approx(0.01) and half["truth_slope"] == pytest.approx(0.02)
+    pose_err = truth + 0.3 * poses[:, 1, 3] - 0.1 * poses[:, 2, 3]
+    out = pl.darkening_vs_truth(pose_err, truth, opening, poses)
+    assert out["residual_pose_r2"] == pytest.approx(1.0) and out["residual_std"] > 0
+    assert out["slope"] == pytest.approx(0.02, abs=2e-3)
+    noise = pl.darkening_vs_truth(truth + rng.normal(0, 0.005, n), truth, opening, poses)
+    assert noise["residual_pose_r2"] < 0.15
