@@ -125,7 +125,8 @@ def shift_offsets(count):
 
 def shifted_track(tracker, frames, count):
     """Points `[N, 68, 2]` averaged over `count` tracker passes on `frames [N, H, W, 3]`
-    shifted by whole pixels (edges repeated), each pass's shift subtracted again."""
+    shifted by whole pixels (edges repeated), each pass's shift subtracted again; and the
+    first pass's points (the frames unshifted: one pass of the tracker)."""
     import numpy as np
     h, w = frames.shape[1:3]
     padded = np.pad(frames, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
@@ -135,7 +136,7 @@ def shifted_track(tracker, frames, count):
         pts, _ = tracker.track(moved)
         passes.append(pts - np.asarray([dx, dy], np.float32))
     with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(passes), axis=0) if count > 1 else passes[0]
+        return (np.nanmean(np.stack(passes), axis=0) if count > 1 else passes[0]), passes[0]
 
 
 def drift_px(centres):
@@ -247,8 +248,7 @@ def tracker_floor(person, root, seconds, tracker, blinks=False):
     path = root / f"floor_static_truth_{'blinking' if blinks else 'open'}.mp4"
     write_video(path, arrays["frames"])
     decoded = np.stack(list(read_video(path)))
-    one, _ = tracker.track(decoded)
-    shifted = shifted_track(tracker, decoded, FLAGS.tracker_shifts)
+    shifted, one = shifted_track(tracker, decoded, FLAGS.tracker_shifts)
     return (round(drift_px(head_points(shifted)), 3), round(drift_px(head_points(one)), 3))
 
 
@@ -335,10 +335,10 @@ def main(argv):
         blinks.detect_blinks(lm.eye_aspect_ratio(pts_src), drop=TRACKED_DROP),
         BLINK_TOLERANCE)
     near, far = torso_flicker(frames_a, pts_a, schedule.peaks)
-    pts_c, _ = tracker.track(frames_c)
-    drift = drift_px(head_points(shifted_track(tracker, frames_c, FLAGS.tracker_shifts)))
+    shifted_c, pts_c = shifted_track(tracker, frames_c, FLAGS.tracker_shifts)
+    drift = drift_px(head_points(shifted_c))
     drift_blinking = drift_px(head_points(shifted_track(tracker, frames_a[:first],
-                                                        FLAGS.tracker_shifts)))
+                                                        FLAGS.tracker_shifts)[0]))
     figures = {
         "head_drift_px": round(drift, 3),
         "head_drift_px_one_pass": round(drift_px(head_points(pts_c)), 3),

@@ -62,6 +62,25 @@ def _scene(r_pose, r_bg, num_frames, size, static_pose=False):
                                                                                  size)
 
 
+def _render_frames(shape, artic, scene, pose_index, supersample, progress, desc):
+    """uint8 frames `[N, H, W, 3]` and mask labels `[N, H, W]`: frame t shows the
+    articulation `artic[...][t]` in the head pose of the scene's (`_scene`) frame
+    `pose_index[t]`, N = len(pose_index)."""
+    rot, trans, torso_trans, k, background = scene
+    size = background.shape[0]
+    frames = np.zeros((len(pose_index), size, size, 3), np.uint8)
+    masks = np.zeros((len(pose_index), size, size), np.uint8)
+    for t in tqdm.trange(len(pose_index), desc=desc, unit="frame", disable=not progress,
+                         leave=False):
+        frame = {key: float(artic[key][t]) for key in ("open", "width", "smile", "blink")}
+        i = pose_index[t]
+        rgb, labels = raster.render_frame(shape, frame, rot[i], trans[i], torso_trans[i], k,
+                                          background, supersample)
+        frames[t] = np.round(rgb * 255).astype(np.uint8)
+        masks[t] = labels
+    return frames, masks
+
+
 def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=2,
                 valid_fraction=0.1, progress=True, static_pose=False, blinks=True):
     """Generates the target person's video dataset.
@@ -97,15 +116,9 @@ def make_person(seed, *, size=128, num_frames=250, speech_dir=None, supersample=
     rot, trans, torso_trans, k, background = _scene(r_pose, r_bg, num_frames, size,
                                                     static_pose)
     background_u8 = np.round(background * 255).astype(np.uint8)
-    frames = np.zeros((num_frames, size, size, 3), np.uint8)
-    masks = np.zeros((num_frames, size, size), np.uint8)
-    for t in tqdm.trange(num_frames, desc="rendering person", unit="frame",
-                         disable=not progress, leave=False):
-        frame = {key: float(artic[key][t]) for key in ("open", "width", "smile", "blink")}
-        rgb, labels = raster.render_frame(shape, frame, rot[t], trans[t], torso_trans[t], k,
-                                          background, supersample)
-        frames[t] = np.round(rgb * 255).astype(np.uint8)
-        masks[t] = labels
+    frames, masks = _render_frames(shape, artic, (rot, trans, torso_trans, k, background),
+                                   np.arange(num_frames), supersample, progress,
+                                   "rendering person")
     lms = face_lib.landmarks_3d(shape, artic)
     lms_cam = np.einsum("tij,tkj->tki", rot, lms) + trans[:, None]
     lms_2d = raster.project(lms_cam, k).astype(np.float32)
@@ -165,16 +178,9 @@ def person_saying(seed, wav, track, *, size=128, num_frames=250, supersample=2,
     r_face, _, _, r_pose, r_bg = _streams(seed, 1, 5)
     shape = face_lib.sample_face_shape(r_face)
     _, _, artic = _articulation(wav, TARGET_STYLE, np.zeros(num, np.float32))
-    rot, trans, torso_trans, k, background = _scene(r_pose, r_bg, num_frames, size)
-    frames = np.zeros((len(track), size, size, 3), np.uint8)
-    for t in tqdm.trange(len(track), desc="rendering the truth", unit="frame",
-                         disable=not progress, leave=False):
-        frame = {key: float(artic[key][t]) for key in ("open", "width", "smile", "blink")}
-        i = track[t]
-        rgb, _ = raster.render_frame(shape, frame, rot[i], trans[i], torso_trans[i], k,
-                                     background, supersample)
-        frames[t] = np.round(rgb * 255).astype(np.uint8)
-    return frames
+    scene = _scene(r_pose, r_bg, num_frames, size)
+    return _render_frames(shape, artic, scene, track, supersample, progress,
+                          "rendering the truth")[0]
 
 
 def make_corpus(seed, *, num_utterances=200, num_speakers=20, held_out_speakers=3,
