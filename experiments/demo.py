@@ -24,7 +24,10 @@ the waveform) and `metrics.json`:
                     ground truth of the person saying the audio (all 68 / mouth points)
   sync_corr         Pearson r of predicted vs ground-truth mouth opening
   lip_energy_corr   Pearson r of the decoded video's mouth-region darkening
-                    (`pipeline.mouth_pixel_activity`) with the audio energy (dB)
+                    (`pipeline.mouth_pixel_activity`, boxes of one size around the lips)
+                    with the audio energy (dB); `lip_energy_corr_frame_boxes`: the same
+                    in boxes that grow with the lips (the figure before 2026-12-07, which
+                    reads 0.54 on the person's ground-truth video: docs/demo.md)
   video_face_found, tracked_sync_r, tracked_oracle_r
                     the video tracked with the face tracker: share of frames with a face,
                     r of the tracked mouth opening with the rendered landmarks' and with

@@ -192,9 +192,9 @@ def synthesize_and_score(ck, out, audio, seed, temperature, pose_mode, mesh, tra
     truth = world.person_oracle(seed, wav)
     scores = pl.landmark_scores(res["landmarks"], truth["landmarks"])
     scores_stage1 = pl.landmark_scores(res["stage1"], truth["landmarks"])
-    lip = pl.lip_energy_correlation(out / "video.mp4", res["landmarks"],
-                                    pipe.reference.poses[res["track"]],
-                                    pipe.reference.intrinsics, res["energy"])
+    lip, lip_frame_boxes = (pl.lip_energy_correlation(
+        out / "video.mp4", res["landmarks"], pipe.reference.poses[res["track"]],
+        pipe.reference.intrinsics, res["energy"], box_size=size) for size in ("video", "frame"))
     plot_landmarks(out / "landmarks.png", wav, res, truth)
     video = pl.tracked_video_report(out / "video.mp4", res["landmarks"], truth["landmarks"],
                                     tracker=tracker)
@@ -203,6 +203,7 @@ def synthesize_and_score(ck, out, audio, seed, temperature, pose_mode, mesh, tra
         lmd=scores["lmd"], lmd_mouth=scores["lmd_mouth"], sync_corr=scores["sync_corr"],
         lmd_mouth_stage1=scores_stage1["lmd_mouth"],
         sync_corr_stage1=scores_stage1["sync_corr"], lip_energy_corr=lip,
+        lip_energy_corr_frame_boxes=lip_frame_boxes,
         psnr_full=nerf["psnr_full"], psnr_head=nerf["psnr_head"],
         ssim_full=nerf["ssim_full"], mouth_control_ratio=nerf["mouth_control_ratio"],
         video_face_found=video["face_found"], tracked_sync_r=video["tracked_sync_r"],

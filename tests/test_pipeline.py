@@ -165,6 +165,57 @@ def test_scores_and_mouth_activity():
     assert pl.pearson([1, 2, 3], [2, 4, 7]) > 0.98
 
 
+def test_mouth_boxes_keep_one_size_and_weigh_border_pixels_by_coverage():
+    """The lip heuristic's boxes: one size for the whole video, centred on each frame's
+    lips, kept inside the image; a box edge inside a pixel weighs it by its share. On a
+    mouth whose dark cavity grows with the opening, the darkening in boxes of one size is
+    exactly linear in the cavity's area, in per-frame boxes (which grow with the lips)
+    it is not."""
+    grey = np.zeros((1, 2, 4, 3), np.uint8)
+    grey[0, :, :] = np.array([0, 100, 200, 50], np.uint8)[None, :, None]
+    two = np.concatenate([grey, np.full_like(grey, 0)])
+    act = pl.mouth_pixel_activity(two, np.array([[1.5, 0.0, 3.5, 2.0]] * 2))
+    assert act[0] - act[1] == pytest.approx(-(0.5 * 100 + 200 + 0.5 * 50) / 2 / 255,
+                                            rel=1e-12)
+    # Lips drawn at camera depth 1 (identity pose), 1 px = 0.01 units (f = 100, centre 32).
+    n, f, c = 9, 100.0, 32.0
+    intr = np.array([f, f, c, c])
+    poses = np.tile(np.eye(4), (n, 1, 1))
+    opening = np.linspace(2.0, 10.0, n)                  # pixels the lower lip drops
+    landmarks = np.zeros((n, 68, 3))
+    landmarks[:, :, 2] = -1.0
+    xs = np.linspace(-0.1, 0.1, len(lm.OUTER_LIP))       # lips 20 px wide
+    landmarks[:, lm.OUTER_LIP, 0] = xs
+    landmarks[:, lm.OUTER_LIP, 1] = 0.02                 # top lip 2 px above centre ...
+    landmarks[:, lm.OUTER_LIP[::2], 1] = -opening[:, None] / f     # ... lower lip below
+    frame_boxes = pl.mouth_boxes(landmarks, poses, intr, 64, 64, size="frame")
+    boxes = pl.mouth_boxes(landmarks, poses, intr, 64, 64)
+    size = boxes[:, 2:] - boxes[:, :2]
+    np.testing.assert_allclose(size, np.broadcast_to(size[0], size.shape), atol=1e-9)
+    height = (2 + opening) * 1.7                          # lips + 2 x 35 % margin
+    np.testing.assert_allclose(size[0], [20 * 1.7, np.median(height)], rtol=1e-5)
+    centre_v = c - (0.02 * f - opening) / 2
+    np.testing.assert_allclose((boxes[:, 1] + boxes[:, 3]) / 2, centre_v, atol=1e-4)
+    assert np.ptp(frame_boxes[:, 3] - frame_boxes[:, 1]) >= 10      # they grow
+    # A cavity 10 px wide between the lips, skin 200 elsewhere.
+    frames = np.full((n, 64, 64, 3), 200, np.uint8)
+    for t in range(n):
+        lo, hi = int(round(c - 2)), int(round(c + opening[t]))
+        frames[t, lo:hi, 27:37] = 20
+    area = np.array([10 * (int(round(c + o)) - int(round(c - 2))) for o in opening])
+    act = pl.mouth_pixel_activity(frames, boxes)
+    np.testing.assert_allclose(act - act.mean(), (area - area.mean()) * 180 / 255
+                               / (size[0, 0] * size[0, 1]), atol=1e-9)
+    assert pl.pearson(pl.mouth_pixel_activity(frames, frame_boxes), area) < 0.8   # 0.58
+    # Near the border the box is moved inside, not shrunk.
+    shifted = landmarks + np.array([0.3, 0.0, 0.0])      # lips 30 px right: past the edge
+    edge = pl.mouth_boxes(shifted, poses, intr, 64, 64)
+    np.testing.assert_allclose(edge[:, 2], 64.0)
+    np.testing.assert_allclose(edge[:, 2:] - edge[:, :2], size, atol=1e-9)
+    with pytest.raises(ValueError, match="size"):
+        pl.mouth_boxes(landmarks, poses, intr, 64, 64, size="grow")
+
+
 def test_darkening_vs_truth_separates_mouth_response_from_pose_error():
     """A render that darkens half as much per unit of opening has half the truth's slope;
     an error that is a linear function of the pose is all pose (R^2 1), a random one is
