@@ -10,8 +10,10 @@ status 75 (`errors.PREEMPTED_EXIT_STATUS`, EX_TEMPFAIL): rerun the same command 
 """
 
 import ctypes
+import hashlib
 import os
 import pathlib
+import platform
 import sys
 
 from absl import app
@@ -147,6 +149,71 @@ def _maybe_initialize_distributed():
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
 
+CACHE_ENV = "GENEFACE_XLA_CACHE"
+CACHE_MAX_BYTES = 2 << 30
+
+
+def compilation_cache_dir():
+    """Where the commands keep their compiled XLA programs between runs, or None (off).
+
+    `$GENEFACE_XLA_CACHE` names the directory (`off` or `0` turns the cache off); by default
+    `$XDG_CACHE_HOME/geneface-jax/xla` (`~/.cache/...`). Programs go to a subdirectory
+    per host CPU (`_host_fingerprint`). None too when `$JAX_COMPILATION_CACHE_DIR` is set:
+    JAX then uses that one itself (the test suite sets it).
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    if env:
+        base = pathlib.Path(env).expanduser()
+    else:
+        home = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+        base = pathlib.Path(home) / "geneface-jax" / "xla"
+    return base / _host_fingerprint()
+
+
+def _host_fingerprint():
+    """A short hash of the machine's architecture, CPU model and CPU feature flags.
+    XLA:CPU compiles for the host's instruction set, so a cache directory shared by
+    different machines (a home directory on a network file system) keeps their programs
+    apart."""
+    text = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            seen = set()
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen.add(key)
+                    text.append(line.strip())
+    except OSError:
+        text.append(platform.processor())
+    return "host-" + hashlib.sha256("\n".join(text).encode()).hexdigest()[:12]
+
+
+def enable_compilation_cache():
+    """Points JAX's persistent compilation cache at `compilation_cache_dir()` (at most
+    `CACHE_MAX_BYTES`, least recently used programs evicted first), so a command run again
+    loads the programs it compiled before instead of compiling them (the renderer's
+    compiles are most of a short clip's synthesis time). JAX stores only programs that
+    took at least a second to compile; a cached program is the compiled program itself,
+    so results are unchanged. Returns the directory, or None when the cache is off or
+    the directory cannot be created (then everything compiles as before)."""
+    d = compilation_cache_dir()
+    if d is None:
+        return None
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    import jax
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return d
+
+
 def tune_host_malloc():
     """Keeps XLA:CPU's per-step buffers in reused memory; call before JAX starts.
 
@@ -196,6 +263,7 @@ def run(main):
             logging.set_verbosity(logging.WARNING)
         try:
             _maybe_initialize_distributed()
+            enable_compilation_cache()
             return main(argv)
         except Preempted as e:
             print(f"error: {e}", file=sys.stderr)

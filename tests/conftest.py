@@ -52,13 +52,19 @@ def speech_dir():
 TINY_DEMO = ("--config=tiny",)
 
 
-def run_module(module, *args, check=True, devices=1, timeout=1800):
-    """`python -m module args` in the repository; entry points see `devices` CPU devices."""
+def run_module(module, *args, check=True, devices=1, timeout=1800, env_update=None):
+    """`python -m module args` in the repository; entry points see `devices` CPU devices;
+    `env_update` sets (or, with None, removes) environment variables."""
     import subprocess
     import sys
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
                           if devices > 1 else "") + SUBPROCESS_XLA_FLAGS)
+    for k, v in (env_update or {}).items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

@@ -331,6 +331,33 @@ def test_synthesize_writes_the_video_landmarks_and_the_tracker_report(demo, clip
     assert sorted(os.listdir(tmp_path)) == ["video.landmarks.npz", "video.mp4"]
 
 
+def test_commands_keep_compiled_programs_between_runs(demo, clip, tmp_path):
+    """The commands' persistent compilation cache (`experiments.common.
+    enable_compilation_cache`): a first `synthesize` stores its compiled programs under
+    `$GENEFACE_XLA_CACHE/host-*`, a second one loads them all (no new entry) and writes the
+    same video; `GENEFACE_XLA_CACHE=off` stores nothing."""
+    cache = tmp_path / "xla"
+    env = {"GENEFACE_XLA_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": None,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}     # tiny models compile fast
+    args = ("experiments.synthesize", f"--audio={clip}", f"--checkpoints={demo[0] / 'checkpoints'}",
+            "--max_frames=4")
+
+    def entries():
+        return sorted(p.name for p in cache.glob("host-*/*-cache"))
+
+    _run(*args, f"--out={tmp_path / 'a.mp4'}", env_update=env)
+    first = entries()
+    assert len(first) >= 3 and len({p.parent for p in cache.glob("host-*/*")}) == 1
+    _run(*args, f"--out={tmp_path / 'b.mp4'}", env_update=env)
+    assert entries() == first
+    a, b = (np.stack(list(read_video(tmp_path / f"{n}.mp4"))) for n in "ab")
+    assert len(a) == 4 and np.array_equal(a, b)
+    off = tmp_path / "off"
+    _run(*args, f"--out={tmp_path / 'c.mp4'}",
+         env_update=dict(env, GENEFACE_XLA_CACHE="off", XDG_CACHE_HOME=str(off)))
+    assert not off.exists()
+
+
 def test_checkpoints_that_do_not_belong_together_are_refused(demo, tmp_path):
     ck = demo[0] / "checkpoints"
 

@@ -18,6 +18,8 @@ from geneface_jax.mesh import make_mesh
 from geneface_jax.render import frames as rf
 from geneface_jax.render import grid_encoding as ge
 from geneface_jax.render import grid_fields as gf
+from geneface_jax.render import rays as rays_lib
+from geneface_jax.render import sharded
 from geneface_jax.train import nerf as tn
 
 from experiments.configs import grid as grid_presets
@@ -242,6 +244,75 @@ def test_grid_frames_equal_on_1_and_8_devices(tiny_runs, person_dir):
         np.testing.assert_allclose(outs[0][k], outs[1][k], atol=1e-6)
     assert outs[0]["rgb"].shape == (32, 32, 3)
     assert 0.0 < outs[0]["torso_acc"].mean() < 1.0
+
+
+def test_grid_frames_trace_each_frames_own_hit_pixels(tiny_runs, person_dir, monkeypatch):
+    """Several frames in one call: the head is traced only at each frame's own pixels
+    whose rays meet an occupied cell (not the union over the frames), and the frames equal
+    every pixel traced through head and torso; per-frame region masks give each frame's
+    own region render."""
+    root, _, _ = tiny_runs
+    hcfg, hvars, _, norm = rf.load_nerf(root / "head", "head")
+    tcfg, tvars, _, _ = rf.load_nerf(root / "torso", "torso")
+    bits = np.array(hvars["occupancy"]["bits"])
+    bits[:, :, : bits.shape[2] // 2] = 0.0           # half the head's box empty
+    hvars = dict(hvars, occupancy=dict(hvars["occupancy"], bits=jnp.asarray(bits)))
+    views = tn.PersonViews(fmt.load_person(person_dir), norm)
+    lo, hi = views.split_range("train")
+    ts = np.linspace(lo, hi - 1, 3).astype(int)
+    r = rf.FrameRenderer(hcfg, hvars, views, torso_cfg=tcfg, torso_vars=tvars,
+                         mesh=make_mesh(jax.devices()[:2]), chunk=128)
+    conds = r.condition(views.windows(ts, hcfg.smooth_window))
+    hits = r.head_hits(views.poses[ts], per_frame=True)
+    assert hits.shape == (3, 32, 32) and hits.any() and not hits.all()
+    traced = []
+    real = sharded.render_image
+
+    def counting(fn, rays, **kw):
+        traced.append((fn, len(rays["origins"])))
+        return real(fn, rays, **kw)
+
+    monkeypatch.setattr(sharded, "render_image", counting)
+    out = r.render_many(views.poses[ts], conds, views.torso_pose())
+    assert dict(traced)[r._full_fn] == hits.sum() < 3 * hits.any(0).sum()
+    # Every pixel of every frame through head and torso: the same frames.
+    o, d = (np.asarray(a).reshape(-1, 3) for a in rays_lib.pixel_rays(
+        jnp.asarray(views.poses[ts]), r.head_ray_intrinsics, 32, 32))
+    yy, xx = np.divmod(np.tile(np.arange(32 * 32), 3), 32)
+    pose_vec = np.asarray(gf.torso_pose_vector(jnp.asarray(views.poses[ts]), tcfg))
+    every = real(r._full_fn, {
+        "origins": o, "directions": d, "background": np.tile(r.background.reshape(-1, 3),
+                                                             (3, 1)),
+        "cond": np.repeat(conds, 32 * 32, axis=0),
+        "torso_uv": np.asarray(gf.pixel_uv(yy, xx, 32, 32, tcfg.torso_inputs)),
+        "pose": np.repeat(pose_vec, 32 * 32, axis=0)},
+        params={"head": hvars, "torso": tvars}, mesh=r.mesh, chunk=128)
+    for k in ("rgb", "head_acc", "torso_acc"):
+        np.testing.assert_allclose(out[k].reshape(np.shape(every[k])), every[k], atol=1e-6)
+    # Per-frame regions: each frame as if rendered alone with its own mask.
+    rng = np.random.default_rng(0)
+    heads = rng.uniform(size=(3, 32, 32)) < 0.5
+    torso = np.ones((32, 32), bool)
+    many = r.render_many(views.poses[ts], conds, views.torso_pose(), regions=(heads, torso))
+    for i in range(3):
+        one = r.render_many(views.poses[ts[i:i + 1]], conds[i:i + 1], views.torso_pose(),
+                            regions=(heads[i], torso))
+        for k in one:
+            np.testing.assert_allclose(many[k][i], one[k][0], atol=1e-6)
+    # A head pixel outside the torso's region: the head over the background, no torso.
+    half = np.zeros((32, 32), bool)
+    half[16:] = True
+    split = r.render_many(views.poses[ts], conds, views.torso_pose(), regions=(heads, half))
+    alone = rf.FrameRenderer(hcfg, hvars, views, mesh=r.mesh, chunk=128).render_many(
+        views.poses[ts], conds)
+    only_head = heads & ~half & hits
+    assert only_head.sum() > 20
+    np.testing.assert_allclose(split["rgb"][only_head], alone["rgb"][only_head], atol=1e-6)
+    assert split["torso_acc"][heads & ~half].max() == 0.0
+    both = heads & half
+    np.testing.assert_allclose(split["rgb"][both], many["rgb"][both], atol=1e-6)
+    with pytest.raises(ShapeError, match="regions"):
+        r.render_many(views.poses[ts], conds, views.torso_pose(), regions=(heads[:2], torso))
 
 
 def test_killed_grid_run_resumes_to_the_same_numbers(person_dir, tmp_path):

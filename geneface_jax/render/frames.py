@@ -178,16 +178,19 @@ class FrameRenderer:
             self._full_fn = _full_render_fn(self.head, self.torso) if self.torso else None
             self._torso_fn = _torso_render_fn(self.torso) if self.torso else None
 
-    def head_hits(self, poses):
-        """`[H, W]` bool: pixels whose head ray meets an occupied cell of the grid head's
-        occupancy grid in any of the frames `poses [F, 4, 4]` (grid renderer only)."""
+    def head_hits(self, poses, per_frame=False):
+        """Pixels whose head ray meets an occupied cell of the grid head's occupancy grid
+        (grid renderer only; a ray that meets none renders the background with zero
+        opacity): `[F, H, W]` bool per frame of `poses [F, 4, 4]` with `per_frame`, else
+        `[H, W]`, in any of the frames."""
         if self._hit_fn is None:
             cfg, bits = self.head.config, jnp.asarray(self.head_vars["occupancy"]["bits"])
             self._hit_fn = jax.jit(lambda o, d: grid_fields.rays_hit(o, d, bits, cfg))
         o, d = rays_lib.pixel_rays(jnp.asarray(poses), self.head_ray_intrinsics, self.height,
                                    self.width)
-        hit = self._hit_fn(o.reshape(-1, 3), d.reshape(-1, 3))
-        return np.asarray(hit).reshape(len(poses), self.height, self.width).any(0)
+        hit = np.asarray(self._hit_fn(o.reshape(-1, 3), d.reshape(-1, 3))).reshape(
+            len(poses), self.height, self.width)
+        return hit if per_frame else hit.any(0)
 
     def condition(self, windows):
         return np.asarray(self._cond(self.head_vars["params"], jnp.asarray(windows)))
@@ -208,11 +211,16 @@ class FrameRenderer:
             (`condition(windows)`); torso_pose: `[4, 4]` (needed with a torso model).
           pixels: flat indices (`row * W + col`) of the only pixels to trace; the others
             are the background with zero opacity (what an empty ray returns).
-          regions: `(head, torso)` boolean `[H, W]` masks of where each model can be
-            non-empty: a pixel in both is traced through both models, a pixel in one only
-            through that model (the other taken as empty: zero opacity), a pixel in
-            neither is the background. With regions that hold every pixel each model
-            covers, the frame is the full render's for about half the work.
+          regions: `(head, torso)` boolean masks, `[H, W]` or per frame `[F, H, W]`, of
+            where each model can be non-empty: a pixel in both is traced through both
+            models, a pixel in one only through that model (the other taken as empty:
+            zero opacity), a pixel in neither is the background. With regions that hold
+            every pixel each model covers, the frame is the full render's for about half
+            the work.
+        With a grid head, each frame's head pixels are further limited to those whose ray
+        meets an occupied cell in that frame (`head_hits`; without `pixels` and `regions`
+        the head is traced there and the torso everywhere): the same frames, since the
+        others render an empty head.
         Returns:
           dict of float32 `[F, H, W, ...]` arrays: `rgb`, `head_rgb`, `head_acc` and, with
           a torso, `torso_acc`. Several frames per call keep the devices busy on small
@@ -222,34 +230,43 @@ class FrameRenderer:
         poses = np.asarray(poses, np.float32).reshape(-1, 4, 4)
         conds = np.asarray(conds, np.float32).reshape(len(poses), -1)
         f = len(poses)
-        if self.grid and regions is None and pixels is None:
-            # Trace the head only where its rays meet occupied cells (in any of the F
-            # frames); the torso covers the frame. Same frame, a fraction of the work.
-            hit = self.head_hits(poses)
-            if self.torso is not None:
-                regions = (hit, np.ones_like(hit))
-            elif hit.any():
-                pixels = np.flatnonzero(hit)
-            else:
-                pixels = np.arange(1)
-        if regions is not None:
-            if self.torso is None:
-                raise ValueError("FrameRenderer.render: regions need a torso model")
-            head_m, torso_m = (np.asarray(m, bool).reshape(-1) for m in regions)
-            if head_m.shape != (h * w,) or torso_m.shape != (h * w,):
-                raise ShapeError(f"FrameRenderer.render: regions must be two [{h}, {w}] masks")
-            parts = ((np.flatnonzero(head_m & torso_m), self._full_fn),
-                     (np.flatnonzero(head_m & ~torso_m), self._head_fn),
-                     (np.flatnonzero(torso_m & ~head_m), self._torso_fn))
+        if regions is not None and self.torso is None:
+            raise ValueError("FrameRenderer.render: regions need a torso model")
+        if pixels is None:
+            sel = np.ones((f, h * w), bool)
         else:
-            if pixels is None:
-                sel = np.arange(h * w)
-            else:
-                sel = np.asarray(pixels, np.int64)
-                if sel.ndim != 1 or not len(sel) or sel.min() < 0 or sel.max() >= h * w:
-                    raise ShapeError(f"FrameRenderer.render: pixels must be a non-empty 1-D "
-                                     f"array of flat indices in [0, {h * w})")
-            parts = ((sel, self._full_fn if self.torso else self._head_fn),)
+            idx = np.asarray(pixels, np.int64)
+            if idx.ndim != 1 or not len(idx) or idx.min() < 0 or idx.max() >= h * w:
+                raise ShapeError(f"FrameRenderer.render: pixels must be a non-empty 1-D "
+                                 f"array of flat indices in [0, {h * w})")
+            sel = np.zeros((f, h * w), bool)
+            sel[:, idx] = True
+        if regions is not None:
+            head_m, torso_m = (np.asarray(m, bool) for m in regions)
+            if head_m.shape[-2:] != (h, w) or torso_m.shape[-2:] != (h, w) or \
+                    head_m.ndim not in (2, 3) or torso_m.ndim not in (2, 3) or \
+                    (head_m.ndim == 3 and len(head_m) != f) or \
+                    (torso_m.ndim == 3 and len(torso_m) != f):
+                raise ShapeError(f"FrameRenderer.render: regions must be two [{h}, {w}] or "
+                                 f"[{f}, {h}, {w}] masks, got {head_m.shape} and "
+                                 f"{torso_m.shape}")
+            head_m, torso_m = (np.broadcast_to(m.reshape(-1, h * w), (f, h * w)) & sel
+                               for m in (head_m, torso_m))
+        else:
+            head_m = sel
+            torso_m = sel if self.torso is not None else np.zeros_like(sel)
+        if self.grid:
+            head_m = head_m & self.head_hits(poses, per_frame=True).reshape(f, h * w)
+        if self.torso is not None and self.grid:
+            # One call for every head pixel (the cheap 2-D torso evaluated there too, and
+            # switched off outside its region), one for the torso's other pixels: fewer
+            # ray counts, so fewer compiled programs, than a call per region overlap.
+            parts = ((head_m, self._full_fn), (torso_m & ~head_m, self._torso_fn))
+        elif self.torso is not None and regions is None:
+            parts = ((head_m, self._full_fn),)
+        else:
+            parts = ((head_m & torso_m, self._full_fn), (head_m & ~torso_m, self._head_fn),
+                     (torso_m & ~head_m, self._torso_fn))
         if self.torso is not None and torso_pose is None:
             raise ValueError("FrameRenderer.render: a torso model needs torso_pose")
         o, d = (np.asarray(a).reshape(f, -1, 3)
@@ -276,24 +293,22 @@ class FrameRenderer:
                "head_acc": np.zeros((f, h * w), np.float32)}
         if self.torso is not None:
             res["torso_acc"] = np.zeros((f, h * w), np.float32)
-        for sel, fn in parts:
-            n = len(sel)
-            if not n:
+        for mask, fn in parts:
+            fi, pi = np.nonzero(mask)            # frame-major: each frame's pixels in order
+            if not len(fi) or fn is None:
                 continue
-            rays = {"origins": o[:, sel].reshape(-1, 3), "directions": d[:, sel].reshape(-1, 3),
-                    "background": np.tile(bg[sel], (f, 1)),
-                    "cond": np.repeat(conds, n, axis=0)}
+            rays = {"origins": o[fi, pi], "directions": d[fi, pi], "background": bg[pi],
+                    "cond": conds[fi]}
             if self.torso is not None and self.grid:
-                rays.update(torso_uv=np.tile(to[sel], (f, 1)),
-                            pose=np.repeat(pose_vec, n, axis=0))
+                rays.update(torso_uv=to[pi], pose=pose_vec[fi])
+                if fn is self._full_fn:
+                    rays["torso_on"] = torso_m[fi, pi].astype(np.float32)
             elif self.torso is not None:
-                rays.update(torso_origins=np.tile(to[sel], (f, 1)),
-                            torso_directions=np.tile(td[sel], (f, 1)),
-                            pose=np.repeat(pose_vec, n, axis=0))
+                rays.update(torso_origins=to[pi], torso_directions=td[pi], pose=pose_vec[fi])
             out = sharded.render_image(fn, rays, params=params, mesh=self.mesh,
                                        chunk=self.chunk)         # numpy, on the host
             for k, v in out.items():
-                res[k][:, sel] = np.asarray(v).reshape((f, n) + np.shape(v)[1:])
+                res[k][fi, pi] = np.asarray(v)
         return {k: v.reshape((f, h, w) + v.shape[2:]) for k, v in res.items()}
 
 
@@ -346,6 +361,8 @@ def _grid_full_render_fn(head, torso):
         h = head.apply(params["head"], rays["origins"], rays["directions"], rays["cond"], bg,
                        method=grid_fields.GridHeadNeRF.render).final
         alpha, rgb, _ = torso.apply(params["torso"], rays["torso_uv"], rays["pose"])
+        if "torso_on" in rays:          # 0: a pixel outside the torso's region (empty torso)
+            alpha = alpha * rays["torso_on"]
         return {"rgb": grid_fields.composite_over_torso(h, alpha, rgb, bg), "head_rgb": h.rgb,
                 "head_acc": h.acc, "torso_acc": alpha}
     return fn
