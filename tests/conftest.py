@@ -15,6 +15,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + XLA_TEST_OPT
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands split the host's cores into XLA devices (`experiments.common.
+# split_host_cores`); the tests' subprocesses keep the device count they ask for (1
+# unless `--xla_force_host_platform_device_count` says otherwise).
+os.environ.setdefault("GENEFACE_HOST_DEVICES", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import atexit  # noqa: E402

@@ -225,6 +225,46 @@ def test_tune_host_malloc_reuses_big_blocks_instead_of_faulting_them_in_again():
     assert probe("tuned", GENEFACE_SYSTEM_MALLOC="1")["applied"] is False
 
 
+_DEVICES_PROBE = r"""
+import json
+from experiments import common
+from geneface_jax.errors import GenefaceError
+try:
+    n = common.split_host_cores()
+except GenefaceError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    import jax
+    print(json.dumps({"set": n, "cpu_devices": len(jax.devices("cpu"))}))
+"""
+
+
+def test_commands_split_the_host_cores_into_xla_devices():
+    """`experiments.common.split_host_cores` (every command, before JAX starts): by
+    default min(usable cores, 2) CPU devices; `$GENEFACE_HOST_DEVICES` picks the count, a
+    count already in `$XLA_FLAGS` wins, a bad value is one clear error."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("GENEFACE_HOST_DEVICES",
+                                                            "XLA_FLAGS")}
+
+    def probe(**extra):
+        proc = subprocess.run([sys.executable, "-c", _DEVICES_PROBE], cwd=repo,
+                              env=dict(env, JAX_PLATFORMS="cpu", **extra),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    default = min(len(os.sched_getaffinity(0)), 2)
+    assert probe() == {"set": default, "cpu_devices": default}
+    assert probe(GENEFACE_HOST_DEVICES="3") == {"set": 3, "cpu_devices": 3}
+    assert probe(GENEFACE_HOST_DEVICES="3",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=5") == {
+        "set": None, "cpu_devices": 5}
+    assert "GENEFACE_HOST_DEVICES must be a positive integer" in probe(
+        GENEFACE_HOST_DEVICES="two")["error"]
+    assert "positive integer" in probe(GENEFACE_HOST_DEVICES="0")["error"]
+
+
 def test_xla_trace_summary_sorts_thunks_by_kind():
     from experiments.bench import xla_trace
     ev = [{"ph": "X", "name": "ynn_fusion.3", "dur": 4000},
