@@ -265,6 +265,27 @@ def test_commands_split_the_host_cores_into_xla_devices():
     assert "positive integer" in probe(GENEFACE_HOST_DEVICES="0")["error"]
 
 
+def test_compilation_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    """`experiments.common.compilation_cache_dir`: `$GENEFACE_XLA_CACHE` (a path, or `off`),
+    else `$XDG_CACHE_HOME/geneface_jax/xla`, always in a per-CPU subdirectory; None when
+    JAX already has its own directory (`$JAX_COMPILATION_CACHE_DIR`)."""
+    from experiments import common
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("GENEFACE_XLA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    d = common.compilation_cache_dir()
+    assert d.parent == tmp_path / "xdg" / "geneface_jax" / "xla"
+    assert d.name.startswith("host-") and d.name == common.compilation_cache_dir().name
+    monkeypatch.setenv("GENEFACE_XLA_CACHE", str(tmp_path / "mine"))
+    assert common.compilation_cache_dir() == tmp_path / "mine" / d.name
+    for off in ("off", "0", "none"):
+        monkeypatch.setenv("GENEFACE_XLA_CACHE", off)
+        assert common.compilation_cache_dir() is None
+    monkeypatch.setenv("GENEFACE_XLA_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert common.compilation_cache_dir() is None
+
+
 def test_xla_trace_summary_sorts_thunks_by_kind():
     from experiments.bench import xla_trace
     ev = [{"ph": "X", "name": "ynn_fusion.3", "dur": 4000},
