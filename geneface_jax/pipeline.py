@@ -201,6 +201,8 @@ class SynthesisOptions:
     silence_db: dBFS below which a 5-frame window counts as silence (mouth closed).
     frames_per_chunk: frames rendered and encoded per chunk (bounds memory).
     render_chunk: rays per device evaluated at once.
+    head_samples: samples per ray of the grid head (0: as trained; fewer render faster and
+      less sharply, `FrameRenderer.set_head_samples`).
     full_frame: ray-trace every pixel instead of `ReferenceTrack.render_mask`.
     max_frames: render only the first this many frames (0: all; for quick previews,
       the audio is cut to match).
@@ -219,6 +221,7 @@ class SynthesisOptions:
     silence_db: float = -50.0
     frames_per_chunk: int = 25
     render_chunk: int = 4096
+    head_samples: int = 0
     full_frame: bool = False
     max_frames: int = 0
     crf: int = 18
@@ -238,6 +241,9 @@ class SynthesisOptions:
             raise InputError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.frames_per_chunk < 1 or self.render_chunk < 1 or self.max_frames < 0:
             raise InputError("frames_per_chunk and render_chunk must be >= 1, max_frames >= 0")
+        if self.head_samples < 0:
+            raise InputError(f"head_samples must be >= 0 (0: as trained), got "
+                             f"{self.head_samples}")
 
 
 def silence_weights(energy, silence_db=-50.0, window=5, fade=3):
@@ -440,6 +446,7 @@ class TalkingFacePipeline:
                   else int(ref.head_region.sum() + ref.torso_region.sum()))
         per_call = max(1, min(options.frames_per_chunk, MAX_CALL_RAYS // max(traced, 1)))
         self.renderer.chunk = options.render_chunk
+        self.renderer.set_head_samples(options.head_samples)
         for start in range(0, n, options.frames_per_chunk):
             ts = np.arange(start, min(n, start + options.frames_per_chunk))
             cond = self.renderer.condition(landmark_windows(lms, ts, self.window))

@@ -315,6 +315,45 @@ def test_grid_frames_trace_each_frames_own_hit_pixels(tiny_runs, person_dir, mon
         r.render_many(views.poses[ts], conds, views.torso_pose(), regions=(heads[:2], torso))
 
 
+def test_grid_head_samples_are_a_render_setting(tiny_runs, person_dir, tmp_path):
+    """`FrameRenderer.set_head_samples` (`--head_samples` of synthesize and eval_nerf):
+    another sample count renders another frame, 0 goes back to the trained one exactly;
+    negative counts and the MLP head are refused."""
+    root, _, _ = tiny_runs
+    hcfg, hvars, _, norm = rf.load_nerf(root / "head", "head")
+    tcfg, tvars, _, _ = rf.load_nerf(root / "torso", "torso")
+    # a 10-step head is nearly uniform haze: perturbed weights give it structure
+    hvars = dict(hvars, params=perturbed(hvars["params"], 1, 0.5))
+    views = tn.PersonViews(fmt.load_person(person_dir), norm)
+    t = views.split_range("valid")[0]
+    win = views.windows([t], hcfg.smooth_window, "valid")[0]
+    r = rf.FrameRenderer(hcfg, hvars, views, torso_cfg=tcfg, torso_vars=tvars,
+                         mesh=make_mesh(jax.devices()[:1]), chunk=128)
+    full = r.render(views.poses[t], win, views.torso_pose())["rgb"]
+    r.set_head_samples(2 * hcfg.num_samples)
+    assert r.head.config.num_samples == 2 * hcfg.num_samples
+    more = r.render(views.poses[t], win, views.torso_pose())["rgb"]
+    assert np.abs(more - full).max() > 1e-4
+    r.set_head_samples(0)
+    np.testing.assert_array_equal(r.render(views.poses[t], win, views.torso_pose())["rgb"],
+                                  full)
+    with pytest.raises(InputError, match="head samples"):
+        r.set_head_samples(-1)
+    m = tn.evaluate_nerf(root / "head", tmp_path / "ev", torso=root / "torso", max_frames=2,
+                         track=False, head_samples=2 * hcfg.num_samples,
+                         mesh=make_mesh(jax.devices()[:1]))
+    assert m["head_samples"] == 2 * hcfg.num_samples
+    mlp_cfg = rf.nerf_config_from({"model": nerf_presets.get_config("tiny").model.to_dict()})
+    _, mlp_vars = rf.init_variables(mlp_cfg, "head", jax.random.PRNGKey(0))
+    mlp = rf.FrameRenderer(mlp_cfg, mlp_vars, views, mesh=make_mesh(jax.devices()[:1]))
+    mlp.set_head_samples(0)
+    with pytest.raises(InputError, match="grid head"):
+        mlp.set_head_samples(8)
+    from geneface_jax import pipeline as pl
+    with pytest.raises(InputError, match="head_samples"):
+        pl.SynthesisOptions(head_samples=-1)
+
+
 def test_killed_grid_run_resumes_to_the_same_numbers(person_dir, tmp_path):
     c = grid_presets.get_config("tiny")
     c.run.update(steps=8, checkpoint_every=4)

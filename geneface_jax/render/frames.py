@@ -169,6 +169,10 @@ class FrameRenderer:
         self.background = np.asarray(v.background, np.float32)
         self._cond = jax.jit(lambda p, w: head_condition(self.head, p, w, bool(smooth)))
         self._hit_fn = None
+        self._trained_head_cfg = head_cfg
+        self._render_fns()
+
+    def _render_fns(self):
         if self.grid:
             self._head_fn = _grid_head_render_fn(self.head)
             self._full_fn = _grid_full_render_fn(self.head, self.torso) if self.torso else None
@@ -177,6 +181,26 @@ class FrameRenderer:
             self._head_fn = _head_render_fn(self.head)
             self._full_fn = _full_render_fn(self.head, self.torso) if self.torso else None
             self._torso_fn = _torso_render_fn(self.torso) if self.torso else None
+
+    def set_head_samples(self, samples: int = 0):
+        """Renders the grid head with `samples` samples per ray from now on (0: as many as
+        it was trained with, `GridConfig.num_samples`). Fewer samples render faster and
+        less sharply (docs/stage3_nerf.md, "Rendering speed"): a preview setting. The MLP
+        head's coarse and fine samples are part of its model: InputError there."""
+        samples = int(samples)
+        if samples < 0:
+            raise InputError(f"head samples must be >= 0 (0: as trained), got {samples}")
+        if not self.grid:
+            if samples:
+                raise InputError("head samples can only be set for the grid head "
+                                 "(the MLP head's samples are part of its model)")
+            return
+        cfg = self._trained_head_cfg
+        if samples:
+            cfg = dataclasses.replace(cfg, num_samples=samples)
+        if cfg != self.head.config:
+            self.head = grid_fields.GridHeadNeRF(cfg)
+            self._render_fns()
 
     def head_hits(self, poses, per_frame=False):
         """Pixels whose head ray meets an occupied cell of the grid head's occupancy grid

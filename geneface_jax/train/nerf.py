@@ -759,7 +759,8 @@ def _over_gt_torso(views, t, out, gt):
 
 
 def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frames=0,
-                  mouth_margin=3, chunk=4096, save_frames=False, mesh=None, track=True):
+                  mouth_margin=3, chunk=4096, save_frames=False, mesh=None, track=True,
+                  head_samples=0):
     """Scores trained NeRFs on held-out frames: the `eval_nerf` run.
 
     Every frame of `split` (`max_frames` evenly spaced ones when > 0) is rendered from its
@@ -776,6 +777,8 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
       chunk, mesh: rays per device rendered at once; the devices (default: all).
       track: also track renders and ground truth with the face tracker
         (`render.face_tracking`, needs the face models; checked before rendering).
+      head_samples: samples per ray of a grid head (0: as trained;
+        `FrameRenderer.set_head_samples`), recorded as `head_samples` in the metrics.
     Returns:
       psnr_head (face rectangle, pooled MSE), psnr_full, ssim_full (mean over frames),
       psnr_eyes, psnr_mouth, psnr_neck (pooled over `image_metrics.region_rects`' boxes
@@ -808,6 +811,7 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
     renderer = FrameRenderer(head_cfg, head_vars, views, torso_cfg=torso_cfg,
                              torso_vars=torso_vars, mesh=mesh, chunk=chunk,
                              smooth=head_smooth_enabled(head_cfg, head_run["trained_steps"]))
+    renderer.set_head_samples(head_samples)
     lo, hi = views.split_range(split)
     ts = np.arange(lo, hi)
     if max_frames and len(ts) > max_frames:
@@ -880,7 +884,8 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
                mouth_change_inside=inside, mouth_change_outside=outside,
                mouth_control_frames=[t0, closed_t, open_t],
                train_minutes=minutes, frames=int(len(ts)), split=split,
-               torso=bool(torso))
+               torso=bool(torso), head_samples=int(getattr(renderer.head.config,
+                                                           "num_samples", 0)))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if tracker is not None:
