@@ -18,6 +18,10 @@ torso over the static background) and compared with the ground truth
                mouth region (box of both projected mouths grown by `--mouth_margin` px)
                to the mean change outside it
   train_minutes  head + torso training minutes (their metrics.json)
+  render_fps   whole frames (head + torso) rendered per second, one per call, the first
+               render's compilation excluded
+  head_samples samples per ray of a grid head (`--head_samples`, 0 = as trained; 0 in
+               the metrics for the MLP head)
   tracked_*, floor_*
                renders and ground truth tracked with the face tracker: faces found,
                landmark distance (px and at 512 px), tracked mouth-opening r, and the
