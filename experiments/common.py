@@ -168,11 +168,12 @@ def split_host_cores():
     The count: `$GENEFACE_HOST_DEVICES` if set, else `min(usable cores,
     DEFAULT_HOST_DEVICES)` (more devices were not measured: a bigger host may set it).
     Only the CPU backend is split (a GPU or TPU run is unchanged); nothing is changed
-    when `$XLA_FLAGS` already sets `--xla_force_host_platform_device_count`. Returns the
-    count set, or None.
+    when `$XLA_FLAGS` already sets `--xla_force_host_platform_device_count` or JAX has
+    already started (no command module starts it on import: tested). Returns the count
+    set, or None.
     """
     flags_now = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags_now:
+    if "xla_force_host_platform_device_count" in flags_now or _jax_started():
         return None
     env = os.environ.get(HOST_DEVICES_ENV, "").strip()
     if env:
@@ -192,6 +193,15 @@ def split_host_cores():
     os.environ["XLA_FLAGS"] = (flags_now + f" --xla_force_host_platform_device_count={n}"
                                ).strip()
     return n
+
+
+def _jax_started():
+    """Whether JAX has created its backends (XLA_FLAGS are read then, once)."""
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):       # another JAX: assume not started
+        return False
 
 
 CACHE_ENV = "GENEFACE_XLA_CACHE"

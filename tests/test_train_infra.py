@@ -263,6 +263,18 @@ def test_commands_split_the_host_cores_into_xla_devices():
     assert "GENEFACE_HOST_DEVICES must be a positive integer" in probe(
         GENEFACE_HOST_DEVICES="two")["error"]
     assert "positive integer" in probe(GENEFACE_HOST_DEVICES="0")["error"]
+    # The split must come before JAX starts: no command module starts it on import.
+    commands = sorted(p.stem for p in (repo / "experiments").glob("*.py")
+                      if "common.run(main)" in p.read_text())
+    assert {"synthesize", "eval_nerf", "train_nerf", "demo"} <= set(commands)
+    for m in commands:            # one process each: the commands share flag names
+        code = ("import importlib, json\nfrom jax._src import xla_bridge\n"
+                f"importlib.import_module('experiments.{m}')\n"
+                "print(json.dumps(xla_bridge.backends_are_initialized()))")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (m, proc.stderr[-2000:])
+        assert proc.stdout.strip().splitlines()[-1] == "false", m
 
 
 def test_compilation_cache_directory_follows_the_environment(monkeypatch, tmp_path):
