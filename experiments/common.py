@@ -159,11 +159,9 @@ def split_host_cores():
     Every command shards its rays (training batches, rendered frames) over all devices
     (`mesh.make_mesh`), but one XLA:CPU device runs many of a step's small operations on
     one thread; with the cores split into devices, the shards run side by side. On the
-    2-core machine these commands are measured on, 2 devices instead of 1 rendered the
-    demo's held-out frames at 7.3 instead of 5.8 frames/s (`eval_nerf`), synthesized at
-    6.6 instead of 6.1 frames/s and trained the grid head at 6.1 instead of 5.6 steps/s
-    (docs/stage3_nerf.md). Results agree to float rounding (the shards' gradients are
-    summed across devices).
+    2-core machine these commands are measured on, 2 devices instead of 1 render,
+    synthesize and train faster (the figures: docs/stage3_nerf.md, "Rendering speed").
+    Results agree to float rounding (the shards' gradients are summed across devices).
 
     The count: `$GENEFACE_HOST_DEVICES` if set, else `min(usable cores,
     DEFAULT_HOST_DEVICES)` (more devices were not measured: a bigger host may set it).
