@@ -251,10 +251,13 @@ def enable_compilation_cache():
     """Points JAX's persistent compilation cache at `compilation_cache_dir()` (at most
     `CACHE_MAX_BYTES`, least recently used programs evicted first), so a command run again
     loads the programs it compiled before instead of compiling them (the renderer's
-    compiles are most of a short clip's synthesis time). JAX stores only programs that
-    took at least a second to compile; a cached program is the compiled program itself,
-    so results are unchanged. Returns the directory, or None when the cache is off or
-    the directory cannot be created (then everything compiles as before)."""
+    compiles are most of a short clip's synthesis time). Every program is stored, also
+    those that compile in under a second (JAX's default leaves them out; a synthesis has
+    several, together ~3 s of a second run on the demo's clip, docs/stage3_nerf.md), unless
+    `$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise. A cached program is the
+    compiled program itself, so results are unchanged. Returns the directory, or None
+    when the cache is off or the directory cannot be created (then everything compiles
+    as before)."""
     d = compilation_cache_dir()
     if d is None:
         return None
@@ -265,6 +268,8 @@ def enable_compilation_cache():
     import jax
     jax.config.update("jax_compilation_cache_dir", str(d))
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return d
 
 

@@ -337,8 +337,9 @@ def test_commands_keep_compiled_programs_between_runs(demo, clip, tmp_path):
     `$GENEFACE_XLA_CACHE/host-*`, a second one loads them all (no new entry) and writes the
     same video; `GENEFACE_XLA_CACHE=off` stores nothing."""
     cache = tmp_path / "xla"
+    # (the tiny models' programs compile in well under a second: stored all the same)
     env = {"GENEFACE_XLA_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": None,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}     # tiny models compile fast
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": None}
     args = ("experiments.synthesize", f"--audio={clip}", f"--checkpoints={demo[0] / 'checkpoints'}",
             "--max_frames=4")
 
@@ -543,6 +544,22 @@ def test_synthesize_pastes_back_holds_a_static_pose_and_blinks(tiny_demo, speech
     res = pipe.synthesize(speech_clip, out, pl.SynthesisOptions(
         pose=str(tmp_path / "poses.npy"), max_frames=6, paste_back=False), **quiet)
     np.testing.assert_allclose(res["poses"], ref.poses[[0, 1, 2, 3, 4, 3]])
+
+
+def test_render_speed_bench_runs_on_the_tiny_demo(tiny_demo):
+    """`experiments.bench.render_speed` on the tiny demo's checkpoints: per pass the rate,
+    the time inside the ray programs (a part of the pass), the calls, and the same frames
+    in every pass; bad --passes is a usage error."""
+    ck = f"--checkpoints={tiny_demo[0] / 'checkpoints'}"
+    p = _run("experiments.bench.render_speed", ck, "--passes=2", "--max_frames=6")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["frames"] == 6 and len(out["passes"]) == 2 and out["passes_equal"]
+    for r in out["passes"]:
+        assert r["fps"] > 0 and 0 < r["program_seconds"] <= r["seconds"]
+        assert r["calls"] >= 1 and r["rays_per_frame"] > 0 and r["equal_to_first"]
+    assert out["passes"][0]["rays_per_frame"] == out["passes"][1]["rays_per_frame"]
+    bad = _run("experiments.bench.render_speed", ck, "--passes=0", check=False)
+    assert bad.returncode != 0 and "--passes must be >= 1" in bad.stderr
 
 
 @pytest.mark.slow

@@ -115,6 +115,40 @@ def test_encoding_gradients_equal_a_dense_reference():
     np.testing.assert_allclose(gt, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_encoding_forms_agree(dims):
+    """`encode` evaluates the native layout with every level at once when it is not
+    differentiated (a render) and with the per-level form when it is (training): the same
+    rows, weights and features, and derivatives equal to the per-level form's autodiff
+    whichever inputs carry a tangent (points only, table only, both)."""
+    spec = ge.GridSpec(dims=dims, levels=6, features=2, base=3, finest=60, log2_table=8)
+    assert any(spec.hashed) and not all(spec.hashed)
+    table = jax.random.normal(jax.random.PRNGKey(6), (spec.rows, 2))
+    x = jax.random.uniform(jax.random.PRNGKey(7), (300, dims), minval=-0.1, maxval=1.1)
+    r1, w1 = ge.corner_rows_and_weights(x, spec)
+    r2, w2 = ge._corner_rows_and_weights_vectorised(x, spec)
+    np.testing.assert_array_equal(r1, r2)
+    np.testing.assert_allclose(w1, w2, rtol=1e-6, atol=1e-7)
+
+    def per_level(xx, tab):
+        r, w = ge.corner_rows_and_weights(xx, spec)
+        return jnp.einsum("nlc,nlcf->nlf", w, tab[r]).reshape(len(xx), -1)
+
+    np.testing.assert_allclose(jax.jit(lambda a, b: ge.encode(a, b, spec))(x, table),
+                               per_level(x, table), rtol=1e-6, atol=1e-6)
+    g = jax.random.normal(jax.random.PRNGKey(8), (300, spec.output_dim))
+    for argnums in (0, 1, (0, 1)):
+        got = jax.jit(jax.grad(lambda a, b: jnp.sum(ge.encode(a, b, spec) * g), argnums))(
+            x, table)
+        want = jax.grad(lambda a, b: jnp.sum(per_level(a, b) * g), argnums)(x, table)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    tx, tt = jnp.ones_like(x), jax.random.normal(jax.random.PRNGKey(9), table.shape)
+    np.testing.assert_allclose(
+        jax.jvp(lambda a, b: ge.encode(a, b, spec), (x, table), (tx, tt))[1],
+        jax.jvp(per_level, (x, table), (tx, tt))[1], rtol=1e-5, atol=1e-5)
+
+
 def test_spherical_harmonics_are_orthonormal_on_the_sphere():
     n = 200_000
     d = jax.random.normal(jax.random.PRNGKey(6), (n, 3))
@@ -422,10 +456,21 @@ def test_region_rects_from_landmarks():
 
 def test_grid_evaluation_reports_regions_and_render_speed(tiny_runs, tmp_path):
     root, _, _ = tiny_runs
-    m = tn.evaluate_nerf(root / "head", tmp_path, torso=root / "torso", track=False)
+    m = tn.evaluate_nerf(root / "head", tmp_path, torso=root / "torso", track=False,
+                         save_frames=True)
     for k in ("psnr_eyes", "psnr_mouth", "psnr_neck", "psnr_full", "render_fps"):
         assert np.isfinite(m[k]) and m[k] > 0, (k, m[k])
     assert m["frames"] == 2 and m["torso"]             # the tiny person's valid split
+    # frames rendered several per call (the default, 8) are the frames rendered one by one
+    one = tn.evaluate_nerf(root / "head", tmp_path / "one", torso=root / "torso",
+                           track=False, save_frames=True, frames_per_call=1)
+    assert m["frames_per_call"] == 8 and one["frames_per_call"] == 1
+    a, b = (np.load(d / "frames.npz") for d in (tmp_path, tmp_path / "one"))
+    assert np.abs(a["pred"].astype(int) - b["pred"]).max() <= 1     # uint8 rounding
+    for k in ("psnr_full", "psnr_head", "psnr_mouth"):
+        assert m[k] == pytest.approx(one[k], abs=1e-4)
+    with pytest.raises(InputError, match="frames_per_call"):
+        tn.evaluate_nerf(root / "head", tmp_path / "bad", track=False, frames_per_call=0)
 
 
 def test_a_geneface_directory_is_pointed_to_the_import(tmp_path):

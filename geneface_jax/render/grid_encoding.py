@@ -31,15 +31,20 @@ their last axes), or, for `ngp_hash` where the full dense index would not fit, t
 hash above; either taken modulo the table size. A point outside `[0, 1]^d` gets zero
 features (every level). The features are level-major as above.
 
-Backward pass: autodiff of the one gather of all `L 2^d` corner rows is one scatter-add
-into the table (XLA's sorted/serial scatter on CPU, atomics on GPU); `docs/benchmarks.md`
-has its share of a training step.
+Two forms of the native layout, the same numbers: evaluated on its own (rendering, the
+occupancy update) the rows and weights of all levels are built at once from `[N, L]`
+per-axis positions; differentiated (training) the per-level form is used, whose autodiff
+is faster on XLA:CPU (a `jax.custom_jvp` switches; docs/stage3_nerf.md, "Rendering
+speed"). Backward pass: autodiff of the one gather of all `L 2^d` corner rows is one
+scatter-add into the table (XLA's sorted/serial scatter on CPU, atomics on GPU);
+`docs/benchmarks.md` has its share of a training step.
 
 Spherical harmonics (`spherical_harmonics`): the real SH basis of degree 4 (bands 0..3,
 16 values) of unit directions, the colour input of the grid head (Instant-NGP / RAD-NeRF).
 """
 
 import dataclasses
+import functools
 import math
 from typing import Tuple
 
@@ -209,6 +214,85 @@ def corner_rows_and_weights(x, spec: GridSpec):
     return jnp.stack(rows, axis=1), jnp.stack(weights, axis=1)
 
 
+def _level_constants(spec: GridSpec):
+    """Per-level constants of the native layout as `[L]` numpy arrays: vertices per side,
+    the dense row strides of each axis (0 on hashed levels), the hash mask or modulus
+    (1 on dense levels) and the first row."""
+    res = np.array(spec.resolutions, np.int64)
+    hashed = np.array(spec.hashed)
+    strides = [np.where(hashed, 0, res ** i) for i in range(spec.dims)]
+    return res, hashed, strides, np.array(spec.sizes, np.int64), np.array(spec.offsets)
+
+
+def _corner_rows_and_weights_vectorised(x, spec: GridSpec):
+    """`corner_rows_and_weights` (native layout) with every level computed at once:
+    `[N, L, 2^d]` arrays built from `[N, L]` per-axis positions, no per-level stack and no
+    reduction over the small axis d (`encode`'s forward-only path)."""
+    x = jnp.clip(jnp.asarray(x, jnp.float32), 0.0, 1.0)
+    res, hashed, strides, sizes, offsets = _level_constants(spec)
+    corners = _corner_offsets(spec.dims)
+    dense, hashes, weights = None, None, None
+    for i in range(spec.dims):
+        p = x[:, i:i + 1] * jnp.asarray((res - 1).astype(np.float32))         # [N, L]
+        v0 = jnp.clip(jnp.floor(p), 0.0, jnp.asarray((res - 2).astype(np.float32)))
+        w = (p - v0)[:, :, None]                                            # [N, L, 1]
+        bit = jnp.asarray(corners[:, i])                                    # [C]
+        v = v0.astype(jnp.int32)[:, :, None] + bit                          # [N, L, C]
+        wi = jnp.where(bit == 1, w, 1.0 - w)
+        weights = wi if weights is None else weights * wi
+        term = v * jnp.asarray(strides[i].astype(np.int32))[:, None]
+        dense = term if dense is None else dense + term
+        hu = v.astype(jnp.uint32) * jnp.uint32(PRIMES[i])
+        hashes = hu if hashes is None else hashes ^ hu
+    rows = dense
+    if hashed.any():
+        if all(s & (s - 1) == 0 for s in sizes[hashed]):
+            h = hashes & jnp.asarray(np.where(hashed, sizes - 1, 0).astype(np.uint32))[:, None]
+        else:
+            h = hashes % jnp.asarray(np.where(hashed, sizes, 1).astype(np.uint32))[:, None]
+        rows = jnp.where(jnp.asarray(hashed)[:, None], h.astype(jnp.int32), dense)
+    return rows + jnp.asarray(offsets.astype(np.int32))[:, None], weights
+
+
+def _interpolate_with(rows_and_weights, x, table, spec):
+    rows, weights = rows_and_weights(x, spec)
+    # rows are in range by construction (clipped vertices, masked hashes): no bounds
+    # handling in the gather or in its scatter-add gradient
+    feats = table.at[rows].get(mode="promise_in_bounds")                    # [N, L, C, F]
+    return jnp.einsum("nlc,nlcf->nlf", weights, feats).reshape(x.shape[0], -1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _interpolate_native(x, table, spec):
+    """The native layout's encoding of `x [N, d]`: `[N, L F]`. Evaluated on its own (a
+    render) it builds the corner rows and weights of all levels at once; differentiated
+    (training), it is the per-level form, whose derivatives autodiff takes. Both give the
+    same rows and weights (`tests/test_grid.py::test_encoding_forms_agree`); on XLA:CPU
+    the vectorised form renders faster and the per-level form's autodiff trains faster
+    (docs/stage3_nerf.md, "Rendering speed")."""
+    return _interpolate_with(_corner_rows_and_weights_vectorised, x, table, spec)
+
+
+def _interpolate_native_jvp(spec, primals, tangents):
+    # symbolic zeros: the head grid's points carry no tangent (they do not depend on the
+    # parameters), and a zero tangent passed as an array would be multiplied through
+    x, table = primals
+    tx, tt = (None if isinstance(t, jax.custom_derivatives.SymbolicZero) else t
+              for t in tangents)
+    f = lambda a, b: _interpolate_with(corner_rows_and_weights, a, b, spec)  # noqa: E731
+    if tx is None and tt is None:
+        out = f(x, table)
+        return out, jnp.zeros_like(out)
+    if tx is None:
+        return jax.jvp(lambda b: f(x, b), (table,), (tt,))
+    if tt is None:
+        return jax.jvp(lambda a: f(a, table), (x,), (tx,))
+    return jax.jvp(f, (x, table), (tx, tt))
+
+
+_interpolate_native.defjvp(_interpolate_native_jvp, symbolic_zeros=True)
+
+
 def encode(x, table, spec: GridSpec):
     """Grid features `[..., L F]` of points `x [..., d]` in `[0, 1]^d` (module doc);
     `table` is the joint `[spec.rows, F]` table."""
@@ -220,11 +304,11 @@ def encode(x, table, spec: GridSpec):
                          f"{tuple(table.shape)}")
     table = jnp.asarray(table)
     lead = x.shape[:-1]
-    rows, weights = corner_rows_and_weights(x.reshape(-1, spec.dims), spec)
-    # rows are in range by construction (clipped vertices, masked hashes): no bounds
-    # handling in the gather or in its scatter-add gradient
-    feats = table.at[rows].get(mode="promise_in_bounds")                    # [N, L, C, F]
-    out = jnp.einsum("nlc,nlcf->nlf", weights, feats)
+    flat = x.reshape(-1, spec.dims)
+    if spec.layout == "native":
+        out = _interpolate_native(flat, table, spec)
+    else:
+        out = _interpolate_with(corner_rows_and_weights, flat, table, spec)
     return out.reshape(lead + (spec.output_dim,))
 
 

@@ -760,7 +760,7 @@ def _over_gt_torso(views, t, out, gt):
 
 def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frames=0,
                   mouth_margin=3, chunk=4096, save_frames=False, mesh=None, track=True,
-                  head_samples=0):
+                  head_samples=0, frames_per_call=8):
     """Scores trained NeRFs on held-out frames: the `eval_nerf` run.
 
     Every frame of `split` (`max_frames` evenly spaced ones when > 0) is rendered from its
@@ -779,11 +779,15 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         (`render.face_tracking`, needs the face models; checked before rendering).
       head_samples: samples per ray of a grid head (0: as trained;
         `FrameRenderer.set_head_samples`), recorded as `head_samples` in the metrics.
+      frames_per_call: held-out frames rendered per renderer call (`render_many`; 8, as
+        synthesis renders them: a call's fixed cost is shared), recorded in the metrics;
+        each frame is rendered as it would be alone (per-frame hit masks).
     Returns:
       psnr_head (face rectangle, pooled MSE), psnr_full, ssim_full (mean over frames),
       psnr_eyes, psnr_mouth, psnr_neck (pooled over `image_metrics.region_rects`' boxes
-      from each frame's landmarks), render_fps (whole frames, head and torso, the first
-      render's compilation excluded),
+      from each frame's landmarks), render_fps (whole frames, head and torso, in calls of
+      `frames_per_call` frames; the frames are rendered twice and the second pass timed,
+      so compiling is excluded),
       mouth_control_ratio (the first frame rendered with the most closed and the most open
       training mouth: mean change inside the mouth box over the mean change outside) with
       mouth_change_inside/outside and mouth_control_frames, train_minutes (head + torso
@@ -818,21 +822,40 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
         ts = ts[np.unique(np.linspace(0, len(ts) - 1, max_frames).round().astype(int))]
     torso_pose = views.torso_pose()
 
-    def render(t, landmarks=None):
-        win = views.windows([t], head_cfg.smooth_window, split, landmarks)[0]
-        out = renderer.render(views.poses[t], win, torso_pose)
+    if frames_per_call < 1:
+        raise InputError(f"eval_nerf: frames_per_call must be >= 1, got {frames_per_call}")
+
+    def render_many(frame_ids, landmarks=None):
+        frame_ids = np.asarray(frame_ids)
+        conds = renderer.condition(views.windows(frame_ids, head_cfg.smooth_window, split,
+                                                 landmarks))
+        out = renderer.render_many(views.poses[frame_ids], conds, torso_pose)
         if torso_vars is None:
-            return _over_gt_torso(views, t, out, views.frames[t].astype(np.float32) / 255.0)
-        return out["rgb"]
+            return [_over_gt_torso(views, t, {k: v[i] for k, v in out.items()},
+                                   views.frames[t].astype(np.float32) / 255.0)
+                    for i, t in enumerate(frame_ids)]
+        return list(out["rgb"])
+
+    def render(t, landmarks=None):
+        return render_many([t], landmarks)[0]
 
     sq_head, n_head, sq_full, n_full, ssims, preds = 0.0, 0, 0.0, 0, [], []
     sq_region = {k: [0.0, 0] for k in im.REGIONS}
-    render(int(ts[0]))                             # compiles: not part of render_fps
+    calls = [ts[i:i + frames_per_call] for i in range(0, len(ts), frames_per_call)]
+    # Two passes: the first compiles the renderers of every call's ray count (not part of
+    # render_fps), the second is timed and scored (the same frames: rendering is
+    # deterministic).
     render_s = 0.0
-    for t in tqdm(ts, desc="eval_nerf", unit="frame", file=sys.stderr):
-        start = time.perf_counter()
-        pred = render(t)
-        render_s += time.perf_counter() - start
+    bar = tqdm(total=2 * len(ts), desc="eval_nerf", unit="frame", file=sys.stderr)
+    for timed in (False, True):
+        rendered = []
+        for call in calls:
+            start = time.perf_counter()
+            rendered += zip(call, render_many(call))
+            render_s += (time.perf_counter() - start) if timed else 0.0
+            bar.update(len(call))
+    bar.close()
+    for t, pred in rendered:
         gt = views.frames[t].astype(np.float64) / 255.0
         err = np.square(pred - gt)
         rect = im.rect_mask(views.face_rect[t], views.height, views.width)
@@ -878,7 +901,7 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
                psnr_full=float(-10 * np.log10(max(sq_full / n_full, 1e-12))),
                **{f"psnr_{k}": float(-10 * np.log10(max(sq / max(n, 1), 1e-12)))
                   for k, (sq, n) in sq_region.items()},
-               render_fps=len(ts) / max(render_s, 1e-9),
+               render_fps=len(ts) / max(render_s, 1e-9), frames_per_call=frames_per_call,
                ssim_full=float(np.mean(ssims)),
                mouth_control_ratio=inside / max(outside, 1e-12),
                mouth_change_inside=inside, mouth_change_outside=outside,
