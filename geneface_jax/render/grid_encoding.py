@@ -215,9 +215,9 @@ def corner_rows_and_weights(x, spec: GridSpec):
 
 
 def _level_constants(spec: GridSpec):
-    """Per-level constants of the native layout as `[L]` numpy arrays: vertices per side,
-    the dense row strides of each axis (0 on hashed levels), the hash mask or modulus
-    (1 on dense levels) and the first row."""
+    """Per-level constants of the native layout as numpy arrays: vertices per side `[L]`,
+    whether each level is hashed `[L]`, the dense row stride of each axis (`d` arrays
+    `[L]`, 0 on hashed levels), the table rows `[L]` and the first row `[L]`."""
     res = np.array(spec.resolutions, np.int64)
     hashed = np.array(spec.hashed)
     strides = [np.where(hashed, 0, res ** i) for i in range(spec.dims)]

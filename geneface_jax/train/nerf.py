@@ -796,6 +796,8 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
       `_512` forms, mouth_r, frames_both) and their H.264 noise floor `floor_*`
       (docs/tracking_metric.md); also written to metrics.json.
     """
+    if frames_per_call < 1:
+        raise InputError(f"eval_nerf: frames_per_call must be >= 1, got {frames_per_call}")
     t_start = time.time()
     tracker = None
     if track:                              # missing face models fail before any rendering
@@ -821,9 +823,6 @@ def evaluate_nerf(head, workdir, torso=None, data=None, split="valid", max_frame
     if max_frames and len(ts) > max_frames:
         ts = ts[np.unique(np.linspace(0, len(ts) - 1, max_frames).round().astype(int))]
     torso_pose = views.torso_pose()
-
-    if frames_per_call < 1:
-        raise InputError(f"eval_nerf: frames_per_call must be >= 1, got {frames_per_call}")
 
     def render_many(frame_ids, landmarks=None):
         frame_ids = np.asarray(frame_ids)
