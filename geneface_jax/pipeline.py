@@ -491,17 +491,8 @@ class TalkingFacePipeline:
         """
         from geneface_jax.data.video import VideoWriter
         t0 = time.time()
-        raw = audio_io.load_audio(audio_path) if samples is None else np.asarray(
-            samples, np.float32)
-        try:
-            wav = feat.pad_or_trim(raw)
-        except AudioError as e:
-            raise AudioError(f"{audio_path}: {e}") from e
-        n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
-        if options.max_frames:
-            n = min(n, options.max_frames)
-            wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
-            raw = raw[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+        raw = audio_io.load_audio(audio_path) if samples is None else samples
+        raw, wav, n = clip_frames(raw, options.max_frames, audio_path)
         progress = progress or _stderr_progress
         from geneface_jax.render import paste
         track, poses = self.plan(n, options)
@@ -545,6 +536,24 @@ class TalkingFacePipeline:
                     poses=poses, pasted=source is not None,
                     energy=energy, render_fps=render_fps, minutes=(time.time() - t0) / 60,
                     out=str(out_path))
+
+
+def clip_frames(samples, max_frames=0, name="audio"):
+    """The audio as synthesis renders it: `(samples, wav, n)`, the samples (16 kHz mono
+    float32) cut to the `n` video frames rendered, and `wav` the same padded or trimmed
+    to exactly 640 n samples (`audio.features.pad_or_trim`); `max_frames` > 0 renders
+    only the first frames. AudioError (a clip too short) names `name`."""
+    raw = np.asarray(samples, np.float32)
+    try:
+        wav = feat.pad_or_trim(raw)
+    except AudioError as e:
+        raise AudioError(f"{name}: {e}") from e
+    n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
+    if max_frames:
+        n = min(n, max_frames)
+        wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+        raw = raw[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+    return raw, wav, n
 
 
 def _stderr_progress(done, total, fps):

@@ -58,11 +58,7 @@ def main(argv):
 
     pipe = pl.TalkingFacePipeline.load(FLAGS.checkpoints)
     audio = FLAGS.audio or str(speech.default_clip())
-    wav = feat.pad_or_trim(np.asarray(audio_io.load_audio(audio), np.float32))
-    n = len(wav) // feat.SAMPLES_PER_VIDEO_FRAME
-    if FLAGS.max_frames:
-        n = min(n, FLAGS.max_frames)
-        wav = wav[:n * feat.SAMPLES_PER_VIDEO_FRAME]
+    _, wav, n = pl.clip_frames(audio_io.load_audio(audio), FLAGS.max_frames, audio)
     options = pl.SynthesisOptions(head_samples=FLAGS.head_samples)
     track, poses = pipe.plan(n, options)
     res = pipe.landmarks(pipe.features(wav), feat.frame_energy(wav), options=options,
