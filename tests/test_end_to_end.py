@@ -551,8 +551,14 @@ def test_render_speed_bench_runs_on_the_tiny_demo(tiny_demo):
     the time inside the ray programs (a part of the pass), the calls, and the same frames
     in every pass; bad --passes is a usage error."""
     ck = f"--checkpoints={tiny_demo[0] / 'checkpoints'}"
-    p = _run("experiments.bench.render_speed", ck, "--passes=2", "--max_frames=6")
+    p = _run("experiments.bench.render_speed", ck, "--passes=2", "--max_frames=6",
+             "--profile")
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    prof = out["profile"]                  # the largest call's ops, by kind and by scope
+    assert prof["function"] == "_grid_full_render_fn" and prof["rays"] > 0
+    assert prof["ops_ms"] > 0 and prof["scopes_ms"]["grid_encoding"] > 0
+    # each figure is rounded to 0.1 ms
+    assert sum(prof["scopes_ms"].values()) == pytest.approx(prof["ops_ms"], abs=0.5)
     assert out["frames"] == 6 and len(out["passes"]) == 2 and out["passes_equal"]
     for r in out["passes"]:
         assert r["fps"] > 0 and 0 < r["program_seconds"] <= r["seconds"]

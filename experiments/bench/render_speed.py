@@ -19,6 +19,11 @@ encoding). For each pass:
                    compiling those programs
   calls            `render_image` calls, with `rays` (per frame) traced through them
 
+With `--profile`, the last pass's largest call (the head + torso program) is run again
+3 times under the JAX profiler: its ops' milliseconds per call, summed over the devices,
+by kind (matmul, gather, ...) and by source scope (`SCOPES`; `experiments.bench.
+xla_trace`), in the JSON line's `profile`.
+
 The first pass pays for loading the compiled programs from the cache (or compiling them:
 `GENEFACE_XLA_CACHE=off`); later passes are the steady rate a long clip approaches.
 `passes_equal` checks that every pass rendered the same frames (bitwise). The last line
@@ -41,6 +46,13 @@ flags.DEFINE_string("audio", None, "Speech to render (default: the packaged en_u
 flags.DEFINE_integer("passes", 2, "Times every frame is rendered.")
 flags.DEFINE_integer("head_samples", 0, "Samples per grid-head ray (0: as trained).")
 flags.DEFINE_integer("max_frames", 0, "Render only the clip's first N frames (0: all).")
+flags.DEFINE_bool("profile", False, "Also profile the head + torso program on the last "
+                  "pass's largest call: its XLA ops by kind and by source scope.")
+
+# where the render program's ops come from (`xla_trace` scopes: substrings of op_name)
+SCOPES = [("grid_encoding", ("/grid/", "/ambient_grid/")), ("ambient_net", ("ambient_net",)),
+          ("sigma_net", ("sigma_net",)), ("color_net", ("color_net",)),
+          ("torso", ("GridTorso",)), ("head_render", ("GridHeadNeRF.render",))]
 
 
 def main(argv):
@@ -70,7 +82,7 @@ def main(argv):
     def timed(fn, rays, **kw):
         t = time.perf_counter()
         out = real(fn, rays, **kw)
-        calls.append((sharded.num_rays_of(rays), time.perf_counter() - t))
+        calls.append((sharded.num_rays_of(rays), time.perf_counter() - t, (fn, rays, kw)))
         return out
 
     passes, first = [], None
@@ -85,19 +97,39 @@ def main(argv):
             same = True if first is None else bool(np.array_equal(frames, first))
             first = frames if first is None else first
             passes.append({"fps": round(n / wall, 2), "seconds": round(wall, 2),
-                           "program_seconds": round(sum(s for _, s in calls), 2),
+                           "program_seconds": round(sum(s for _, s, _ in calls), 2),
                            "calls": len(calls),
-                           "rays_per_frame": round(sum(r for r, _ in calls) / n, 1),
+                           "rays_per_frame": round(sum(r for r, _, _ in calls) / n, 1),
                            "equal_to_first": same})
             print(f"pass {i + 1}/{FLAGS.passes}: {passes[-1]}", flush=True)
     finally:
         sharded.render_image = real
+    profile = "not profiled (--noprofile)"
+    if FLAGS.profile:
+        profile = _profile(max(calls, key=lambda c: c[0])[2], sharded)
     print(json.dumps({
         "frames": n, "size": [pipe.reference.height, pipe.reference.width],
         "head_samples": FLAGS.head_samples, "passes": passes,
         "passes_equal": all(p["equal_to_first"] for p in passes),
         "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
-        "checkpoints": FLAGS.checkpoints, "audio": audio}), flush=True)
+        "checkpoints": FLAGS.checkpoints, "audio": audio, "profile": profile}), flush=True)
+
+
+def _profile(call, sharded):
+    """`xla_trace.thunk_breakdown` of one renderer call (fn, rays, render_image kwargs):
+    the compiled program run 3 times on its padded rays."""
+    import jax
+    from experiments.bench import xla_trace
+    fn, rays, kw = call
+    r = sharded.num_rays_of(rays)
+    _, total = sharded.padded_layout(r, kw["mesh"].shape["data"], kw["chunk"])
+    padded = jax.tree.map(lambda x: sharded._pad_rows(x, total), rays)
+    program = sharded._compiled(fn, kw["mesh"], kw["chunk"])
+    hlo = program.lower(kw["params"], padded).compile().as_text()
+    out = xla_trace.thunk_breakdown(
+        lambda: jax.block_until_ready(program(kw["params"], padded)), 3, hlo_text=hlo,
+        top=10, scopes=SCOPES)
+    return {"rays": r, "function": fn.__qualname__.split(".")[0], **out}
 
 
 if __name__ == "__main__":
